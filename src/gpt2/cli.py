@@ -1,0 +1,61 @@
+"""The `gpt2` command line: parse, call one function, print.
+
+Subcommands live in `gpt2.commands`, one module each; this file only finds
+them, builds the parser and turns `GPT2Error` into a one-line message and a
+non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from gpt2 import commands
+from gpt2.errors import GPT2Error
+
+# The order commands appear in `gpt2 --help`; modules not listed come last.
+ORDER = [
+    "generate", "score", "tokenize", "download", "convert", "validate",
+    "prepare", "train", "eval", "demo", "inspect",
+]
+
+
+def _command_modules() -> list:
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return [importlib.import_module(f"gpt2.commands.{n}") for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2",
+        description="GPT-2 from scratch: tokenize, generate, score, convert and train.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except GPT2Error as e:
+        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `gpt2 ... | head`: the reader went away; that is not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,98 @@
+"""Options and loading shared by the commands that run a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    p.add_argument(
+        "--model", "-m", default="124M",
+        help="size name (124M, 355M, 774M, 1558M, gpt2, ...) fetched by `gpt2 download`, "
+        "or a checkpoint folder/file (OpenAI/Kaggle, Hugging Face, or `gpt2 train` output); "
+        "default: %(default)s",
+    )
+    p.add_argument("--size", help="size folder to use inside a Kaggle download (e.g. 355M)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    if dtype:
+        p.add_argument(
+            "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+            help="weights and activations precision (default: fp32)",
+        )
+
+
+def resolve_device(name: str):
+    import torch
+
+    from gpt2.errors import GPT2Error
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GPT2Error(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GPT2Error("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GPT2Error("--device mps: Apple's MPS backend is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise GPT2Error(f"unsupported device {name!r}; use cpu, cuda or mps")
+    return device
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) for --model/--size/--device/--dtype; the tokenizer comes from
+    the checkpoint folder when it has vocabulary files, else the standard GPT-2 one."""
+    from gpt2.model import GPT2
+
+    device = resolve_device(args.device)
+    model = GPT2.from_pretrained(
+        args.model, size=getattr(args, "size", None),
+        dtype=getattr(args, "dtype", None), device=device,
+    )
+    return model, load_tokenizer_for(model.source.path)
+
+
+def load_tokenizer_for(path):
+    from pathlib import Path
+
+    from gpt2.tokenizer import Tokenizer
+
+    folder = Path(path)
+    folder = folder if folder.is_dir() else folder.parent
+    has_vocab = (folder / "encoder.json").is_file() or (folder / "vocab.json").is_file()
+    return Tokenizer.from_pretrained(folder) if has_vocab else Tokenizer.from_pretrained()
+
+
+def read_text_arg(value: str, what: str = "text") -> str:
+    """TEXT, or stdin when TEXT is '-'."""
+    if value == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            from gpt2.errors import GPT2Error
+
+            raise GPT2Error(f"stdin: {what} is not valid UTF-8 (byte {e.start})") from None
+    return value
+
+
+def read_text_file(path: str) -> str:
+    """A UTF-8 text file ('-' for stdin), or a one-line GPT2Error."""
+    from gpt2.errors import GPT2Error
+
+    if path == "-":
+        return read_text_arg("-")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise GPT2Error(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise GPT2Error(f"{path}: is a folder, expected a text file") from None
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2Error(f"{path}: not valid UTF-8 text (byte {e.start})") from None

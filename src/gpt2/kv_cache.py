@@ -1,0 +1,64 @@
+"""The key/value cache that makes decoding cost one position per new token.
+
+Attention at position t needs the keys and values of every position <= t. They
+do not change once computed, so generation keeps them: each step computes q, k,
+v for the new token(s) only, appends k and v here, and attends over everything
+stored so far. The buffers are preallocated to the longest sequence the caller
+will need, so appending is a copy into place, never a reallocation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2.config import GPT2Config
+
+
+class KVCache:
+    """Per-layer key and value buffers of shape (B, n_head, max_len, head_size).
+
+    >>> cache = KVCache(GPT2Config(n_layer=1, n_embd=8, n_head=2), batch_size=1, max_len=4)
+    >>> k = v = torch.zeros(1, 2, 3, 4)
+    >>> cache.append(0, k, v)[0].shape
+    torch.Size([1, 2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        *,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions filled in every layer (advanced by `advance`)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, nh, T_new, hs) after the cached positions; return all keys and values.
+
+        The returned views cover positions [0, length + T_new) of this layer.
+        """
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions as filled (the model calls this after the last layer)."""
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (e.g. when finished samples are dropped)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+    def crop(self, length: int) -> None:
+        """Forget positions >= length (used to slide a window or retry)."""
+        self.length = min(self.length, length)

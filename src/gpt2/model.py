@@ -1,0 +1,419 @@
+"""GPT-2, top to bottom in the order of the forward pass.
+
+    token ids (B, T)
+      -> wte[ids] + wpe[positions]                      token + learned position embeddings
+      -> n_layer x Block:                               pre-LayerNorm transformer block
+             x = x + attn(ln_1(x))                      causal multi-head self-attention
+             x = x + mlp(ln_2(x))                       4x-wide MLP with tanh GELU
+      -> ln_f                                           final LayerNorm
+      -> x @ wte.T                                      LM head tied to the token embedding
+    logits (B, T, n_vocab)
+
+Parameter names follow OpenAI's release (`wte`, `h.0.attn.c_attn`, `ln_f`, ...)
+so that checkpoint keys map one to one (see `gpt2.weights.names`). Linear layers
+are `nn.Linear`, whose weight is (out, in); OpenAI's and Hugging Face's files
+store (in, out), and the loaders transpose them once, in one place.
+
+Every interesting intermediate passes through `self._tap(name, x)`: a no-op
+unless `model.hooks(...)` or `model.run_with_cache(...)` is active, in which case
+it can record or replace the tensor (see ACTIVATIONS for the names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.config import GPT2Config
+from gpt2.errors import GPT2Error
+from gpt2.kv_cache import KVCache
+
+# Named activations, for `run_with_cache` and `hooks` ({i} is the block index).
+ACTIVATIONS = {
+    "embed": "token embeddings wte[ids] (B, T, C)",
+    "pos_embed": "position embeddings wpe[positions] (B, T, C)",
+    "blocks.{i}.resid_pre": "residual stream entering block i (B, T, C)",
+    "blocks.{i}.ln1": "ln_1 output, the attention's input (B, T, C)",
+    "blocks.{i}.attn.q": "queries per head (B, nh, T, hs)",
+    "blocks.{i}.attn.k": "keys per head (B, nh, T, hs)",
+    "blocks.{i}.attn.v": "values per head (B, nh, T, hs)",
+    "blocks.{i}.attn.pattern": "attention probabilities per head (B, nh, T, T_keys)",
+    "blocks.{i}.attn.z": "per-head attention output before c_proj (B, nh, T, hs)",
+    "blocks.{i}.attn.out": "attention output after c_proj (B, T, C)",
+    "blocks.{i}.resid_mid": "residual stream after the attention (B, T, C)",
+    "blocks.{i}.ln2": "ln_2 output, the MLP's input (B, T, C)",
+    "blocks.{i}.mlp.pre": "MLP hidden layer before GELU (B, T, 4C)",
+    "blocks.{i}.mlp.post": "MLP hidden layer after GELU (B, T, 4C)",
+    "blocks.{i}.mlp.out": "MLP output after c_proj (B, T, C)",
+    "blocks.{i}.resid_post": "residual stream leaving block i (B, T, C)",
+    "ln_final": "ln_f output, just before the unembedding (B, T, C)",
+}
+
+HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class Taps:
+    """What `_tap` does while inspection is active: call hooks, keep requested tensors."""
+
+    def __init__(self, hooks: dict[str, HookFn], keep: set[str]) -> None:
+        self.hooks = hooks
+        self.keep = keep
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def wants(self, name: str) -> bool:
+        return name in self.hooks or name in self.keep
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        fn = self.hooks.get(name)
+        if fn is not None:
+            out = fn(x)
+            if out is not None:
+                if out.shape != x.shape:
+                    raise GPT2Error(
+                        f"hook on {name} returned shape {tuple(out.shape)}, "
+                        f"expected {tuple(x.shape)}"
+                    )
+                x = out
+        if name in self.keep:
+            self.cache[name] = x.detach()
+        return x
+
+
+def _no_tap(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t sees positions <= t only."""
+
+    def __init__(self, config: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.head_size = config.head_size
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back together
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # "sdpa": PyTorch's fused kernel. "math": the formula written out, for readers;
+        # tests check that both give the same numbers.
+        self.impl = "sdpa"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        tap: Callable[[str, torch.Tensor], torch.Tensor],
+        wants: Callable[[str], bool],
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, self.head_size
+        name = f"blocks.{self.layer}.attn"
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = tap(f"{name}.q", q.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
+        k = tap(f"{name}.k", k.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
+        v = tap(f"{name}.v", v.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
+        dropout_p = self.dropout if self.training else 0.0
+
+        if self.impl == "math" or wants(f"{name}.pattern"):
+            # softmax(q k^T / sqrt(hs) + causal mask) v, written out
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
+            if mask is None:
+                mask = _causal_mask(T, k.size(2), x.device)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = tap(f"{name}.pattern", F.softmax(att, dim=-1))  # (B, nh, T, S)
+            att = F.dropout(att, dropout_p, self.training)
+            y = att @ v  # (B, nh, T, hs)
+        elif mask is None and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees every key
+        elif mask is None and k.size(2) == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # new queries after cached keys: is_causal would align the mask top-left
+            if mask is None:
+                mask = _causal_mask(T, k.size(2), x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = tap(f"{name}.z", y)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation) -> C."""
+
+    def __init__(self, config: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, tap: Callable[[str, torch.Tensor], torch.Tensor]):
+        name = f"blocks.{self.layer}.mlp"
+        h = tap(f"{name}.pre", self.c_fc(x))  # (B, T, 4C)
+        h = tap(f"{name}.post", F.gelu(h, approximate="tanh"))  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: each sublayer reads a normalised copy of the
+    residual stream and adds its output back to it."""
+
+    def __init__(self, config: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config, layer)
+
+    def forward(self, x, mask, cache, tap, wants) -> torch.Tensor:
+        name = f"blocks.{self.layer}"
+        x = tap(f"{name}.resid_pre", x)
+        a = self.attn(tap(f"{name}.ln1", self.ln_1(x)), mask, cache, tap, wants)
+        x = tap(f"{name}.resid_mid", x + tap(f"{name}.attn.out", a))
+        m = self.mlp(tap(f"{name}.ln2", self.ln_2(x)), tap)
+        return tap(f"{name}.resid_post", x + tap(f"{name}.mlp.out", m))
+
+
+class GPT2(nn.Module):
+    """The GPT-2 language model.
+
+    >>> model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_ctx=32))
+    >>> model(torch.tensor([[464, 3290]])).shape
+    torch.Size([1, 2, 50257])
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.n_vocab, config.n_embd)  # token embedding, also the LM head
+        self.wpe = nn.Embedding(config.n_ctx, config.n_embd)  # learned position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self._taps: Taps | None = None
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    # -- the forward pass -------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, n_vocab).
+
+        position_ids (B, T): positions of the new tokens (default: after the cache).
+        attention_mask (B, S): 1 for real tokens, 0 for padding, over every position
+            the attention sees (cached + new); needed only for padded batches.
+        cache: a `KVCache` to read past keys/values from and append the new ones to.
+        last_only: compute logits for the last position only (B, 1, n_vocab).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_ctx:
+            raise GPT2Error(
+                f"input is {past + T} tokens but this model's context is {self.config.n_ctx} "
+                "positions; shorten the text (or slide a window over it)"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
+        mask = None
+        if attention_mask is not None:
+            mask = _padded_causal_mask(attention_mask.bool(), T, past)  # (B, 1, T, S)
+
+        taps = self._taps
+        tap = taps if taps is not None else _no_tap
+        wants = taps.wants if taps is not None else _never
+        x = tap("embed", self.wte(idx)) + tap("pos_embed", self.wpe(position_ids))  # (B, T, C)
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, mask, cache, tap, wants)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:, :]
+        x = tap("ln_final", self.ln_f(x))
+        return F.linear(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head
+
+    # -- inspection ---------------------------------------------------------------------
+
+    def activation_names(self) -> list[str]:
+        """Every name `hooks` and `run_with_cache` accept, in forward-pass order."""
+        names = []
+        for pattern in ACTIVATIONS:
+            if "{i}" in pattern:
+                continue
+            names.append(pattern)
+        per_block = [p for p in ACTIVATIONS if "{i}" in p]
+        blocks = [p.format(i=i) for i in range(self.config.n_layer) for p in per_block]
+        return names[:2] + blocks + names[2:]
+
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, HookFn]) -> Iterator[None]:
+        """Run the model with functions that read or replace named activations.
+
+        Each function gets the tensor and returns a replacement of the same shape,
+        or None to leave it as it is. The hooks are removed on exit, also after an
+        exception.
+
+        >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=10, n_ctx=4))
+        >>> def zero_head_0(z):
+        ...     z = z.clone(); z[:, 0] = 0; return z
+        >>> with model.hooks({"blocks.0.attn.z": zero_head_0}):
+        ...     logits = model(torch.tensor([[1, 2, 3]]))
+        """
+        self._check_names(fns)
+        previous = self._taps
+        keep = previous.keep if previous is not None else set()
+        self._taps = Taps({**(previous.hooks if previous else {}), **fns}, keep)
+        if previous is not None:
+            self._taps.cache = previous.cache
+        try:
+            yield
+        finally:
+            self._taps = previous
+
+    @torch.no_grad()
+    def run_with_cache(
+        self, idx: torch.Tensor, *, names: list[str] | None = None, **kwargs
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and a dict of named activations (only `names`, or all of them).
+
+        Requesting every activation of a large model on a long text takes a lot of
+        memory: name only what you need.
+        """
+        keep = set(self.activation_names() if names is None else names)
+        self._check_names(keep)
+        previous = self._taps
+        self._taps = Taps(previous.hooks if previous else {}, keep)
+        try:
+            logits = self(idx, **kwargs)
+            return logits, self._taps.cache
+        finally:
+            self._taps = previous
+
+    def _check_names(self, names) -> None:
+        valid = set(self.activation_names())
+        for name in names:
+            if name not in valid:
+                raise GPT2Error(
+                    f"no activation named {name!r}; names look like 'blocks.0.attn.pattern' "
+                    f"(blocks 0..{self.config.n_layer - 1}; see gpt2.model.ACTIVATIONS)"
+                )
+
+    # -- building and loading -----------------------------------------------------------
+
+    def set_attention(self, impl: str) -> None:
+        """Switch every attention layer between "sdpa" (fused) and "math" (the formula)."""
+        if impl not in ("sdpa", "math"):
+            raise GPT2Error(f"attention implementation must be 'sdpa' or 'math', got {impl!r}")
+        for block in self.h:
+            block.attn.impl = impl
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm gains,
+        and residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's
+        variance does not grow with depth."""
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            elif p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def num_parameters(self) -> int:
+        """Parameter count (the LM head is tied to wte, so it is counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and dtype."""
+        p = self.wte.weight
+        return KVCache(
+            self.config,
+            batch_size=batch_size,
+            max_len=max_len or self.config.n_ctx,
+            dtype=p.dtype,
+            device=p.device,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        size: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> GPT2:
+        """Load released or trained weights.
+
+        name_or_path: a size name (124M, 355M, 774M, 1558M, gpt2, gpt2-medium, ...) fetched
+        by `gpt2 download`, or a path: an OpenAI/Kaggle folder, a Hugging Face folder or
+        .safetensors file, or a folder written by `gpt2 train`. `size` picks the size
+        folder inside a Kaggle download holding several.
+
+        >>> model = GPT2.from_pretrained("124M")  # doctest: +SKIP
+        """
+        from gpt2.weights import load_checkpoint
+
+        ckpt = load_checkpoint(name_or_path, size=size, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(ckpt.config)
+        model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+        model.source = ckpt  # layout, path: shown by `gpt2 validate`
+        return model.to(device).eval()
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + new).
+
+        temperature=0.0 is greedy; see `gpt2.generate.generate` for every option.
+        """
+        from gpt2.generate import generate
+
+        return generate(self, idx, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _never(name: str) -> bool:
+    return False
+
+
+def _causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) booleans: query i (at absolute position S - T + i) may see keys j <= it."""
+    past = S - T
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def _padded_causal_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
+    """Causal mask that also hides padding keys: (B, S) validity -> (B, 1, T, S).
+
+    Every query may still see itself, so a padding position (whose output nobody
+    reads) never has an all-masked row, which would make softmax return NaN.
+    """
+    S = key_valid.size(1)
+    if S != past + T:
+        raise GPT2Error(f"attention_mask covers {S} positions, expected {past + T}")
+    causal = _causal_mask(T, S, key_valid.device)  # (T, S)
+    self_key = torch.eye(T, S, dtype=torch.bool, device=key_valid.device).roll(past, dims=1)
+    allowed = (causal & key_valid[:, None, :]) | self_key  # (B, T, S)
+    return allowed.unsqueeze(1)  # (B, 1, T, S)

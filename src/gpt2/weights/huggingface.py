@@ -1,0 +1,218 @@
+"""The Hugging Face layout, read and written.
+
+A Hugging Face GPT-2 folder holds `config.json` and the weights as
+`model.safetensors`, as shards listed in `model.safetensors.index.json`, or as
+the older `pytorch_model.bin`. Tensor names are ours with a `transformer.`
+prefix (some files, such as the hub's own gpt2, omit it); the Linear weights are
+stored (in, out) because HF's GPT-2 uses a `Conv1D` layer, so they are transposed
+on the way in and out (`gpt2.weights.names.is_transposed`). A `.bin` file is a
+pickle: it is loaded with `weights_only=True`, which refuses anything but tensors,
+so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpt2._io import atomic_write_text, fsync_dir
+from gpt2.config import GPT2Config
+from gpt2.errors import GPT2Error
+from gpt2.weights.names import check_state_dict, hf_to_ours, is_transposed, ours_to_hf
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in WEIGHT_FILES)
+
+
+def load_huggingface(
+    path: Path, *, dtype: torch.dtype | None = None
+) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """A Hugging Face folder or weights file -> (config, state dict in our names/orientation)."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise GPT2Error(f"{path}: no {', '.join(WEIGHT_FILES)} in this folder")
+    else:
+        weights = path
+    raw = _read_tensors(weights)
+    config_file = folder / "config.json"
+    config = (
+        GPT2Config.from_hf_config(config_file)
+        if config_file.is_file()
+        else _config_from_shapes(raw, weights)
+    )
+    state = {}
+    for hf_name in list(raw):
+        tensor = raw.pop(hf_name)  # pop as we go: at most one extra tensor alive at a time
+        name = hf_to_ours(hf_name)
+        if name is None:  # a buffer (attn.bias / masked_bias) or the tied lm_head
+            if hf_name.endswith("lm_head.weight"):
+                _check_tied(tensor, raw, state, weights)
+            continue
+        if is_transposed(name):
+            tensor = tensor.t().contiguous()
+        state[name] = tensor.to(dtype) if dtype is not None else tensor
+    check_state_dict(state, config, str(weights))
+    return config, state
+
+
+def _check_tied(lm_head: torch.Tensor, raw: dict, state: dict, source: Path) -> None:
+    wte = state.get("wte.weight")
+    if wte is None:
+        wte = raw.get("transformer.wte.weight", raw.get("wte.weight"))
+    if wte is not None and (wte.shape != lm_head.shape or not torch.equal(wte.to(lm_head), lm_head)):
+        raise GPT2Error(
+            f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them, "
+            "and an untied LM head is not supported"
+        )
+
+
+def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    name = weights.name
+    if name.endswith(".safetensors"):
+        return _read_safetensors(weights)
+    if name.endswith(".index.json"):
+        try:
+            index = json.loads(weights.read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise GPT2Error(f"{weights}: not a safetensors index ({e})") from None
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(_read_safetensors(weights.parent / shard))
+        return tensors
+    if name.endswith((".bin", ".pt", ".pth")):
+        return _read_pickle(weights)
+    raise GPT2Error(
+        f"{weights}: unknown weights format; expected .safetensors, "
+        ".safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise GPT2Error(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GPT2Error(f"{path}: cannot read safetensors file ({e}); is it complete?") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: the unpickler accepts tensors and plain containers, nothing that runs
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        try:  # old (non-zip) serialisation cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise _unsafe_or_corrupt(path, e) from None
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise _unsafe_or_corrupt(path, e) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GPT2Error(f"{path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def _unsafe_or_corrupt(path: Path, e: Exception) -> GPT2Error:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "weights_only" in str(e) or "Unsupported global" in str(e):
+        return GPT2Error(
+            f"{path}: refused to load: this pickle contains code or objects other than "
+            f"tensors, and checkpoints are loaded with weights_only=True ({first[:120]})"
+        )
+    return GPT2Error(f"{path}: not a readable PyTorch checkpoint ({first[:160]})")
+
+
+def _config_from_shapes(raw: dict[str, torch.Tensor], source: Path) -> GPT2Config:
+    """Config for a bare weights file with no config.json beside it."""
+    from gpt2.config import PRESETS
+
+    def get(name):
+        return raw.get(f"transformer.{name}", raw.get(name))
+
+    wte, wpe = get("wte.weight"), get("wpe.weight")
+    if wte is None or wpe is None:
+        raise GPT2Error(f"{source}: no wte.weight/wpe.weight: this is not a GPT-2 checkpoint")
+    n_layer = 1 + max(
+        (int(k.split("h.")[1].split(".")[0]) for k in raw if ".h." in f".{k}"), default=-1
+    )
+    heads = {c.n_embd: c.n_head for c in PRESETS.values()}
+    n_embd = wte.shape[1]
+    if n_embd not in heads:
+        raise GPT2Error(
+            f"{source}: no config.json beside it, and width {n_embd} is not a released size, "
+            "so the number of heads is unknown; put a config.json next to the weights"
+        )
+    return GPT2Config(
+        n_vocab=wte.shape[0], n_ctx=wpe.shape[0], n_embd=n_embd,
+        n_head=heads[n_embd], n_layer=n_layer,
+    )
+
+
+def save_huggingface(
+    state: dict[str, torch.Tensor],
+    config: GPT2Config,
+    folder: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write our state dict as a Hugging Face folder that `GPT2LMHeadModel` loads.
+
+    The folder is assembled beside its destination and renamed into place at the
+    end, so an interrupted conversion never leaves a half-written model behind.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GPT2Error(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
+    try:
+        tensors = {}
+        for name, t in state.items():
+            t = t.detach().to("cpu", dtype or t.dtype)
+            tensors[ours_to_hf(name)] = (t.t() if is_transposed(name) else t).contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config = config.to_hf_config()
+        hf_config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).split(".")[-1]
+        atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
+        generation = {"bos_token_id": 50256, "eos_token_id": 50256}
+        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GPT2Error(f"{folder}: writing failed ({e.strerror or e}); nothing was changed") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

