@@ -139,7 +139,7 @@ def server(monkeypatch):
     state = _State(FILES)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.state = state
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     monkeypatch.setenv("GPT2_OPENAI_BASE_URL", f"http://127.0.0.1:{httpd.server_port}/models")
     yield state
@@ -207,8 +207,9 @@ def test_cut_download_fails_then_rerun_resumes(tmp_path, server, capsys):
     server.cut.clear()
     server.requests.clear()
     assert main(["download", SIZE]) == 0
-    # Only the unfinished file is asked for again, from where it stopped.
-    assert [p.rsplit("/", 1)[1] for p, _ in server.requests] == [DATA]
+    # The files finished before the cut are not asked for again.
+    asked = [p.rsplit("/", 1)[1] for p, _ in server.requests]
+    assert asked == [n for n in hub.OPENAI_FILES if n >= DATA]
     assert server.ranges(DATA) == [f"bytes={kept}-"]
     _assert_exact(tmp_path / SIZE)
 
@@ -276,6 +277,12 @@ def test_checkpoint_crc_failure_leaves_no_model(tmp_path, server, fake_tf_checkp
 
     assert "model/wpe: crc32c mismatch" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / SIZE).exists()
+
+
+def test_download_works_without_the_checkpoint_reader(tmp_path, server, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gpt2.weights.tf_checkpoint", None)  # import fails
+    hub.download(SIZE, progress=False)
+    _assert_exact(tmp_path / SIZE)
 
 
 def test_connection_refused_is_a_clear_error(tmp_path, monkeypatch, capsys):

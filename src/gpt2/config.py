@@ -138,7 +138,7 @@ ALIASES: dict[str, str] = {
 
 def resolve_size(name: str) -> str | None:
     """'gpt2-medium' -> '355M'; '124m' -> '124M'; anything else -> None."""
-    key = ALIASES.get(name.lower(), name.upper())
+    key = {k.lower(): v for k, v in ALIASES.items()}.get(name.lower(), name.upper())
     return key if key in PRESETS else None
 
 

@@ -157,16 +157,14 @@ def download(
     except OSError as e:
         raise GPT2Error(f"cannot create {partial}: {e.strerror}; choose another --dir") from None
 
-    if source == "openai":
-        _fetch_openai(key, partial, progress=progress)
-    elif source == "kaggle":
-        _fetch_kaggle(key, partial, handle=kaggle_handle, force=force)
-    else:
-        _fetch_hf(key, partial, force=force)
-
     if source == "hf":
+        _fetch_hf(key, partial, force=force)
         _verify_hf_folder(partial)
     else:
+        if source == "openai":
+            _fetch_openai(key, partial, progress=progress)
+        else:
+            _fetch_kaggle(key, partial, handle=kaggle_handle, force=force)
         _verify_openai_folder(partial, key)
     _place(partial, final)
     return final
@@ -270,18 +268,29 @@ def _stream(response, part: Path, url: str, *, keep: int, total: int | None,
     bar = _Progress(part.name.removesuffix(".part"), total, keep) if progress else None
     try:
         with open(part, "ab" if keep else "wb") as f:
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
+            while chunk := _read(response, url, part):
+                try:
+                    f.write(chunk)
+                except OSError as e:
+                    raise GPT2Error(
+                        f"cannot write {part}: {e.strerror}; free some disk space (or choose "
+                        f"another --dir) and run the command again to resume"
+                    ) from None
                 if bar:
                     bar.update(len(chunk))
+    finally:
+        if bar:
+            bar.close()
+
+
+def _read(response, url: str, part: Path) -> bytes:
+    try:
+        return response.read(_CHUNK)
     except (OSError, http.client.HTTPException) as e:
         raise GPT2Error(
             f"{url}: the connection broke ({_reason(e)}) after {part.stat().st_size:,} bytes; "
             f"run the command again to resume"
         ) from None
-    finally:
-        if bar:
-            bar.close()
 
 
 def _reason(e: BaseException) -> str:

@@ -34,9 +34,13 @@ __all__ = [
 ]
 
 _LAYER_NORMS = ("ln_1", "ln_2")
-_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+_OUR_BLOCK = re.compile(
+    r"h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)"
+)
 _TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
-_OPENAI_BLOCK = re.compile(r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/(\w)")
+_OPENAI_BLOCK = re.compile(
+    r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/(\w)"
+)
 _OPENAI_TOP = {
     "model/wte": "wte.weight",
     "model/wpe": "wpe.weight",
@@ -84,7 +88,9 @@ def openai_to_ours(tf_name: str) -> str:
         kind = "ln" if module in _LAYER_NORMS else "linear"
         if leaf in _OPENAI_LEAVES[kind]:
             return f"h.{int(layer)}.{module.replace('/', '.')}.{_OPENAI_LEAVES[kind][leaf]}"
-    raise GPT2Error(f"tensor {tf_name!r} is not a GPT-2 parameter (expected model/wte, model/h0/...)")
+    raise GPT2Error(
+        f"tensor {tf_name!r} is not a GPT-2 parameter (expected model/wte, model/h0/...)"
+    )
 
 
 def hf_to_ours(hf_name: str) -> str | None:
@@ -100,7 +106,9 @@ def hf_to_ours(hf_name: str) -> str | None:
     name = hf_name.removeprefix("transformer.")
     if _is_our_name(name):
         return name
-    raise GPT2Error(f"tensor {hf_name!r} is not a GPT-2 parameter (expected transformer.wte.weight, ...)")
+    raise GPT2Error(
+        f"tensor {hf_name!r} is not a GPT-2 parameter (expected transformer.wte.weight, ...)"
+    )
 
 
 def ours_to_hf(name: str) -> str:
@@ -111,7 +119,7 @@ def ours_to_hf(name: str) -> str:
 
 
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], config: GPT2Config, source: str) -> None:
-    """Every expected tensor present with its shape, nothing else; GPT2Error naming the first problem."""
+    """Every expected tensor present with its shape and nothing else, or GPT2Error."""
     expected = expected_shapes(config)
     missing = [n for n in expected if n not in shapes]
     if missing:
@@ -143,7 +151,5 @@ def check_state_dict(state: Mapping[str, torch.Tensor], config: GPT2Config, sour
 
 
 def _is_our_name(name: str) -> bool:
-    if name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
-        return True
-    modules = "|".join(re.escape(m) for m in _LAYER_NORMS + _LINEARS)
-    return re.fullmatch(rf"h\.\d+\.({modules})\.(weight|bias)", name) is not None
+    top = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+    return name in top or _OUR_BLOCK.fullmatch(name) is not None

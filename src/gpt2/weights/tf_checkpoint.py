@@ -53,7 +53,10 @@ _DTYPE_NAMES = {7: "string", 8: "complex64", 18: "complex128", 20: "resource", 2
 _TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's kTableMagicNumber, the table's last 8 bytes
 _FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the magic
 _BLOCK_TRAILER_SIZE = 5  # compression type byte + masked crc32c
-_CRC_CHUNK = 16 << 20  # google_crc32c only takes `bytes`: checksum big tensors piecewise
+# google_crc32c takes only `bytes`, not a view of our tensor: checksum a copy of one
+# piece at a time. 1 MiB pieces stay in malloc's heap (bigger ones are mmapped and
+# page-faulted afresh each time, which costs more than the copy).
+_CRC_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,9 @@ class TFCheckpoint:
         fields = _proto_fields(value, self.index_path)
         num_shards = _one(fields, 1, 0)
         if num_shards < 1:
-            raise GPT2Error(f"{self.index_path}: header says {num_shards} data shards; corrupt index")
+            raise GPT2Error(
+                f"{self.index_path}: header says {num_shards} data shards; corrupt index"
+            )
         if _one(fields, 2, 0) != 0:
             raise GPT2Error(
                 f"{self.index_path}: checkpoint was written big-endian; only little-endian "
@@ -329,7 +334,7 @@ def _block_entries(block: bytes, path: Path, where: int) -> list[tuple[bytes, by
         pos += non_shared
         entries.append((key, block[pos : pos + value_len]))
         pos += value_len
-    if restarts - {limit} and entries:  # an empty block's single restart points at `limit`
+    if restarts and entries:  # (an empty block's one restart point is its end)
         raise corrupt(f"restart points {sorted(restarts)} are not entry boundaries")
     return entries
 
