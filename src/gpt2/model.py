@@ -36,7 +36,7 @@ from gpt2.kv_cache import KVCache
 # Named activations, for `run_with_cache` and `hooks` ({i} is the block index).
 ACTIVATIONS = {
     "embed": "token embeddings wte[ids] (B, T, C)",
-    "pos_embed": "position embeddings wpe[positions] (B, T, C)",
+    "pos_embed": "position embeddings wpe[positions] (1, T, C); (B, T, C) given position_ids",
     "blocks.{i}.resid_pre": "residual stream entering block i (B, T, C)",
     "blocks.{i}.ln1": "ln_1 output, the attention's input (B, T, C)",
     "blocks.{i}.attn.q": "queries per head (B, nh, T, hs)",
@@ -195,8 +195,11 @@ class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.n_vocab, config.n_embd)  # token embedding, also the LM head
-        self.wpe = nn.Embedding(config.n_ctx, config.n_embd)  # learned position embedding
+        # `_weight` skips nn.Embedding's own initialisation (reset_parameters sets every value);
+        # on the meta device its normal_ would cost seconds of one-time imports per process
+        V, P, C = config.n_vocab, config.n_ctx, config.n_embd
+        self.wte = nn.Embedding(V, C, _weight=torch.empty(V, C))  # token embedding + LM head
+        self.wpe = nn.Embedding(P, C, _weight=torch.empty(P, C))  # learned position embedding
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)

@@ -13,6 +13,7 @@ so a checkpoint can never run code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -51,14 +52,17 @@ def load_huggingface(
         if config_file.is_file()
         else _config_from_shapes(raw, weights)
     )
+    lm_head = raw.pop("lm_head.weight", None)
+    if lm_head is not None:
+        _check_tied(lm_head, raw.get("transformer.wte.weight", raw.get("wte.weight")), weights)
     state = {}
     for hf_name in list(raw):
         tensor = raw.pop(hf_name)  # pop as we go: at most one extra tensor alive at a time
         name = hf_to_ours(hf_name)
-        if name is None:  # a buffer (attn.bias / masked_bias) or the tied lm_head
-            if hf_name.endswith("lm_head.weight"):
-                _check_tied(tensor, raw, state, weights)
+        if name is None:  # old checkpoints' causal-mask buffers (attn.bias / masked_bias)
             continue
+        if not tensor.is_floating_point():
+            raise GPT2Error(f"{weights}: tensor {hf_name!r} is {tensor.dtype}, not a float")
         if is_transposed(name):
             tensor = tensor.t().contiguous()
         state[name] = tensor.to(dtype) if dtype is not None else tensor
@@ -66,11 +70,10 @@ def load_huggingface(
     return config, state
 
 
-def _check_tied(lm_head: torch.Tensor, raw: dict, state: dict, source: Path) -> None:
-    wte = state.get("wte.weight")
-    if wte is None:
-        wte = raw.get("transformer.wte.weight", raw.get("wte.weight"))
-    if wte is not None and (wte.shape != lm_head.shape or not torch.equal(wte.to(lm_head), lm_head)):
+def _check_tied(lm_head: torch.Tensor, wte: torch.Tensor | None, source: Path) -> None:
+    """GPT-2's LM head is wte; a file that stores a different one is another model."""
+    tied = wte is None or (wte.shape == lm_head.shape and torch.equal(wte.to(lm_head), lm_head))
+    if not tied:
         raise GPT2Error(
             f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them, "
             "and an untied LM head is not supported"
@@ -99,28 +102,104 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# safetensors' dtype names -> torch dtypes (the ones a GPT-2 file can hold)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_MAX_HEADER = 100 << 20  # the header of a real file is a few kB; refuse absurd lengths
 
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file into private memory, one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw bytes. We read
+    it with plain file reads rather than the `safetensors` package's memory map:
+    the mapped file's pages stay resident next to the copies we make to transpose
+    the projection weights, which took loading to 1.5-2x the weights' size; read
+    this way the peak is the weights plus one tensor. Tensors are little-endian,
+    as on every platform PyTorch ships for.
+    """
     if not path.is_file():
         raise GPT2Error(f"{path}: file not found")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GPT2Error(f"{path}: cannot read safetensors file ({e}); is it complete?") from None
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header, data_start = _safetensors_header(f, size, path)
+            tensors = {}
+            for name, (dtype, shape, begin, end) in header.items():
+                tensors[name] = _read_tensor(f, data_start + begin, end - begin, dtype, shape, path)
+            return tensors
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
+    """{name: (dtype, shape, begin, end)} sorted by offset, and where the data starts."""
+
+    def corrupt(why: str) -> GPT2Error:
+        return GPT2Error(f"{path}: not a valid safetensors file ({why}); is it complete?")
+
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise corrupt(f"only {size} bytes")
+    n = int.from_bytes(prefix, "little")
+    if n > min(_MAX_HEADER, size - 8):
+        raise corrupt(f"header length {n:,} but the file has {size:,} bytes")
+    try:
+        raw = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise corrupt(f"header is not JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise corrupt("header is not a JSON object")
+    header = {}
+    for name, info in raw.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad entry for tensor {name!r}: {str(info)[:80]}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+            raise corrupt(f"tensor {name!r} has shape {list(shape)} but {end - begin} bytes")
+        header[name] = (dtype, shape, begin, end)
+    data_start = 8 + n
+    needed = max((e for *_, e in header.values()), default=0)
+    if data_start + needed > size:
+        raise GPT2Error(
+            f"{path}: truncated: the file has {size:,} bytes but its tensors need "
+            f"{data_start + needed:,}; download or convert it again"
+        )
+    return dict(sorted(header.items(), key=lambda kv: kv[1][2])), data_start
+
+
+def _read_tensor(f, offset: int, nbytes: int, dtype, shape, path: Path) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype)
+    if nbytes == 0:
+        return tensor
+    buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes
+    f.seek(offset)
+    done = 0
+    while done < nbytes:
+        got = f.readinto(buf[done:])
+        if not got:
+            raise GPT2Error(f"{path}: ends early, inside a tensor; download or convert it again")
+        done += got
+    return tensor
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # weights_only: the unpickler accepts tensors and plain containers, nothing that runs
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        try:  # old (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise _unsafe_or_corrupt(path, e) from None
-    except (pickle.UnpicklingError, EOFError) as e:
+        # weights_only: the unpickler accepts tensors and plain containers, nothing that
+        # runs. No mmap: a mapped file's pages would stay resident beside the transposed
+        # copies (see _read_safetensors).
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise _unsafe_or_corrupt(path, e) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPT2Error(f"{path}: expected a dict of tensors (a state dict)")
@@ -211,7 +290,9 @@ def save_huggingface(
         fsync_dir(folder.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GPT2Error(f"{folder}: writing failed ({e.strerror or e}); nothing was changed") from None
+        raise GPT2Error(
+            f"{folder}: writing failed ({e.strerror or e}); nothing was changed"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,225 @@
+"""Our GPT-2 against Hugging Face's `GPT2LMHeadModel` holding the same random weights.
+
+The weights are written by `transformers` (`save_pretrained`) and read by our
+`GPT2.from_pretrained`, so these tests also cover the Hugging Face reader; the
+oracle for every number is transformers' eager (written-out) attention. Three
+levels of parity (minGPT's test): logits close, loss equal, greedy ids equal;
+for a tiny config and for the width and heads of every released size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2.config import PRESETS, GPT2Config
+from gpt2.errors import GPT2Error
+from gpt2.model import GPT2
+
+LOGITS_ATOL = 1e-4
+LOSS_ATOL = 1e-5
+
+
+def random_ids(n_vocab: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, n_vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(idx, **kwargs).logits  # (B, T, n_vocab)
+
+
+def hf_greedy(hf, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation by full recomputation: the plainest possible oracle."""
+    for _ in range(n):
+        # logits_to_keep=1: only the last position goes through the (big) LM head
+        nxt = hf_logits(hf, idx, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+@torch.no_grad()
+def our_greedy(model: GPT2, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """model.generate(temperature=0) where gpt2.generate exists; else a loop over the KV cache."""
+    if importlib.util.find_spec("gpt2.generate") is not None:
+        return model.generate(idx, max_new_tokens=n, temperature=0.0)
+    cache = model.new_cache(idx.size(0), idx.size(1) + n)
+    logits = model(idx, cache=cache, last_only=True)  # (B, 1, n_vocab)
+    out = idx
+    for _ in range(n):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out = torch.cat([out, nxt], dim=1)
+        logits = model(nxt, cache=cache)
+    return out
+
+
+def assert_parity(model: GPT2, hf, idx: torch.Tensor, new_tokens: int) -> None:
+    with torch.no_grad():
+        ours = model(idx)  # (B, T, V)
+        theirs = hf(idx, labels=idx)  # HF shifts the labels itself
+    diff = (ours - theirs.logits).abs().max().item()
+    assert diff <= LOGITS_ATOL, f"logits differ by {diff}"
+    loss = F.cross_entropy(ours[:, :-1].flatten(0, 1), idx[:, 1:].flatten()).item()
+    assert loss == pytest.approx(theirs.loss.item(), abs=LOSS_ATOL)
+    assert torch.equal(our_greedy(model, idx, new_tokens), hf_greedy(hf, idx, new_tokens))
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=1)
+    return GPT2.from_pretrained(ckpt.folder), ckpt.model
+
+
+def test_tiny_matches_transformers(tiny):
+    model, hf = tiny
+    assert_parity(model, hf, random_ids(128, (3, 12)), new_tokens=12)
+
+
+# The width and heads of each released size, with fewer layers to keep the test fast;
+# 124M is whole. n_ctx is cut to 64: wpe's length changes no arithmetic per position.
+GEOMETRIES = {
+    "124M": dict(n_layer=12, n_embd=768, n_head=12),
+    "355M": dict(n_layer=2, n_embd=1024, n_head=16),
+    "774M": dict(n_layer=1, n_embd=1280, n_head=20),
+    "1558M": dict(n_layer=1, n_embd=1600, n_head=25),
+}
+
+
+@pytest.mark.parametrize("size", list(GEOMETRIES))
+def test_released_geometry_matches_transformers(size, hf_checkpoint):
+    preset = PRESETS[size]
+    geometry = GEOMETRIES[size]
+    assert (geometry["n_embd"], geometry["n_head"]) == (preset.n_embd, preset.n_head)
+    ckpt = hf_checkpoint(**geometry, n_vocab=50257, n_ctx=64, seed=2, cache_result=False)
+    model = GPT2.from_pretrained(ckpt.folder)
+    assert model.config.head_size == preset.head_size
+    assert_parity(model, ckpt.model, random_ids(50257, (1, 10), seed=3), new_tokens=3)
+
+
+def test_math_attention_equals_sdpa(tiny):
+    model, _ = tiny
+    idx = random_ids(128, (2, 20), seed=4)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0  # left padding exercises the masked SDPA branch too
+    try:
+        with torch.no_grad():
+            sdpa = [model(idx), model(idx, attention_mask=mask), _decode_steps(model, idx)]
+            model.set_attention("math")
+            math = [model(idx), model(idx, attention_mask=mask), _decode_steps(model, idx)]
+    finally:
+        model.set_attention("sdpa")
+    for a, b in zip(sdpa, math, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _decode_steps(model: GPT2, idx: torch.Tensor) -> torch.Tensor:
+    """Logits from a prefill of 8 tokens then one token at a time through the cache."""
+    cache = model.new_cache(idx.size(0), idx.size(1))
+    steps = [model(idx[:, :8], cache=cache)]  # (B, 8, V)
+    for t in range(8, idx.size(1)):
+        steps.append(model(idx[:, t : t + 1], cache=cache))  # (B, 1, V)
+    return torch.cat(steps, dim=1)  # (B, T, V)
+
+
+def test_kv_cache_equals_full_recompute(tiny):
+    model, hf = tiny
+    idx = random_ids(128, (2, 24), seed=5)
+    with torch.no_grad():
+        full = model(idx)
+        cached = _decode_steps(model, idx)
+        # a second chunk of several tokens after the cache (not one at a time)
+        cache = model.new_cache(2, 24)
+        chunks = torch.cat([model(idx[:, :10], cache=cache), model(idx[:, 10:], cache=cache)], 1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunks, full, atol=1e-5, rtol=0)
+    assert (full - hf_logits(hf, idx)).abs().max() <= LOGITS_ATOL
+
+
+def test_parameter_count_of_every_size():
+    from transformers import GPT2LMHeadModel
+
+    from conftest import hf_config_for
+
+    with torch.device("meta"):  # shapes only: no memory, no time
+        assert GPT2(PRESETS["124M"]).num_parameters() == 124_439_808
+        for size, config in PRESETS.items():
+            hf = GPT2LMHeadModel(hf_config_for(config))
+            # HF counts the tied lm_head once too
+            assert GPT2(config).num_parameters() == hf.num_parameters(), size
+
+
+def test_too_long_input_is_a_clear_error(tiny):
+    model, _ = tiny
+    n_ctx = model.config.n_ctx
+    with pytest.raises(GPT2Error, match=f"{n_ctx + 1} tokens.*context is {n_ctx}"):
+        model(torch.zeros(1, n_ctx + 1, dtype=torch.long))
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        model(torch.zeros(1, n_ctx - 2, dtype=torch.long), cache=cache)
+    with pytest.raises(GPT2Error, match="context"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, attention_mask, position_ids), each (B, T), rows padded on the left with 0."""
+    T = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r) :] = r
+        mask[i, T - len(r) :] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count from 0
+    return idx, mask, positions
+
+
+def test_padded_batch_equals_unpadded_rows(tiny):
+    model, hf = tiny
+    rows = [random_ids(128, (n,), seed=10 + n) for n in (11, 4, 8)]
+    idx, mask, positions = _left_pad(rows)
+    with torch.no_grad():
+        padded = model(idx, attention_mask=mask, position_ids=positions)  # (B, T, V)
+    for i, r in enumerate(rows):
+        alone = hf_logits(hf, r[None])[0]  # (len, V): the oracle, no padding at all
+        diff = (padded[i, -len(r) :] - alone).abs().max().item()
+        assert diff <= LOGITS_ATOL, f"row {i} differs by {diff}"
+
+
+def test_padded_batch_decodes_like_unpadded_rows(tiny):
+    """Left-padded prefill, then greedy steps through the cache with the mask extended."""
+    model, hf = tiny
+    rows = [random_ids(128, (n,), seed=20 + n) for n in (9, 3, 6)]
+    idx, mask, positions = _left_pad(rows)
+    new = 6
+    cache = model.new_cache(len(rows), idx.size(1) + new)
+    out = []
+    with torch.no_grad():
+        logits = model(idx, attention_mask=mask, position_ids=positions, cache=cache)
+        for _ in range(new):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = model(nxt, attention_mask=mask, position_ids=positions, cache=cache)
+    ours = torch.cat(out, dim=1)  # (B, new)
+    for i, r in enumerate(rows):
+        expected = hf_greedy(hf, r[None], new)[0, len(r) :]
+        assert torch.equal(ours[i], expected), f"row {i}"
+
+
+def test_bf16_weights_stay_close(tiny, hf_checkpoint):
+    """Loading with dtype=bf16 gives bf16 parameters whose logits stay near fp32's."""
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=1)
+    model = GPT2.from_pretrained(ckpt.folder, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    idx = random_ids(128, (1, 16), seed=7)
+    with torch.no_grad():
+        diff = (model(idx).float() - hf_logits(ckpt.model, idx)).abs().max().item()
+    assert diff < 0.25  # bf16 keeps 8 bits of mantissa; logits here are of size ~5
+
+
+def test_config_rejects_impossible_geometry():
+    with pytest.raises(GPT2Error, match="divisible"):
+        GPT2Config(n_embd=64, n_head=5)
