@@ -9,7 +9,8 @@
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
+from gpt2.score import score
 from gpt2.tokenizer import Tokenizer
 
-__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer"]
+__all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer", "score"]
 __version__ = "0.1.0"

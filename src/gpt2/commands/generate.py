@@ -1,0 +1,164 @@
+"""`gpt2 generate [PROMPT]`: continue a prompt, streaming the text as it is sampled."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "generate"
+HELP = "continue a prompt with GPT-2, streaming the text as it is produced"
+
+EPILOG = """\
+The prompt is printed, then the continuation as tokens arrive. A sample ends at
+<|endoftext|>, at a --stop string (neither is printed), or after --max-new-tokens.
+An empty prompt starts from <|endoftext|>, like OpenAI's unconditional samples.
+The speed ("N tokens, X tokens/s") goes to stderr, so stdout holds only text.
+--json prints {"prompt_ids", "samples": [{"ids", "text"}], "tokens_per_s"}, where
+"ids" are every token the sample generated, including the one that ended it, and
+"text" is the continuation cut before the stop string.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gpt2.commands._common import add_model_arguments
+
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("prompt", nargs="?", default="", metavar="PROMPT",
+                        help="text to continue ('-' reads stdin; default: none, i.e. "
+                        "start from <|endoftext|>)")
+    add_model_arguments(parser)
+    parser.add_argument("--max-new-tokens", "-n", type=int, default=50, metavar="N",
+                        help="tokens to generate per sample (default: %(default)s)")
+    parser.add_argument("--temperature", "-t", type=float, default=1.0, metavar="T",
+                        help="sampling temperature; 0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="sample from the K most likely tokens only")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="sample from the smallest set of tokens whose probability "
+                        "reaches P (nucleus sampling), 0 < P <= 1")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="CTRL-style penalty on tokens already present; > 1 discourages "
+                        "repeats (default: %(default)s)")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="end a sample before this string (repeatable)")
+    parser.add_argument("--seed", type=int, metavar="S",
+                        help="random seed: the same seed and options give the same text")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N",
+                        help="samples to generate, in one batch (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of streaming text")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="when prompt + new tokens exceed the context, drop the oldest "
+                        "tokens instead of stopping with an error")
+    parser.add_argument("--interactive", "-i", action="store_true",
+                        help="read prompts from stdin, one per line, until EOF or an "
+                        "empty line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2.commands._common import load_model, read_text_arg
+    from gpt2.errors import GPT2Error
+    from gpt2.generate import SamplingOptions
+
+    # Check the options before loading a model that may take seconds to read.
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise GPT2Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise GPT2Error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if any(s == "" for s in args.stop):
+        raise GPT2Error("--stop: a stop string must not be empty")
+    prompt = None if args.interactive and args.prompt == "" else read_text_arg(args.prompt,
+                                                                               "prompt")
+    model, tokenizer = load_model(args)
+    if prompt is not None:
+        _sample(model, tokenizer, prompt, args)
+    if args.interactive:
+        _interactive(model, tokenizer, args)
+    return 0
+
+
+def _interactive(model, tokenizer, args: argparse.Namespace) -> None:
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        _sample(model, tokenizer, line.rstrip("\r\n"), args)
+
+
+def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
+    """Generate --num-samples continuations of one prompt and print them."""
+    import json
+    import time
+
+    import torch
+
+    from gpt2.generate import TextStream, stream
+
+    prompt_ids = tokenizer.encode(prompt)
+    eot = _eot(tokenizer, model)
+    start_ids = prompt_ids or [eot]  # an empty prompt starts a new document
+    stop_tokens = [] if eot is None else [eot]
+    n = args.num_samples
+    idx = torch.tensor([start_ids] * n, dtype=torch.long, device=model.wte.weight.device)
+    steps = stream(  # validates (e.g. the context length) before anything is printed
+        model, idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        stop_tokens=stop_tokens, seed=args.seed, sliding_window=args.sliding_window,
+    )
+    texts = [TextStream(tokenizer, stop_strings=args.stop, stop_tokens=stop_tokens)
+             for _ in range(n)]
+    live = n == 1 and not args.json
+    out = sys.stdout
+    if live:
+        out.write(prompt)
+        out.flush()
+
+    started = time.perf_counter()
+    produced = 0
+    try:
+        for token in steps:
+            for text, t in zip(texts, token.tolist(), strict=True):
+                if text.done:
+                    continue
+                produced += 1
+                piece = text.push(t)
+                if live and piece:
+                    out.write(piece)
+                    out.flush()
+            if all(text.done for text in texts):
+                break
+    finally:
+        steps.close()
+    elapsed = time.perf_counter() - started
+    for text in texts:
+        rest = text.finish()
+        if live and rest:
+            out.write(rest)
+    rate = produced / elapsed if elapsed > 0 else 0.0
+
+    if args.json:
+        samples = [{"ids": text.ids, "text": text.text} for text in texts]
+        out.write(json.dumps({"prompt_ids": prompt_ids, "samples": samples,
+                              "tokens_per_s": round(rate, 3)}, ensure_ascii=False) + "\n")
+    elif live:
+        out.write("\n")
+    else:
+        for i, text in enumerate(texts, 1):
+            out.write(f"{'=' * 20} sample {i} of {n} {'=' * 20}\n{prompt}{text.text}\n")
+    out.flush()
+    print(f"{produced} tokens, {rate:.1f} tokens/s", file=sys.stderr)
+
+
+def _eot(tokenizer, model) -> int | None:
+    """<|endoftext|>'s id, or None for a vocabulary (or model) without it."""
+    from gpt2.errors import GPT2Error
+
+    try:
+        eot = tokenizer.eot_token
+    except GPT2Error:
+        return None
+    return eot if eot < model.config.n_vocab else None

@@ -1,0 +1,73 @@
+"""`gpt2 score FILE`: how well the model predicts a text (NLL, perplexity, bits per byte)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "score"
+HELP = "log-likelihood and perplexity of a text under the model (sliding window)"
+
+EPILOG = """\
+Windows of --max-length tokens start every --stride tokens; each token is scored
+once, from the tokens before it in its window. The first token is only context
+unless --bos puts <|endoftext|> before it. Bits per byte = total NLL / ln 2 / the
+number of UTF-8 bytes of the scored tokens: the whole file with --bos, the file
+minus its first token's bytes without.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gpt2.commands._common import add_model_arguments
+
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("file", metavar="FILE", help="UTF-8 text file to score ('-' for stdin)")
+    add_model_arguments(parser)
+    parser.add_argument("--stride", type=int, metavar="S",
+                        help="tokens between window starts (default: --max-length)")
+    parser.add_argument("--max-length", type=int, metavar="L",
+                        help="window length in tokens (default: the model's context, 1024)")
+    parser.add_argument("--bos", action="store_true",
+                        help="put <|endoftext|> first so the first token is scored too")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B",
+                        help="windows per forward pass (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"tokens", "nll", "ppl", "bits_per_byte"} as JSON')
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from gpt2.commands._common import load_model, read_text_file
+    from gpt2.errors import GPT2Error
+    from gpt2.score import score
+
+    # What can be checked without the model is checked before loading it.
+    if args.stride is not None and args.stride < 1:
+        raise GPT2Error(f"--stride must be >= 1, got {args.stride}")
+    if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
+        raise GPT2Error(f"--stride ({args.stride}) must not exceed --max-length "
+                        f"({args.max_length})")
+    text = read_text_file(args.file)
+    model, tokenizer = load_model(args)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2 and not args.bos:
+        raise GPT2Error(f"{args.file}: the text is {len(ids)} token(s); scoring needs at "
+                        "least two (the first is only context), or pass --bos to score one")
+    if not ids:
+        raise GPT2Error(f"{args.file}: the text is empty; nothing to score")
+    result = score(model, ids, stride=args.stride, max_length=args.max_length, bos=args.bos,
+                   batch_size=args.batch_size)
+    scored_bytes = len(text.encode("utf-8")) if args.bos else len(
+        tokenizer.decode_bytes(ids[1:]))
+    bits_per_byte = result.total_nll / math.log(2) / scored_bytes
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl,
+                          "bits_per_byte": bits_per_byte}))
+    else:
+        print(f"tokens scored   {result.tokens}")
+        print(f"mean NLL        {result.nll:.4f} nats/token")
+        print(f"perplexity      {result.ppl:.4f}")
+        print(f"bits per byte   {bits_per_byte:.4f}")
+    return 0

