@@ -217,6 +217,7 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        keep_last: int | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, n_vocab).
 
@@ -225,6 +226,8 @@ class GPT2(nn.Module):
             the attention sees (cached + new); needed only for padded batches.
         cache: a `KVCache` to read past keys/values from and append the new ones to.
         last_only: compute logits for the last position only (B, 1, n_vocab).
+        keep_last: compute logits for the last `keep_last` positions only (scoring with a
+            stride needs only the new positions; the unembedding is the costliest matmul).
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -250,6 +253,8 @@ class GPT2(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
+        elif keep_last is not None:
+            x = x[:, -keep_last:, :]
         x = tap("ln_final", self.ln_f(x))
         return F.linear(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head
 

@@ -144,12 +144,16 @@ def _score_batch(model, tokens: _Tokens, batch: list[_Window], device) -> float:
     """Summed NLL (nats) of the tokens the windows in `batch` score."""
     chunks = [tokens.slice(w.begin, w.end + 1) for w in batch]  # inputs plus the next token
     ids = torch.stack(chunks).to(device)  # (B, L + 1)
-    logits = model(ids[:, :-1])  # (B, L, V)
+    L = ids.size(1) - 1
+    # only positions that predict a token not scored before need logits
+    keep = L - min(w.first - 1 - w.begin for w in batch)
+    logits = model(ids[:, :-1], keep_last=keep)  # (B, keep, V)
     total = 0.0
     for row, w in enumerate(batch):
-        start = w.first - 1 - w.begin  # the logit that predicts token `first`
+        start = w.first - 1 - w.begin  # the input position that predicts token `first`
+        lstart = start - (L - keep)  # ... and its row in the kept logits
         # per row keeps the float32 copy and log-softmax temporaries to one window
-        nll = F.cross_entropy(logits[row, start:].float(), ids[row, start + 1:], reduction="sum")
+        nll = F.cross_entropy(logits[row, lstart:].float(), ids[row, start + 1:], reduction="sum")
         total += float(nll)
     return total
 
