@@ -305,6 +305,8 @@ class GPT2(nn.Module):
         Requesting every activation of a large model on a long text takes a lot of
         memory: name only what you need.
         """
+        if isinstance(names, str):
+            names = [names]
         keep = set(self.activation_names() if names is None else names)
         self._check_names(keep)
         previous = self._taps

@@ -1,0 +1,71 @@
+"""Text to token ids for inspection, and tokens shown so that every byte is visible.
+
+A token such as " the" starts with a space that a plot would hide, and a
+newline token would break a table row, so labels spell whitespace out:
+space as "␣", newline as "↵", tab as "⇥". A token holding part of a multi-byte
+character is not valid UTF-8 on its own; its stray bytes are shown as \\xNN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gpt2.errors import GPT2Error
+
+_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "\\r"})
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One token of a text."""
+
+    id: int
+    raw: bytes  # the token's bytes
+    label: str  # printable form for plots and tables
+
+
+def token_label(raw: bytes) -> str:
+    """Printable form of a token's bytes.
+
+    >>> token_label(b" the"), token_label(b"\\n"), token_label(b"\\xe2\\x80")
+    ('␣the', '↵', '\\\\xe2\\\\x80')
+    """
+    return raw.decode("utf-8", errors="backslashreplace").translate(_VISIBLE)
+
+
+def token_labels(tok, ids: Sequence[int]) -> list[str]:
+    """`token_label` of each id, one token at a time (so partial characters stay visible)."""
+    return [token_label(tok.decode_bytes([i])) for i in ids]
+
+
+def token_pieces(tok, text: str) -> list[Piece]:
+    """The tokens of `text` with their bytes and labels.
+
+    >>> from gpt2 import Tokenizer
+    >>> [p.label for p in token_pieces(Tokenizer.from_pretrained(), "Hello world")]
+    ['Hello', '␣world']
+    """
+    ids = tok.encode(text)
+    return [Piece(i, tok.decode_bytes([i]), token_label(tok.decode_bytes([i]))) for i in ids]
+
+
+def encode_for_model(tok, text: str, *, n_ctx: int, min_tokens: int = 1) -> list[int]:
+    """The ids of `text`, or a one-line GPT2Error when the model cannot read them.
+
+    min_tokens: 2 where a loss is computed (a prediction needs a following token).
+    """
+    if not text:
+        raise GPT2Error("the text is empty; give at least one word to look at")
+    ids = tok.encode(text)
+    if len(ids) < min_tokens:
+        raise GPT2Error(
+            f"the text is {len(ids)} token(s) but this needs at least {min_tokens} "
+            "(a loss compares each token's prediction with the token after it); give more text"
+        )
+    if len(ids) > n_ctx:
+        raise GPT2Error(
+            f"the text is {len(ids)} tokens but this model's context is {n_ctx}; "
+            "shorten the text"
+        )
+    return ids

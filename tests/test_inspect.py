@@ -1,0 +1,439 @@
+"""Looking inside GPT-2: cached activations, hooks, logit lens, ablation, plots, `gpt2 inspect`.
+
+Oracles, none of them our own output:
+  * Hugging Face `GPT2LMHeadModel` on the same random weights (eager attention):
+    its attention probabilities, hidden states, logits and loss, and its loss
+    after zeroing a head's rows of c_proj (HF's Conv1D is (in, out), so a head's
+    slice of c_proj's input is rows h*hs:(h+1)*hs);
+  * formulas recomputed here from other cached tensors (softmax(q k^T / sqrt(hs)));
+  * Hugging Face's tokenizer (tokenizers/Rust) for the ids and pieces;
+  * the PNG format itself (signature and IHDR chunk).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2.errors import GPT2Error
+from gpt2.inspect import (
+    ablate_heads,
+    attention_patterns,
+    logit_lens,
+    next_tokens,
+    render_report,
+    report_data,
+    token_label,
+)
+from gpt2.inspect.plots import (
+    plot_ablation,
+    plot_attention,
+    plot_logit_lens,
+    png_bytes,
+)
+from gpt2.model import GPT2
+
+TEXT = "The quick brown fox jumps over the lazy dog because it wanted to."
+
+
+# -- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    """(our model, HF model, ids): 2 layers x 4 heads, width 64, vocabulary 128."""
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, std=0.4)
+    ids = torch.tensor([[5, 17, 99, 3, 64, 64, 2, 127, 0, 45, 8, 13]])
+    return GPT2.from_pretrained(ckpt.folder), ckpt.model, ids
+
+
+@pytest.fixture(scope="module")
+def vocab_ckpt(hf_checkpoint, gpt2_vocab_dir):
+    """An HF folder with GPT-2's real vocabulary files and a tiny random network."""
+    ckpt = hf_checkpoint(n_layer=2, n_embd=32, n_head=4, n_vocab=50257, n_ctx=48, seed=3, std=0.4)
+    shutil.copy(gpt2_vocab_dir / "encoder.json", ckpt.folder / "vocab.json")
+    shutil.copy(gpt2_vocab_dir / "vocab.bpe", ckpt.folder / "merges.txt")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(vocab_ckpt):
+    from transformers import GPT2TokenizerFast
+
+    return GPT2TokenizerFast.from_pretrained(vocab_ckpt.folder)
+
+
+def hf_run(hf, ids, **kwargs):
+    with torch.no_grad():
+        return hf(ids, output_attentions=True, output_hidden_states=True, **kwargs)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    return struct.unpack(">II", data[16:24])
+
+
+# -- cached activations -----------------------------------------------------------------------
+
+
+def test_cached_pattern_is_softmax_of_cached_q_k_and_matches_transformers(tiny):
+    model, hf, ids = tiny
+    L, hs = model.config.n_layer, model.config.head_size
+    names = [f"blocks.{i}.attn.{x}" for i in range(L) for x in ("q", "k", "pattern")]
+    _, cache = model.run_with_cache(ids, names=names)
+    T = ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    hf_out = hf_run(hf, ids)
+    for i in range(L):
+        q, k = cache[f"blocks.{i}.attn.q"], cache[f"blocks.{i}.attn.k"]  # (1, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hs) + torch.where(causal, 0.0, -math.inf)
+        pattern = cache[f"blocks.{i}.attn.pattern"]  # (1, nh, T, T)
+        torch.testing.assert_close(pattern, scores.softmax(-1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pattern, hf_out.attentions[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(1, model.config.n_head, T))
+        assert (pattern[..., ~causal] == 0).all(), "a position attends to the future"
+
+
+def test_residual_stream_identities_and_transformers_hidden_states(tiny):
+    model, hf, ids = tiny
+    logits, cache = model.run_with_cache(ids)  # every activation
+    hf_out = hf_run(hf, ids)
+    torch.testing.assert_close(cache["blocks.0.resid_pre"], cache["embed"] + cache["pos_embed"])
+    for i in range(model.config.n_layer):
+        b = f"blocks.{i}"
+        torch.testing.assert_close(
+            cache[f"{b}.resid_mid"], cache[f"{b}.resid_pre"] + cache[f"{b}.attn.out"])
+        torch.testing.assert_close(
+            cache[f"{b}.resid_post"], cache[f"{b}.resid_mid"] + cache[f"{b}.mlp.out"])
+        # HF's hidden_states[i] is the stream entering block i
+        torch.testing.assert_close(cache[f"{b}.resid_pre"], hf_out.hidden_states[i],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache[f"{b}.mlp.post"],
+                                   F.gelu(cache[f"{b}.mlp.pre"], approximate="tanh"))
+    last = cache[f"blocks.{model.config.n_layer - 1}.resid_post"]
+    ln_f = hf.transformer.ln_f
+    torch.testing.assert_close(
+        cache["ln_final"], F.layer_norm(last, (last.size(-1),), ln_f.weight, ln_f.bias, 1e-5))
+    torch.testing.assert_close(cache["ln_final"], hf_out.hidden_states[-1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, hf_out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_run_with_cache_keeps_only_what_was_asked_and_gives_the_forward_logits(tiny):
+    model, _, ids = tiny
+    with torch.no_grad():
+        plain = model(ids)
+    names = ["blocks.1.attn.z", "ln_final"]
+    logits, cache = model.run_with_cache(ids, names=names)
+    assert sorted(cache) == sorted(names)
+    assert cache["blocks.1.attn.z"].shape == (1, 4, ids.size(1), 16)
+    torch.testing.assert_close(logits, plain, atol=1e-6, rtol=1e-6)
+    assert model.run_with_cache(ids, names=[])[1] == {}
+    assert len(model.run_with_cache(ids)[1]) == len(model.activation_names())
+
+
+# -- hooks --------------------------------------------------------------------------------------
+
+
+def hf_loss(hf, ids) -> float:
+    with torch.no_grad():
+        return float(hf(ids, labels=ids).loss)
+
+
+def hf_without_head(hf, layer: int, head: int, hs: int):
+    """A copy of the HF model whose c_proj ignores one head's slice of its input."""
+    ablated = copy.deepcopy(hf)
+    with torch.no_grad():
+        ablated.transformer.h[layer].attn.c_proj.weight[head * hs:(head + 1) * hs, :] = 0.0
+    return ablated
+
+
+def test_ablation_equals_zeroing_c_proj_input_slice_in_transformers(tiny):
+    model, hf, ids = tiny
+    hs = model.config.head_size
+    ablation = ablate_heads(model, ids[0])
+    assert ablation.base_loss == pytest.approx(hf_loss(hf, ids), abs=1e-5)
+    for layer in range(model.config.n_layer):
+        for head in range(model.config.n_head):
+            expected = hf_loss(hf_without_head(hf, layer, head, hs), ids)
+            assert float(ablation.losses[layer, head]) == pytest.approx(expected, abs=1e-5)
+    assert float(ablation.deltas.abs().max()) > 1e-3, "no head mattered: the test cannot fail"
+
+
+def test_hook_zeroing_a_head_equals_zeroing_c_proj_columns_on_a_copy(tiny):
+    model, _, ids = tiny
+    hs = model.config.head_size
+    copy_model = copy.deepcopy(model)
+    with torch.no_grad():
+        copy_model.h[1].attn.c_proj.weight[:, 2 * hs:3 * hs] = 0.0  # nn.Linear is (out, in)
+        expected = copy_model(ids)
+
+    def zero_head_2(z):  # (B, nh, T, hs)
+        z = z.clone()
+        z[:, 2] = 0.0
+        return z
+
+    with torch.no_grad(), model.hooks({"blocks.1.attn.z": zero_head_2}):
+        hooked = model(ids)
+    torch.testing.assert_close(hooked, expected, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids), expected), "the hook stayed on"
+
+
+def test_hooks_are_removed_after_an_exception(tiny):
+    model, _, ids = tiny
+    with torch.no_grad():
+        before = model(ids)
+
+    def ruin(x):
+        return torch.zeros_like(x)
+
+    with pytest.raises(RuntimeError, match="boom"), model.hooks({"blocks.0.resid_mid": ruin}):
+        raise RuntimeError("boom")
+
+    def explode(x):
+        raise ValueError("inside the forward pass")
+
+    with pytest.raises(ValueError), model.hooks({"blocks.1.mlp.post": explode}):
+        model(ids)
+    with pytest.raises(ValueError), model.hooks({"ln_final": explode}):
+        model.run_with_cache(ids, names=["blocks.0.attn.pattern"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
+    assert model.run_with_cache(ids, names=["embed"])[1].keys() == {"embed"}
+
+
+def test_wrong_activation_names_and_shapes_are_gpt2_errors(tiny):
+    model, _, ids = tiny
+    with pytest.raises(GPT2Error, match="no activation named 'blocks.7.attn.z'"), \
+            model.hooks({"blocks.7.attn.z": lambda z: None}):
+        pass
+    with pytest.raises(GPT2Error, match="no activation named 'attn.pattern'"):
+        model.run_with_cache(ids, names=["attn.pattern"])
+    with pytest.raises(GPT2Error, match="returned shape"), \
+            model.hooks({"blocks.0.attn.z": lambda z: z[:, :1]}):
+        model(ids)
+
+
+# -- logit lens and next tokens -----------------------------------------------------------------
+
+
+def test_logit_lens_matches_transformers_at_every_depth(tiny):
+    model, hf, ids = tiny
+    lens = logit_lens(model, ids[0])
+    out = hf_run(hf, ids)
+    L = model.config.n_layer
+    assert lens.names == ["embed"] + [f"block {i}" for i in range(L)]
+    # the last row is the model's own output
+    probs = out.logits[0].softmax(-1)  # (T, V)
+    assert lens.top_ids[-1].tolist() == probs.argmax(-1).tolist()
+    torch.testing.assert_close(lens.top_probs[-1], probs.max(-1).values, atol=1e-5, rtol=1e-4)
+    # earlier rows: HF's hidden states through HF's own ln_f and LM head
+    for d in range(L):
+        h = out.hidden_states[d][0]  # the stream entering block d = leaving block d - 1
+        p = hf.lm_head(hf.transformer.ln_f(h)).softmax(-1)
+        assert lens.top_ids[d].tolist() == p.argmax(-1).tolist()
+        torch.testing.assert_close(lens.top_probs[d], p.max(-1).values, atol=1e-5, rtol=1e-4)
+    targets = ids[0, 1:]
+    torch.testing.assert_close(lens.target_probs[-1], probs[:-1].gather(1, targets[:, None])[:, 0],
+                               atol=1e-6, rtol=1e-4)
+
+
+def test_next_tokens_match_transformers(tiny):
+    model, hf, ids = tiny
+    got = next_tokens(model, ids[0], top=5)
+    p = hf_run(hf, ids).logits[0, -1].softmax(-1)
+    values, indices = p.topk(5)
+    assert [g.id for g in got] == indices.tolist()
+    assert [g.prob for g in got] == pytest.approx(values.tolist(), abs=1e-6)
+    with pytest.raises(GPT2Error):
+        next_tokens(model, ids[0], top=0)
+
+
+def test_attention_patterns_api_checks_layers(tiny):
+    model, hf, ids = tiny
+    p = attention_patterns(model, ids[0], layers=[1])
+    torch.testing.assert_close(p[0], hf_run(hf, ids).attentions[1][0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(GPT2Error, match="layer 2 does not exist"):
+        attention_patterns(model, ids[0], layers=[2])
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def test_figures_are_pngs_of_the_requested_size(tiny):
+    model, _, ids = tiny
+    labels = [f"t{i}$" for i in range(ids.size(1))]  # "$" must not start TeX
+    patterns = attention_patterns(model, ids[0])
+    lens = logit_lens(model, ids[0])
+    tops = [[str(i) for i in row] for row in lens.top_ids.tolist()]
+    figures = {
+        "head": plot_attention(patterns, labels, layer=1, head=3, figsize=(6, 5), dpi=80),
+        "layer": plot_attention(patterns, labels, layer=0, figsize=(7, 6), dpi=100),
+        "all": plot_attention(patterns, labels, figsize=(5, 4), dpi=120),
+        "lens": plot_logit_lens(lens, labels, tops, figsize=(9, 3), dpi=100),
+        "ablate": plot_ablation(ablate_heads(model, ids[0]), figsize=(4, 3), dpi=150),
+    }
+    expected = {"head": (480, 400), "layer": (700, 600), "all": (600, 480),
+                "lens": (900, 300), "ablate": (600, 450)}
+    for name, fig in figures.items():
+        assert png_size(png_bytes(fig)) == expected[name], name
+
+
+def test_token_labels_make_whitespace_and_broken_bytes_visible():
+    assert token_label(b" a\n\tb") == "␣a↵⇥b"
+    assert token_label("é".encode()[:1]) == "\\xc3"
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_tokens_agree_with_transformers_tokenizer(run_cli, vocab_ckpt, hf_tokenizer):
+    r = run_cli("inspect", "tokens", TEXT, "--model", vocab_ckpt.folder, "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert [row["id"] for row in rows] == hf_tokenizer.encode(TEXT)
+    expected = [t.replace("Ġ", "␣") for t in hf_tokenizer.convert_ids_to_tokens(
+        hf_tokenizer.encode(TEXT))]
+    assert [row["token"] for row in rows] == expected
+    table = run_cli("inspect", "tokens", "hello world", "--model", vocab_ckpt.folder)
+    assert table.code == 0 and "31373" in table.out and "␣world" in table.out
+
+
+def test_cli_next_and_logit_lens_json_match_transformers(run_cli, vocab_ckpt, hf_tokenizer):
+    ids = torch.tensor([hf_tokenizer.encode(TEXT)])
+    out = hf_run(vocab_ckpt.model, ids)
+    r = run_cli("inspect", "next", TEXT, "-m", vocab_ckpt.folder, "--top", "3", "--json")
+    assert r.code == 0, r.err
+    p = out.logits[0, -1].softmax(-1)
+    assert [row["id"] for row in json.loads(r.out)] == p.topk(3).indices.tolist()
+    assert [row["prob"] for row in json.loads(r.out)] == pytest.approx(
+        p.topk(3).values.tolist(), abs=1e-6)
+    r = run_cli("inspect", "logit-lens", TEXT, "-m", vocab_ckpt.folder, "--json")
+    assert r.code == 0, r.err
+    lens = json.loads(r.out)
+    assert lens["layers"] == ["embed", "block 0", "block 1"]
+    assert lens["top_ids"][-1] == out.logits[0].argmax(-1).tolist()
+    checked = 0
+    for i, label in zip(lens["top_ids"][-1], lens["top_tokens"][-1], strict=True):
+        text = hf_tokenizer.decode([i])
+        if "\ufffd" not in text:  # part of a character: we show \xNN, HF shows U+FFFD
+            assert label == text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+            checked += 1
+    assert checked >= 5
+
+
+def test_cli_writes_every_picture_as_a_valid_png(run_cli, vocab_ckpt, tmp_path):
+    m = vocab_ckpt.folder
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    runs = {
+        "all.png": ("attention", TEXT),
+        "layer.png": ("attention", TEXT, "--layer", "1"),
+        "head.png": ("attention", TEXT, "--layer", "1", "--head", "3"),
+        "lens.png": ("logit-lens", TEXT),
+        "ablate.png": ("ablate", tmp_path / "text.txt"),
+    }
+    for name, args in runs.items():
+        r = run_cli("inspect", *args, "-m", m, "--out", tmp_path / name)
+        assert r.code == 0, (name, r.err)
+        data = (tmp_path / name).read_bytes()
+        width, height = png_size(data)
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(tmp_path / name)  # decodes every chunk
+        assert pixels.shape[:2] == (height, width) and width >= 300 and height >= 250, name
+
+
+def test_cli_ablate_json_matches_transformers_loss(run_cli, vocab_ckpt, hf_tokenizer, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    r = run_cli("inspect", "ablate", tmp_path / "text.txt", "-m", vocab_ckpt.folder, "--json")
+    assert r.code == 0, r.err
+    got = json.loads(r.out)
+    ids = torch.tensor([hf_tokenizer.encode(TEXT)])
+    assert got["base_loss"] == pytest.approx(hf_loss(vocab_ckpt.model, ids), abs=1e-4)
+    hs = vocab_ckpt.config.head_size
+    expected = hf_loss(hf_without_head(vocab_ckpt.model, 1, 2, hs), ids)
+    assert got["losses"][1][2] == pytest.approx(expected, abs=1e-4)
+
+
+def test_report_holds_the_models_numbers_and_escapes_the_text(vocab_ckpt, hf_tokenizer):
+    from gpt2.tokenizer import Tokenizer
+
+    model = GPT2.from_pretrained(vocab_ckpt.folder)
+    text = 'a </script><!-- "quoted" & {{TITLE}} /*REPORT_DATA*/ end'
+    page = render_report(report_data(model, Tokenizer.from_pretrained(vocab_ckpt.folder), text))
+    assert page.count("</script>") == 2 and "<!--" not in page.split("<body>")[1]
+    blob = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
+                     re.S).group(1)
+    data = json.loads(blob)
+    assert data["text"] == text
+    ids = hf_tokenizer.encode(text)
+    assert [t["id"] for t in data["tokens"]] == ids
+    attentions = hf_run(vocab_ckpt.model, torch.tensor([ids])).attentions
+    import base64
+
+    raw = torch.frombuffer(bytearray(base64.b64decode(data["attention"]["bytes"])),
+                           dtype=torch.uint8)
+    T = len(ids)
+    stored = raw.view(2, 4, T, T).float() / 255
+    expected = torch.stack([a[0] for a in attentions])  # (L, nh, T, T)
+    assert (stored - expected).abs().max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("attention", TEXT, "--layer", "2", "--out", "{tmp}/a.png"), "layer 2 does not exist"),
+        (("attention", TEXT, "--layer", "0", "--head", "4", "--out", "{tmp}/a.png"),
+         "head 4 does not exist"),
+        (("attention", TEXT, "--head", "0", "--out", "{tmp}/a.png"), "--head needs --layer"),
+        (("attention", "word " * 60, "--out", "{tmp}/a.png"), "context is 48"),
+        (("attention", TEXT, "--out", "{tmp}/missing/a.png"), "does not exist"),
+        (("attention", TEXT, "--out", "{tmp}"), "must end in .png"),
+        (("report", TEXT, "--out", "{tmp}/sub.html"), "is a folder"),
+        (("logit-lens", "", "--out", "{tmp}/a.png"), "empty"),
+        (("next", ""), "empty"),
+        (("ablate", "{tmp}/one.txt"), "at least 2"),
+        (("ablate", "{tmp}/nothing.txt"), "file not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_ckpt, tmp_path, args, message):
+    (tmp_path / "sub.html").mkdir()
+    (tmp_path / "one.txt").write_text("Hello", encoding="utf-8")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    r = run_cli("inspect", *args, "--model", vocab_ckpt.folder)
+    assert r.code == 1, r.out + r.err
+    assert message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a file was left behind"
+
+
+def test_cli_report_writes_one_html_file(run_cli, vocab_ckpt, tmp_path):
+    out = tmp_path / "r.html"
+    r = run_cli("inspect", "report", TEXT, "-m", vocab_ckpt.folder, "--out", out)
+    assert r.code == 0, r.err
+    page = out.read_text(encoding="utf-8")
+    # self-contained: nothing is fetched from anywhere
+    assert not re.search(r'\b(src|href)\s*=\s*["\']?(https?:|//)', page)
+    assert "<link" not in page and "@import" not in page
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_report_page_is_package_data():
+    import importlib.resources
+
+    page = importlib.resources.files("gpt2.inspect") / "report.html"
+    assert page.is_file()
+    text = Path(str(page)).read_text(encoding="utf-8")
+    assert "/*REPORT_DATA*/" in text and "{{TITLE}}" in text
