@@ -1,0 +1,482 @@
+"""GPU benchmarks: decoding and training, ours against Hugging Face transformers.
+
+    python bench/gpu.py                      # on a CUDA machine; JSON to $OUT/gpu.json or --out
+    python bench/gpu.py --dry-run            # tiny configs on CPU: checks the script runs
+
+Sections (each one's failure is recorded in the JSON and the next one runs):
+
+    decode   124M, batch 1 and 32, bf16 weights, greedy: transformers generate (fp32
+             and bf16) vs our normal cached path (gpt2.generate) vs the fixed-shape
+             step run eagerly vs the step as a CUDA graph, plain and compiled; checks
+             that the greedy tokens are identical between our paths
+    train    124M, batch 16 x 1024, bf16 autocast, fused AdamW, TF32: one optimizer
+             step of transformers (eager) vs ours eager vs ours torch.compile; MFU
+    xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled)
+
+Every figure is the median of --runs timed runs after warm-up; compile time is
+reported separately (first_call_s). Weights are random (GPT2Config.preset sizes):
+speed does not depend on their values. They are drawn with a wide spread so the
+logits have clear winners and greedy tokens are a meaningful identity check.
+The whole run is meant to take under 5 minutes on an H100; a time budget
+(--budget-s) skips the compiled variants when too little time is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2._io import atomic_write_text
+from gpt2.config import GPT2Config
+from gpt2.fast_decode import CudaGraphDecoder, StaticDecoder
+from gpt2.model import GPT2
+
+# Dense bf16 tensor-core peak, in FLOP/s, by device name (for MFU).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+TINY = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+TINY_DEEP = GPT2Config(n_vocab=512, n_ctx=64, n_embd=80, n_head=5, n_layer=4)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Clock:
+    """Wall time since the start, against the budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], *, device, runs: int, warmup: int = 1) -> dict:
+    """Median seconds of `runs` calls after `warmup` calls; the first call's time too."""
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "first_call_s": first, "runs": runs}
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Wide random weights on the model's own device (like the tests' randomise_hf)."""
+    gen = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        if ".ln_" in name and name.endswith("weight") or name == "ln_f.weight":
+            p.copy_(1.0 + 0.2 * noise)
+        elif p.dim() == 2 and name not in ("wte.weight", "wpe.weight"):
+            p.copy_(0.2 * math.sqrt(64 / p.shape[1]) * noise)  # nn.Linear: (out, in)
+        else:
+            p.copy_(0.2 * noise)
+
+
+def ours(config: GPT2Config, device, dtype=torch.float32, seed: int = 0) -> GPT2:
+    with torch.device(device):
+        model = GPT2(config)  # initialised on the device: fast even for 1558M
+    randomise(model, seed)
+    return model.to(dtype).eval()
+
+
+def hf_model(config: GPT2Config, device, dtype=torch.float32):
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    cfg = HFConfig(vocab_size=config.n_vocab, n_positions=config.n_ctx, n_embd=config.n_embd,
+                   n_layer=config.n_layer, n_head=config.n_head, bos_token_id=None,
+                   eos_token_id=None, pad_token_id=0, attn_implementation="sdpa",
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.device(device):
+        model = GPT2LMHeadModel(cfg)
+    return model.to(dtype).eval()
+
+
+def free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Index of the first column where two (B, N) token tensors differ, or None."""
+    diff = (a.cpu() != b.cpu()).any(dim=0).nonzero()
+    return None if diff.numel() == 0 else int(diff[0])
+
+
+def table(title: str, rows: list[tuple[str, float | None, str]], unit: str) -> None:
+    base = next((v for _, v, _ in rows if v), None)
+    print(f"\n{title}")
+    print(f"  {'':44s} {unit:>14s} {'ratio':>8s}")
+    for name, value, note in rows:
+        if value is None:
+            print(f"  {name:44s} {'-':>14s} {'':>8s}  {note}")
+        else:
+            print(f"  {name:44s} {value:14,.0f} {value / base:7.2f}x  {note}")
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def hf_generate_rate(hf, idx, new: int, *, device, runs: int) -> dict:
+    mask = torch.ones_like(idx)
+
+    def run():
+        with torch.inference_mode():
+            hf.generate(idx, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0)
+
+    t = timed(run, device=device, runs=runs)
+    return {**t, "tokens_per_s": idx.size(0) * new / t["median_s"]}
+
+
+def ours_rate(fn: Callable[[], torch.Tensor], batch: int, new: int, *, device,
+              runs: int) -> tuple[dict, torch.Tensor]:
+    out = {}
+
+    def run():
+        out["tokens"] = fn()
+
+    t = timed(run, device=device, runs=runs)
+    return {**t, "tokens_per_s": batch * new / t["median_s"]}, out["tokens"]
+
+
+def decode_variants(model: GPT2, batch: int, prompt: int, new: int, *, device, runs: int,
+                    clock: Clock, compile_s: float, compile_mode: str | None) -> dict:
+    """Our decode paths on one bf16 model; tokens/s and greedy identity."""
+    idx = torch.randint(0, model.config.n_vocab, (batch, prompt), device=device,
+                        generator=torch.Generator(device=device).manual_seed(batch))
+    max_len = prompt + new
+    res, tokens = {}, {}
+
+    def add(name, fn):
+        try:
+            res[name], tokens[name] = ours_rate(fn, batch, new, device=device, runs=runs)
+        except Exception as e:  # record and go on with the other variants
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+
+    add("ours_cached_eager", lambda: model.generate(idx, max_new_tokens=new, temperature=0.0))
+    static = StaticDecoder(model, batch_size=batch, max_len=max_len)
+    add("ours_static_eager",
+        lambda: static.generate(idx, max_new_tokens=new, temperature=0.0))
+    if device.type == "cuda":
+        graph = CudaGraphDecoder(model, batch_size=batch, max_len=max_len, dtype=None,
+                                 compile=False)
+        add("ours_graph", lambda: graph.generate(idx, max_new_tokens=new, temperature=0.0))
+        if clock.left() > compile_s:
+            compiled = CudaGraphDecoder(model, batch_size=batch, max_len=max_len, dtype=None,
+                                        compile=True, compile_mode=compile_mode)
+            add("ours_graph_compiled",
+                lambda: compiled.generate(idx, max_new_tokens=new, temperature=0.0))
+        else:
+            res["ours_graph_compiled"] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
+    else:
+        res["ours_graph"] = {"skipped": "no CUDA device"}
+    ref = tokens.get("ours_cached_eager")
+    res["greedy_identical"] = {
+        name: {"identical": first_mismatch(ref, t) is None,
+               "first_mismatch_at_new_token": (None if first_mismatch(ref, t) is None
+                                               else first_mismatch(ref, t) - prompt)}
+        for name, t in tokens.items() if ref is not None and name != "ours_cached_eager"
+    }
+    if "ours_graph" in tokens and "ours_static_eager" in tokens:
+        res["greedy_identical"]["graph_vs_static_eager"] = {
+            "identical": first_mismatch(tokens["ours_graph"], tokens["ours_static_eager"]) is None}
+    return res
+
+
+def greedy_identity_fp32(config: GPT2Config, a, device, clock: Clock) -> dict:
+    """Greedy tokens of every path in fp32 (TF32 off), where they must agree exactly:
+    in bf16 a different summation order can flip a near-tie and the rows diverge."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        model = ours(config, device, torch.float32, seed=1)
+        prompt, new = (8, 8) if a.dry_run else (16, 64)
+        idx = torch.randint(0, config.n_vocab, (1, prompt), device=device)
+        ref = model.generate(idx, max_new_tokens=new, temperature=0.0)
+        paths = {"ours_static_eager": StaticDecoder(model, batch_size=1, max_len=prompt + new)}
+        if device.type == "cuda":
+            paths["ours_graph"] = CudaGraphDecoder(model, batch_size=1, max_len=prompt + new,
+                                                   dtype=None, compile=False)
+            if clock.left() > 2 * a.compile_reserve_s:
+                paths["ours_graph_compiled"] = CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True,
+                    compile_mode=a.compile_mode)
+        result = {}
+        for name, decoder in paths.items():
+            got = decoder.generate(idx, max_new_tokens=new, temperature=0.0)
+            at = first_mismatch(ref, got)
+            result[name] = {"identical": at is None,
+                            "first_mismatch_at_new_token": None if at is None else at - prompt}
+        print(f"\nfp32 greedy, {new} tokens, identical to ours_cached_eager: {result}")
+        return result
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def section_decode(a, device, clock: Clock) -> dict:
+    config = TINY if a.dry_run else GPT2Config.preset("124M")
+    prompt, new = (8, 8) if a.dry_run else (16, 128)
+    out: dict = {"config": "tiny" if a.dry_run else "124M", "dtype": "bf16", "prompt": prompt,
+                 "new_tokens": new, "greedy": True}
+    try:
+        out["fp32_greedy_identity"] = greedy_identity_fp32(config, a, device, clock)
+    except Exception as e:
+        out["fp32_greedy_identity"] = {"error": f"{type(e).__name__}: {e}"}
+        traceback.print_exc()
+    free(device)
+    model = ours(config, device, torch.bfloat16)
+    for batch in a.batches:
+        res: dict = {}
+        idx = torch.randint(0, config.n_vocab, (batch, prompt), device=device)
+        for name, dtype in (("hf_generate_fp32", torch.float32),
+                            ("hf_generate_bf16", torch.bfloat16)):
+            try:
+                hf = hf_model(config, device, dtype)
+                res[name] = hf_generate_rate(hf, idx, new, device=device, runs=a.runs)
+            except Exception as e:
+                res[name] = {"error": f"{type(e).__name__}: {e}"}
+                traceback.print_exc()
+            hf = None
+            free(device)
+        res.update(decode_variants(model, batch, prompt, new, device=device, runs=a.runs,
+                                   clock=clock, compile_s=a.compile_reserve_s,
+                                   compile_mode=a.compile_mode))
+        out[f"batch_{batch}"] = res
+        rate = [(n, r.get("tokens_per_s"), r.get("error") or r.get("skipped") or "")
+                for n, r in res.items() if n != "greedy_identical"]
+        table(f"decode {out['config']} batch {batch}, {new} new tokens (ratio vs first row)",
+              rate, "tokens/s")
+        print(f"  greedy identical to ours_cached_eager: {res['greedy_identical']}")
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train_rate(forward_loss: Callable[[torch.Tensor], torch.Tensor], params, x, *, device,
+               runs: int, amp: bool) -> dict:
+    """Tokens/s of full optimizer steps: autocast forward, backward, fused AdamW."""
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = forward_loss(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = timed(step, device=device, runs=runs, warmup=2)
+    return {**t, "tokens_per_s": x.numel() / t["median_s"]}
+
+
+def section_train(a, device, clock: Clock) -> dict:
+    config = TINY if a.dry_run else GPT2Config.preset("124M")
+    B, T = (2, 32) if a.dry_run else (16, 1024)
+    torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves
+    torch.backends.cudnn.allow_tf32 = True
+    amp = device.type == "cuda"  # bf16 autocast on CPU is slow and beside the point
+    out: dict = {"config": "tiny" if a.dry_run else "124M", "batch": B, "seq": T,
+                 "autocast": "bf16" if amp else "off", "optimizer": "AdamW fused"}
+    x = torch.randint(0, config.n_vocab, (B, T), device=device)
+    runs = a.runs
+
+    def record(name, make):
+        try:
+            model, loss_fn = make()
+            out[name] = train_rate(loss_fn, model.parameters(), x, device=device, runs=runs,
+                                   amp=amp)
+            out[name]["params"] = sum(p.numel() for p in model.parameters())
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            traceback.print_exc()
+        free(device)
+
+    def hf():
+        model = hf_model(config, device).train()
+        return model, lambda x: model(input_ids=x, labels=x).loss  # HF shifts the labels
+
+    def ours_loss(model):
+        def loss(x):
+            logits = model(x)  # (B, T, V)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        return loss
+
+    def eager():
+        model = ours(config, device).train()
+        return model, ours_loss(model)
+
+    def compiled():
+        model = ours(config, device).train()
+        return model, ours_loss(torch.compile(model))
+
+    record("hf_eager", hf)
+    record("ours_eager", eager)
+    if device.type == "cuda" and clock.left() > a.compile_reserve_s:
+        record("ours_compiled", compiled)
+    else:
+        out["ours_compiled"] = {"skipped": "no CUDA device" if device.type != "cuda"
+                                else f"time budget ({clock.left():.0f} s left)"}
+
+    peak = a.peak_tflops * 1e12 if a.peak_tflops else peak_flops(device)
+    out["peak_flops_assumed"] = peak
+    out["mfu_formula"] = "6 * params * tokens/s / peak (attention FLOPs not counted)"
+    for name in ("hf_eager", "ours_eager", "ours_compiled"):
+        r = out.get(name, {})
+        if peak and "tokens_per_s" in r:
+            r["mfu"] = 6 * r["params"] * r["tokens_per_s"] / peak
+    print(f"\nassumed peak: {peak / 1e12 if peak else 'unknown'} TFLOP/s bf16 dense")
+    rows = [(n, out[n].get("tokens_per_s"),
+             (f"MFU {out[n]['mfu']:.1%}" if "mfu" in out[n] else "")
+             + (out[n].get("error") or out[n].get("skipped") or ""))
+            for n in ("hf_eager", "ours_eager", "ours_compiled")]
+    table(f"train {out['config']} {B} x {T}, one optimizer step (ratio vs transformers)",
+          rows, "tokens/s")
+    return out
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# --------------------------------------------------------------------------- 1558M
+
+
+def section_xl(a, device, clock: Clock) -> dict:
+    config = TINY_DEEP if a.dry_run else GPT2Config.preset("1558M")
+    prompt, new = (8, 8) if a.dry_run else (16, 64)
+    out: dict = {"config": "tiny-deep" if a.dry_run else "1558M", "dtype": "bf16",
+                 "prompt": prompt, "new_tokens": new}
+    model = ours(config, device, torch.bfloat16)
+    out["batch_1"] = decode_variants(model, 1, prompt, new, device=device, runs=a.runs,
+                                     clock=clock, compile_s=a.compile_reserve_s,
+                                     compile_mode=a.compile_mode)
+    res = out["batch_1"]
+    rows = [(n, r.get("tokens_per_s"), r.get("error") or r.get("skipped") or "")
+            for n, r in res.items() if n != "greedy_identical"]
+    table(f"decode {out['config']} batch 1, {new} new tokens (ratio vs first row)", rows,
+          "tokens/s")
+    print(f"  greedy identical to ours_cached_eager: {res['greedy_identical']}")
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+SECTIONS = {"decode": section_decode, "train": section_train, "xl": section_xl}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."),
+                   help="folder for gpu.json (default: $OUT, else the current folder)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny configs on CPU (or the GPU if there is one): checks the script")
+    p.add_argument("--sections", default="decode,train,xl", help="comma-separated subset")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
+    p.add_argument("--batches", default="1,32", help="decode batch sizes for 124M")
+    p.add_argument("--budget-s", type=float, default=270.0,
+                   help="wall-clock budget; compiled variants are skipped past it")
+    p.add_argument("--compile-reserve-s", type=float, default=45.0,
+                   help="time a compiled variant needs; skipped when less is left")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the decode step (default: PyTorch's default; "
+                   "e.g. max-autotune-no-cudagraphs)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak for MFU (default: by device name, 989 for H100/H200)")
+    a = p.parse_args(argv)
+    a.batches = [int(b) for b in a.batches.split(",")]
+    if a.dry_run:
+        a.batches = [1, 4]
+        a.runs = min(a.runs, 2)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    result: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None
+                                                        else sys.argv[1:])]),
+        "dry_run": a.dry_run,
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "compile_mode": a.compile_mode,
+        "sections": {},
+    }
+    try:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        result["transformers"] = None
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu.json"
+    if not cuda and not a.dry_run:
+        print("no CUDA device: nothing to measure (python bench/gpu.py --dry-run checks the "
+              "script on CPU)")
+        result["skipped"] = "no CUDA device"
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        return 0
+    # one compiled block_step per shape (batch 1, batch 32, 1558M, ...): allow them all
+    torch._dynamo.config.cache_size_limit = 64
+    clock = Clock(a.budget_s)
+    print(f"device: {result['device']}, torch {torch.__version__}, "
+          f"transformers {result['transformers']}")
+    for name in a.sections.split(","):
+        t0 = time.perf_counter()
+        try:
+            result["sections"][name] = SECTIONS[name](a, device, clock)
+        except Exception as e:  # a whole section failed: record it and go on
+            traceback.print_exc()
+            result["sections"][name] = {"error": f"{type(e).__name__}: {e}"}
+        result["sections"][name]["section_s"] = time.perf_counter() - t0
+        free(device)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")  # partial results survive
+    result["total_s"] = time.perf_counter() - clock.start
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"\ntotal {result['total_s']:.0f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
