@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sliding-window", action="store_true",
                         help="when prompt + new tokens exceed the context, drop the oldest "
                         "tokens instead of stopping with an error")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="decode with a static KV cache and one CUDA graph per token "
+                        "(needs --device cuda; no --repetition-penalty, --sliding-window or "
+                        "--stop; a --seed reproduces this path's own samples)")
     parser.add_argument("--interactive", "-i", action="store_true",
                         help="read prompts from stdin, one per line, until EOF or an "
                         "empty line")
@@ -104,11 +108,17 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
     stop_tokens = [] if eot is None else [eot]
     n = args.num_samples
     idx = torch.tensor([start_ids] * n, dtype=torch.long, device=model.wte.weight.device)
-    steps = stream(  # validates (e.g. the context length) before anything is printed
-        model, idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        stop_tokens=stop_tokens, seed=args.seed, sliding_window=args.sliding_window,
-    )
+    if args.cuda_graph:
+        steps = _graph_decoder(model, n, len(start_ids), args).stream(
+            idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        )
+    else:
+        steps = stream(  # validates (e.g. the context length) before anything is printed
+            model, idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+            stop_tokens=stop_tokens, seed=args.seed, sliding_window=args.sliding_window,
+        )
     texts = [TextStream(tokenizer, stop_strings=args.stop, stop_tokens=stop_tokens)
              for _ in range(n)]
     live = n == 1 and not args.json
@@ -151,6 +161,25 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
             out.write(f"{'=' * 20} sample {i} of {n} {'=' * 20}\n{prompt}{text.text}\n")
     out.flush()
     print(f"{produced} tokens, {rate:.1f} tokens/s", file=sys.stderr)
+
+
+_DECODERS: dict = {}  # (batch, max_len) -> CudaGraphDecoder, reused across -i prompts
+
+
+def _graph_decoder(model, batch: int, prompt_len: int, args: argparse.Namespace):
+    """A CUDA-graph decoder sized for this prompt (max_len rounded up to limit recaptures)."""
+    from gpt2.errors import GPT2Error
+    from gpt2.fast_decode import CudaGraphDecoder
+
+    if args.repetition_penalty != 1.0 or args.sliding_window or args.stop:
+        raise GPT2Error("--cuda-graph does not support --repetition-penalty, "
+                        "--sliding-window or --stop; drop one of them")
+    n_ctx = model.config.n_ctx
+    max_len = min(n_ctx, -(-(prompt_len + args.max_new_tokens) // 128) * 128)
+    key = (batch, max_len)
+    if key not in _DECODERS:
+        _DECODERS[key] = CudaGraphDecoder(model, batch_size=batch, max_len=max_len, dtype=None)
+    return _DECODERS[key]
 
 
 def _eot(tokenizer, model) -> int | None:
