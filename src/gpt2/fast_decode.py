@@ -122,7 +122,10 @@ def decode_step(
     x = model.wte(token) + model.wpe(pos)  # (B, C) + (1, C)
     for i, block in enumerate(model.h):
         x = block_fn(block, x, k[i], v[i], pos, visible)  # (B, C)
-    return F.linear(model.ln_f(x), model.wte.weight)  # (B, n_vocab): the tied LM head
+    x = model.ln_f(x)
+    if model.lm_head is not None:  # a quantized or packed copy of wte (gpt2.quantize)
+        return model.lm_head(x)
+    return F.linear(x, model.wte.weight)  # (B, n_vocab): the tied LM head
 
 
 def pick_next(

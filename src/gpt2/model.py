@@ -204,6 +204,9 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self._taps: Taps | None = None
+        # A module replacing the tied head `x @ wte.T` (an int8 or packed-bf16 copy of wte,
+        # set by gpt2.quantize); None: the head is wte itself.
+        self.lm_head: nn.Module | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -256,6 +259,8 @@ class GPT2(nn.Module):
         elif keep_last is not None:
             x = x[:, -keep_last:, :]
         x = tap("ln_final", self.ln_f(x))
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
         return F.linear(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head
 
     # -- inspection ---------------------------------------------------------------------
@@ -373,24 +378,40 @@ class GPT2(nn.Module):
         size: str | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> GPT2:
         """Load released or trained weights.
 
         name_or_path: a size name (124M, 355M, 774M, 1558M, gpt2, gpt2-medium, ...) fetched
         by `gpt2 download`, or a path: an OpenAI/Kaggle folder, a Hugging Face folder or
         .safetensors file, or a folder written by `gpt2 train`. `size` picks the size
-        folder inside a Kaggle download holding several.
+        folder inside a Kaggle download holding several. dtype: "fp32", "bf16" or "fp16"
+        (on a CPU, bf16 uses oneDNN's packed bf16 matmuls). quantize="int8": int8
+        weight-only linear layers (see gpt2.quantize); a checkpoint written by
+        `gpt2 convert --quantize int8` loads as int8 without being quantized again.
 
         >>> model = GPT2.from_pretrained("124M")  # doctest: +SKIP
         """
-        from gpt2.weights import load_checkpoint
+        from gpt2 import quantize as q
+        from gpt2.weights import load_checkpoint, parse_dtype
+        from gpt2.weights.hub import resolve_model
 
-        ckpt = load_checkpoint(name_or_path, size=size, dtype=dtype)
+        if quantize not in (None, "int8"):
+            raise GPT2Error(f"unknown quantization {quantize!r}; the one available is 'int8'")
+        path = resolve_model(str(name_or_path))
+        if q.quantization_info(path) is not None:
+            return q.load_quantized(path, device=device).eval()
+        ckpt = load_checkpoint(path, size=size, dtype=dtype)
         with torch.device("meta"):
             model = cls(ckpt.config)
         model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
         model.source = ckpt  # layout, path: shown by `gpt2 validate`
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        if quantize is not None:
+            model = q.quantize_model(model, quantize)
+        elif parse_dtype(dtype) == torch.bfloat16 and torch.device(device).type == "cpu":
+            model = q.prepare_bf16(model)
+        return model
 
     # -- generation -----------------------------------------------------------------------
 

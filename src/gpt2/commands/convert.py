@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["fp32", "bf16", "fp16"],
         help="store the weights in this precision (default: as in SRC)",
     )
+    parser.add_argument(
+        "--quantize", choices=["int8"],
+        help="write an int8 weight-only checkpoint (our format: HF names, int8 weights with "
+        "per-channel scales; loads in `gpt2` without re-quantizing, not in transformers)",
+    )
     parser.add_argument("--size", help="size folder to use inside a Kaggle download (e.g. 355M)")
     parser.add_argument("--force", action="store_true", help="replace DST if it is not empty")
 
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     check_not_inside(dst, ckpt.path)
     tokenizer, vocab_note = tokenizer_for(ckpt)
     dtype = parse_dtype(args.dtype)
+    if args.quantize:
+        return _convert_quantized(ckpt, dst, tokenizer, args)
     save_huggingface(
         ckpt.state_dict, ckpt.config, dst, tokenizer=tokenizer, dtype=dtype, overwrite=args.force
     )
@@ -59,6 +66,25 @@ def run(args: argparse.Namespace) -> int:
         f"{ckpt.layout} checkpoint {ckpt.path}; {vocab_note}"
     )
     print(f"load it with GPT2LMHeadModel.from_pretrained({str(dst)!r}) or --model {dst}")
+    return 0
+
+
+def _convert_quantized(ckpt, dst: Path, tokenizer, args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt2.errors import GPT2Error
+    from gpt2.model import GPT2
+    from gpt2.quantize import quantize_model, save_quantized
+
+    if args.dtype:
+        raise GPT2Error("--quantize int8 sets the storage itself; drop --dtype")
+    with torch.device("meta"):
+        model = GPT2(ckpt.config)
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    model = quantize_model(model.float().eval(), args.quantize)
+    save_quantized(model, dst, tokenizer=tokenizer, overwrite=args.force)
+    print(f"wrote {dst} (int8 weight-only, {ckpt.config.n_layer} layers) from the "
+          f"{ckpt.layout} checkpoint {ckpt.path}; load it with --model {dst}")
     return 0
 
 

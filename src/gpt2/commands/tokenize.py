@@ -13,7 +13,7 @@ import argparse
 import sys
 
 NAME = "tokenize"
-HELP = "Show the GPT-2 token ids of a text (or, with --decode, the text of some ids)."
+HELP = "the GPT-2 token ids of a text (or, with --decode, the text of some ids)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,540 @@
+"""Fast CPU inference: fewer bytes of weights per generated token.
+
+Decoding one token reads every weight once and does little arithmetic with
+each, so on a CPU its speed is the memory bandwidth divided by the size of the
+weights: 498 MB in fp32 for 124M, about 45 tokens/s at 22 GB/s. The only way
+past that is fewer bytes per weight, with a matrix-vector kernel that actually
+streams them at full speed:
+
+  bf16   `prepare_bf16(model)`: 2 bytes per weight. PyTorch's plain bf16
+         `F.linear` is *slower* than fp32 for one row of input (M=1), so every
+         Linear is replaced by `PackedBF16Linear`, which hands oneDNN a weight
+         reordered once into its blocked layout (`mkldnn._reorder_linear_weight`)
+         and runs on AVX512-BF16/AMX.
+  int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
+         output channel ("weight-only": activations stay bf16). Every Linear
+         becomes `Int8Linear`, run by `torch._weight_int8pack_mm`, which widens
+         int8 to bf16 in registers, so memory traffic is a quarter of fp32's.
+
+Both keep the model's structure, names and hooks; only the Linear modules (and,
+through `model.lm_head`, the tied LM head) change.
+
+Saved int8 checkpoints use the Hugging Face layout with two differences: each
+quantized weight `<name>.weight` is int8 with a bf16 `<name>.weight_scale`
+beside it, and config.json says `"quantization": {"method": "int8-weight-only",
+...}`. `save_quantized` writes one, `load_quantized_state` reads it back with
+no re-quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2.errors import GPT2Error
+
+METHODS = ("int8",)
+FORMAT = "int8-weight-only"  # the `quantization.method` written to config.json
+FORMAT_VERSION = 1
+
+# The int8 kernel reads K (the input width) in blocks of 16; other widths crash it,
+# so those layers fall back to dequantize-then-matmul (correct, just slower).
+_INT8_KERNEL_K_MULTIPLE = 16
+
+
+# -- capability ---------------------------------------------------------------------------
+
+
+def cpu_supports_bf16() -> bool:
+    """True where this CPU computes bf16 natively (AVX512-BF16 or AMX) through oneDNN.
+
+    Elsewhere bf16 is emulated and slower than fp32, so `prepare_bf16` refuses it.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False
+    )()
+    return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# -- int8 ---------------------------------------------------------------------------------
+
+
+def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight (out, in) -> (q int8 (out, in), scale bf16 (out,)).
+
+    weight ~= q * scale[:, None]. The scale is rounded *up* to a bf16 value, so the
+    kernel (which wants bf16 scales) uses exactly the scale the weights were rounded
+    with, and |weight / scale| <= 127 never clips.
+
+    >>> q, s = quantize_weight_int8(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
+    >>> q.tolist(), s.tolist()
+    ([[63, -126], [126, 16]], [0.0079345703125, 0.015869140625])
+    """
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)  # (out,)
+    scale = _round_up_to_bf16(amax / 127.0).clamp(min=torch.finfo(torch.bfloat16).tiny)  # (out,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    return q, scale.to(torch.bfloat16)
+
+
+def _round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= each (positive, finite) fp32 value, as fp32.
+
+    bf16 is fp32 with the low 16 bits of the mantissa cut off: add 0xFFFF, then cut.
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) and scale (out,) -> fp32 (out, in); exact (an int8 times a bf16 fits fp32)."""
+    return q.float() * scale.float()[:, None]
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights and a bf16 scale per output channel.
+
+    Inputs of any float dtype are cast to bf16 for the kernel; the output has the
+    input's dtype. The bias stays in the activation dtype (it is tiny).
+
+    >>> layer = Int8Linear.from_linear(nn.Linear(64, 32))
+    >>> layer(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer(
+            "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features, dtype=torch.bfloat16, device=device)
+        )
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bias_dtype: torch.dtype | None = None) -> Int8Linear:
+        """Quantize an nn.Linear (weight (out, in)) per output channel."""
+        return cls.from_weight(linear.weight, linear.bias, bias_dtype=bias_dtype)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bias_dtype: torch.dtype | None = None,
+    ) -> Int8Linear:
+        """Quantize a float weight (out, in) and keep the bias (out,) as it is."""
+        out_features, in_features = weight.shape
+        q, scale = quantize_weight_int8(weight)
+        return cls.from_quantized(q, scale, bias, bias_dtype=bias_dtype)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bias_dtype: torch.dtype | None = None,
+    ) -> Int8Linear:
+        """Wrap already quantized tensors (as read from a checkpoint): nothing is re-rounded."""
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
+            raise GPT2Error(
+                f"int8 weight must be int8 (out, in) with a scale (out,); got {q.dtype} "
+                f"{tuple(q.shape)} and scale {tuple(scale.shape)}"
+            )
+        out_features, in_features = q.shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.register_buffer("weight", q.detach())
+        layer.register_buffer("weight_scale", scale.detach().to(torch.bfloat16))
+        if bias is not None:
+            layer.register_buffer("bias", bias.detach().to(bias_dtype or bias.dtype))
+        else:
+            layer.bias = None
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        if x2.device.type == "cpu" and self.in_features % _INT8_KERNEL_K_MULTIPLE == 0:
+            # (the scale's .to is a no-op unless someone cast the model with .to(dtype))
+            scale = self.weight_scale.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(x2, self.weight, scale)  # (M, out) bf16
+        else:
+            w = self.weight.to(torch.bfloat16) * self.weight_scale[:, None]  # (out, in)
+            y = F.linear(x2, w)  # (M, out)
+        y = y.view(*lead, self.out_features)
+        if self.bias is not None:
+            # adding the bias in the input's dtype also casts the output back to it
+            return torch.add(self.bias.to(x.dtype), y).to(x.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, int8 per-channel"
+        )
+
+
+# -- bf16 ---------------------------------------------------------------------------------
+
+
+class PackedBF16Linear(nn.Module):
+    """A bf16 Linear whose weight oneDNN has reordered once into its blocked layout.
+
+    `weight` (out, in) stays a plain bf16 buffer, for state_dict and saving; the
+    packed copy is a private attribute, rebuilt on load. On a CPU without native
+    bf16, or on any other device, it runs plain `F.linear`.
+
+    >>> layer = PackedBF16Linear.from_linear(nn.Linear(64, 32))
+    >>> layer(torch.randn(2, 5, 64, dtype=torch.bfloat16)).shape
+    torch.Size([2, 5, 32])
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, persistent: bool = True
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # persistent=False for the LM head, whose weight is wte's (shared, saved once)
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16), persistent=persistent)
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().to(torch.bfloat16))
+        else:
+            self.bias = None
+        self._packed: torch.Tensor | None = None
+        self.pack()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedBF16Linear:
+        return cls(linear.weight, linear.bias)
+
+    def pack(self) -> None:
+        """(Re)build the oneDNN copy of the weight; call after changing `weight` in place."""
+        w = self.weight
+        if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
+            # the batch-size hint (1) tunes the layout for decoding; any M still works
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        else:
+            self._packed = None
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move `weight`; the packed copy must follow it
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed"
+
+
+# -- whole models -------------------------------------------------------------------------
+
+_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def _block_linears(model: nn.Module):
+    """(parent module, attribute, full name) of every projection in every block."""
+    for i, block in enumerate(model.h):
+        for path in _LINEARS:
+            owner_name, attr = path.split(".")
+            yield getattr(block, owner_name), attr, f"h.{i}.{path}"
+
+
+def _has_lm_head_slot(model: nn.Module) -> bool:
+    # GPT2.forward calls `model.lm_head` when it is set; older models tie the head to wte only
+    return "lm_head" in vars(model) or "lm_head" in model._modules
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = True) -> nn.Module:
+    """Replace every projection of a float GPT2 with `Int8Linear`, in place; returns the model.
+
+    lm_head: also quantize the (tied) LM head, which is a third of 124M's weights and
+    so a third of the bytes read per token. `wte` keeps serving the embedding
+    lookup, in the model's float dtype, holding the dequantized int8 values, so the
+    lookup and the head use the same numbers, as a reloaded checkpoint does.
+    Activations, LayerNorms, attention and the KV cache keep the model's dtype.
+
+    >>> from gpt2.config import GPT2Config
+    >>> from gpt2.model import GPT2
+    >>> model = quantize_model(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)))
+    >>> type(model.h[0].mlp.c_fc).__name__
+    'Int8Linear'
+    """
+    if method not in METHODS:
+        raise GPT2Error(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    if getattr(model, "quantization", None):
+        raise GPT2Error("this model is already quantized; load the float checkpoint instead")
+    act_dtype = model.wte.weight.dtype
+    for owner, attr, _ in _block_linears(model):
+        setattr(owner, attr, Int8Linear.from_linear(getattr(owner, attr), bias_dtype=act_dtype))
+    head = lm_head and _has_lm_head_slot(model)
+    if head:
+        _attach_int8_head(model, *quantize_weight_int8(model.wte.weight))
+    model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
+    return model
+
+
+def _attach_int8_head(model: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Int8 LM head from (q, scale); wte keeps its dtype but holds the dequantized values."""
+    dtype = model.wte.weight.dtype
+    model.wte.weight = nn.Parameter(dequantize_int8(q, scale).to(dtype), requires_grad=False)
+    model.lm_head = Int8Linear.from_quantized(q, scale)
+
+
+def prepare_bf16(model: nn.Module) -> nn.Module:
+    """Cast a GPT2 to bf16 and give every projection and the LM head oneDNN-packed weights.
+
+    GPT2Error where the CPU has no native bf16 (AVX512-BF16 or AMX): there bf16 is
+    emulated and slower than fp32. On other devices plain `.to(torch.bfloat16)`
+    is already the fast path, and this only casts.
+
+    >>> from gpt2.config import GPT2Config
+    >>> from gpt2.model import GPT2
+    >>> model = prepare_bf16(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)))
+    >>> model.wte.weight.dtype
+    torch.bfloat16
+    """
+    device = model.wte.weight.device
+    if device.type == "cpu" and not cpu_supports_bf16():
+        raise GPT2Error(
+            "--dtype bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where bf16 "
+            "runs slower than fp32; use --dtype fp32, or --quantize int8 for speed"
+        )
+    model = model.to(torch.bfloat16)
+    if device.type != "cpu":
+        return model
+    with torch.no_grad():
+        for owner, attr, _ in _block_linears(model):
+            setattr(owner, attr, PackedBF16Linear.from_linear(getattr(owner, attr)))
+        if _has_lm_head_slot(model):
+            model.lm_head = PackedBF16Linear(model.wte.weight, None, persistent=False)
+    return model
+
+
+# -- int8 checkpoints ---------------------------------------------------------------------
+#
+# The Hugging Face layout (names `transformer.h.0.attn.c_attn.weight`, projection
+# weights stored (in, out)), where every quantized weight is int8 and has a bf16
+# `<name>.weight_scale` (out,) beside it. With the LM head quantized, `wte.weight`
+# itself is stored int8 + scale: the head and the embedding lookup share it.
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A quantized model's tensors under our names and orientation, as a checkpoint holds them."""
+    info = getattr(model, "quantization", None)
+    if not info:
+        raise GPT2Error("this model is not quantized; call quantize_model(model, 'int8') first")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
+    if info["lm_head"]:
+        state["wte.weight"] = model.lm_head.weight
+        state["wte.weight_scale"] = model.lm_head.weight_scale
+    return state
+
+
+def save_quantized(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a quantized model as an int8 checkpoint folder, atomically.
+
+    >>> save_quantized(quantize_model(model, "int8"), "gpt2-int8")  # doctest: +SKIP
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from gpt2._io import atomic_write_text, fsync_dir
+    from gpt2.weights.names import is_transposed
+
+    state = quantized_state_dict(model)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GPT2Error(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
+    try:
+        tensors = {}
+        for name, t in state.items():
+            t = t.detach().to("cpu")
+            tensors[f"transformer.{name}"] = (t.t() if is_transposed(name) else t).contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_hf_config()
+        config["torch_dtype"] = str(model.ln_f.weight.dtype).removeprefix("torch.")
+        config["quantization"] = {**model.quantization, "version": FORMAT_VERSION}
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GPT2Error(
+            f"{folder}: writing failed ({e.strerror or e}); nothing was changed"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def quantization_info(path: str | os.PathLike) -> dict | None:
+    """config.json's "quantization" entry for a checkpoint folder (or a file in one); None if
+    the checkpoint is not quantized."""
+    path = Path(path)
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        info = json.loads(config_file.read_text(encoding="utf-8")).get("quantization")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None  # the float loader reports a broken config.json
+    if info is None:
+        return None
+    if not isinstance(info, dict) or info.get("method") != FORMAT:
+        raise GPT2Error(
+            f"{config_file}: unknown quantization {info!r}; this version reads {FORMAT!r} only"
+        )
+    return info
+
+
+def load_quantized_state(path: str | os.PathLike):
+    """An int8 checkpoint folder -> (config, state dict in our names/orientation, info).
+
+    The int8 tensors come back exactly as saved: nothing is quantized again.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gpt2.config import GPT2Config
+    from gpt2.weights.names import is_transposed
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    info = quantization_info(folder)
+    if info is None:
+        raise GPT2Error(f"{folder}: config.json has no \"quantization\"; not an int8 checkpoint")
+    config = GPT2Config.from_hf_config(folder / "config.json")
+    weights = folder / "model.safetensors"
+    try:
+        raw = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GPT2Error(f"{weights}: cannot read ({e}); is the checkpoint complete?") from None
+    state = {}
+    for hf_name, t in raw.items():
+        name = hf_name.removeprefix("transformer.")
+        state[name] = t.t().contiguous() if is_transposed(name) else t
+    _check_quantized_state(state, config, info, str(weights))
+    return config, state, info
+
+
+def _check_quantized_state(state: dict, config, info: dict, source: str) -> None:
+    """Every tensor of a GPT-2 present with the right shape and dtype, or GPT2Error."""
+    from gpt2.weights.names import expected_shapes
+
+    expected = dict(expected_shapes(config))
+    quantized = [n for n, _, _ in _names_of_linears(config)]
+    if info.get("lm_head"):
+        quantized.append("wte")
+    for base in quantized:
+        expected[f"{base}.weight_scale"] = expected[f"{base}.weight"][:1]
+    for name, shape in expected.items():
+        t = state.get(name)
+        if t is None:
+            raise GPT2Error(f"{source}: missing tensor {name!r}; the int8 checkpoint is incomplete")
+        if tuple(t.shape) != shape:
+            raise GPT2Error(
+                f"{source}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
+            )
+    for base in quantized:
+        if state[f"{base}.weight"].dtype != torch.int8:
+            raise GPT2Error(f"{source}: tensor {base + '.weight'!r} should be int8")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise GPT2Error(f"{source}: unexpected tensor {extra[0]!r} in an int8 checkpoint")
+
+
+def _names_of_linears(config):
+    for i in range(config.n_layer):
+        for path in _LINEARS:
+            yield f"h.{i}.{path}", i, path
+
+
+def model_from_quantized_state(config, state: dict, info: dict) -> nn.Module:
+    """Build a GPT2 around already quantized tensors (see `load_quantized_state`)."""
+    from gpt2.model import GPT2
+
+    state = dict(state)
+    with torch.device("meta"):
+        model = GPT2(config)
+    act_dtype = state["ln_f.weight"].dtype
+    for owner, attr, name in _block_linears(model):
+        layer = Int8Linear.from_quantized(
+            state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale"),
+            state.pop(f"{name}.bias"), bias_dtype=act_dtype,
+        )
+        setattr(owner, attr, layer)
+    head = bool(info.get("lm_head"))
+    if head:
+        q, scale = state.pop("wte.weight"), state.pop("wte.weight_scale")
+        state["wte.weight"] = dequantize_int8(q, scale).to(act_dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if head:
+        if not _has_lm_head_slot(model):
+            raise GPT2Error("this checkpoint's LM head is int8, but GPT2 has no lm_head slot")
+        model.lm_head = Int8Linear.from_quantized(q, scale)
+    model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
+    return model.eval()
+
+
+def load_quantized(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """An int8 checkpoint folder -> a ready GPT2 (what `GPT2.from_pretrained` calls for one)."""
+    from gpt2.weights import Checkpoint
+
+    config, state, info = load_quantized_state(path)
+    model = model_from_quantized_state(config, state, info)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    model.source = Checkpoint(config, {}, "huggingface-int8", folder)  # for `gpt2 validate`
+    return model.to(device)
