@@ -172,3 +172,31 @@ def test_failure_mid_write_leaves_no_destination(error, tf_fixture, tmp_path, mo
     run_cli("convert", tf_fixture("vocab"), old, "--force")
     assert [p.name for p in out.iterdir()] == ["old"]
     assert (old / "config.json").read_text() == "{}"
+
+
+def test_quantize_int8_writes_int8_weights_that_load_without_requantizing(
+    hf_checkpoint, tmp_path, run_cli, monkeypatch
+):
+    import gpt2.quantize
+
+    ckpt = hf_checkpoint(n_embd=64, n_head=4, n_vocab=128)  # widths the int8 kernel takes
+    dst = tmp_path / "int8"
+    result = run_cli("convert", ckpt.folder, dst, "--quantize", "int8")
+    assert result.code == 0, result.err
+    with safe_open(dst / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes["transformer.h.0.attn.c_attn.weight"] == "I8"
+    assert json.loads((dst / "config.json").read_text())["quantization"]["method"]
+
+    def no_requantizing(*args, **kwargs):
+        raise AssertionError("an int8 checkpoint must load without quantizing again")
+
+    monkeypatch.setattr(gpt2.quantize, "quantize_weight_int8", no_requantizing)
+    ours = GPT2.from_pretrained(dst)
+    idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(idx) - ckpt.model(idx).logits).abs().max().item()
+        spread = ckpt.model(idx).logits.std().item()
+    assert diff < 0.1 * spread  # int8 rounding of every projection, not a wrong weight
+    assert run_cli("convert", ckpt.folder, tmp_path / "x", "--quantize", "int8",
+                   "--dtype", "bf16").code == 1
