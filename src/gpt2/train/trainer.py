@@ -1,0 +1,505 @@
+"""The training loop: from scratch or from pretrained weights, on one process or many.
+
+One optimizer step:
+
+    for each of grad_accum micro-batches (m):           gradient accumulation
+        x, y = window of the train tokens                 seeded by (seed, step, m * world + rank)
+        loss = cross_entropy(model(x), y) / grad_accum    autocast in bf16/fp16 when asked
+        loss.backward()                                   DDP averages grads on the last m only
+    clip the gradient norm, AdamW step at lr(step)        cosine schedule with linear warmup
+
+Determinism: the batch of every micro-step and the dropout masks of every step
+come from seeds derived from (seed, step, rank), not from a generator that runs
+through the whole run, so a resumed run draws exactly what an uninterrupted one
+would and, on CPU, reproduces its losses.
+
+    >>> cfg = TrainConfig(data="data/book", out="runs/book", max_steps=200)
+    >>> summary = train(cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2.errors import GPT2Error
+from gpt2.train import distributed
+from gpt2.train.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    save_best,
+    save_checkpoint,
+)
+from gpt2.train.data import TokenData, batch_seed, open_tokens, sample_batch
+
+VOCAB_DIR = ".vocab"  # the run's vocabulary files, linked into every checkpoint
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Settings that a resumed run may change; every other one is read from the checkpoint,
+# because changing it would make the resumed run a different run.
+RESUMABLE_CHANGES = ("out", "max_steps", "stop_at", "eval_interval", "eval_steps",
+                     "save_interval", "sample_interval", "sample_tokens", "device",
+                     "compile", "progress", "resume")
+
+
+@dataclass
+class TrainConfig:
+    """The settings of a run (the `gpt2 train` flags, one to one)."""
+
+    data: str
+    out: str
+    init: str = "scratch"  # "scratch", a size name (124M, gpt2-medium, ...) or a checkpoint path
+    n_layer: int = 6  # from scratch only: the network's shape
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256  # tokens per training window (n_ctx of a model built from scratch)
+    batch_size: int = 8  # windows per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr: float | None = None  # the cosine schedule's floor; default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 turns clipping off
+    dropout: float = 0.0
+    dtype: str = "fp32"  # autocast precision: fp32, bf16 or fp16 (fp16 uses a GradScaler)
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    eval_interval: int = 100  # steps between validation runs (0: only at the end)
+    eval_steps: int = 20  # micro-batches per validation run
+    save_interval: int = 500  # steps between checkpoints (0: only at the end)
+    sample_interval: int = 0  # steps between generated samples (0: never)
+    sample_tokens: int = 64
+    stop_at: int | None = None  # stop (with a checkpoint) after this step; --resume goes on
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainSummary:
+    step: int
+    last_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    out: Path
+
+
+# --- pure pieces -----------------------------------------------------------------------------
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr.
+
+    >>> lr_at(0, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    0.1
+    >>> lr_at(100, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)
+    0.1
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on the Linear weight matrices only.
+
+    Biases and LayerNorm gains are not decayed (shrinking them towards zero is
+    not a regulariser, it just fights the normalisation), and neither are the
+    embeddings wte/wpe, following GPT-2-era practice (OpenAI's GPT and BERT
+    exempt them too): wte is also the output layer, and rows of rare tokens get
+    few gradient updates, so decay would erase them between visits.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and name not in ("wte.weight", "wpe.weight")
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    # fused AdamW: one kernel for every parameter on CUDA
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
+                             eps=1e-8, fused=fused)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T)."""
+    V = logits.size(-1)
+    return F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the dropout masks of one step on one process."""
+    return batch_seed(seed, step, 1_000_000 + rank)
+
+
+def eval_seed(seed: int, index: int) -> int:
+    """The seed of validation micro-batch `index`: the same at every evaluation, so
+    successive val losses are measured on the same windows."""
+    return batch_seed(seed, 0, 2_000_000 + index)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> TrainSummary:
+    """Train (or fine-tune, or resume) as `cfg` says; checkpoints and logs go to cfg.out."""
+    from gpt2.commands._common import resolve_device
+
+    if cfg.device == "auto":
+        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    info = distributed.setup(resolve_device(cfg.device))
+    try:
+        return _Run(cfg, info).run()
+    finally:
+        distributed.teardown(info)
+
+
+class _Run:
+    """One training run: set up, loop, log, save. State lives here, not in globals."""
+
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo) -> None:
+        self.info = info
+        self.device = info.device
+        self.out = Path(cfg.out)
+        resume_from = self._check_out(cfg)
+        self.state = load_training_state(resume_from) if resume_from else None
+        if self.state is not None:
+            cfg = _merge_resumed(cfg, self.state.info.get("args", {}))
+        self.cfg = _checked(cfg)
+        self.data = open_tokens(cfg.data)
+        self.tokenizer = self._tokenizer()
+        self.model = build_model(cfg, self.data, init=str(resume_from or cfg.init),
+                                 device=self.device)
+        self.amp_dtype = AMP_DTYPES[cfg.dtype]
+        if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported():
+            raise GPT2Error("--dtype bf16: this GPU has no bfloat16; use --dtype fp16")
+        self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        device=self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
+        self.step = 0
+        self.best_val = math.inf
+        self.records: list[dict] = []
+        if self.state is not None:
+            self._restore(self.state)
+        self.net = self.model  # what the training forward pass runs
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.net = distributed.wrap(self.net, info)
+        from gpt2.train.progress import StatusLine
+
+        self.bar = StatusLine("train", enabled=cfg.progress and info.is_main)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _check_out(self, cfg: TrainConfig) -> Path | None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise GPT2Error(f"--out {out}: exists and is not a folder")
+        found = latest_checkpoint(out) if out.is_dir() else None
+        if cfg.resume and found is None:
+            raise GPT2Error(f"--resume: no checkpoint in {out} (looked for {out}/latest); "
+                            "start without --resume")
+        if not cfg.resume and found is not None:
+            raise GPT2Error(f"{out} already holds a training run (at {found.name}); "
+                            "continue it with --resume or choose another --out")
+        if self.info.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / ".write-test", "w"):
+                    pass
+                os.unlink(out / ".write-test")
+            except OSError as e:
+                raise GPT2Error(f"--out {out}: cannot write here ({e.strerror}); "
+                                "choose another folder") from None
+        return found
+
+    def _tokenizer(self):
+        tok = self.data.tokenizer()
+        if tok is not None and self.info.is_main:
+            # written once: every checkpoint links these files instead of re-serialising them
+            tok.save_pretrained(self.out / VOCAB_DIR)
+        return tok
+
+    def _restore(self, state) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.step = state.step
+        best = state.info.get("best_val_loss")
+        self.best_val = math.inf if best is None else best
+        if state.info.get("scaler"):
+            self.scaler.load_state_dict(state.info["scaler"])
+        torch.set_rng_state(state.rng["torch_cpu"])
+        if "torch_cuda" in state.rng and self.device.type == "cuda":
+            cuda = state.rng["torch_cuda"]
+            if cuda.size(0) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(list(cuda))
+        if self.info.is_main:
+            self.records = _read_log(self.out / "log.jsonl", upto=self.step)
+            _write_log(self.out / "log.jsonl", self.records)  # drop steps after the checkpoint
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> TrainSummary:
+        cfg = self.cfg
+        last = cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
+        self._say(f"training {self.model.num_parameters():,} parameters on {self.device}"
+                  f"{f' x {self.info.world_size} processes' if self.info.enabled else ''}, "
+                  f"steps {self.step}..{last}, {self._tokens_per_step():,} tokens per step")
+        loss = val = None
+        saved_at = self.step if self.state is not None else None
+        while self.step < last:
+            loss = self._train_step()
+            s = self.step
+            if cfg.eval_interval and s % cfg.eval_interval == 0 or s == last:
+                val = self._evaluate()
+            if cfg.sample_interval and s % cfg.sample_interval == 0:
+                self._sample()
+            if cfg.save_interval and s % cfg.save_interval == 0 or s == last:
+                self._save()
+                saved_at = s
+        if saved_at != self.step:
+            self._save()
+        self.bar.close()
+        best = None if math.isinf(self.best_val) else self.best_val
+        return TrainSummary(self.step, loss, val, best, self.out)
+
+    def _tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.batch_size * c.block_size * c.grad_accum * self.info.world_size
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self) -> float:
+        cfg, info, step = self.cfg, self.info, self.step
+        started = time.perf_counter()
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                   max_steps=cfg.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(cfg.seed, step, info.rank))  # this step's dropout masks
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum):
+            x, y = self._batch(self.data.train, batch_seed(cfg.seed, step,
+                                                           m * info.world_size + info.rank))
+            with distributed.no_sync(self.net, last_micro_step=m == cfg.grad_accum - 1):
+                with self._autocast():
+                    loss = lm_loss(self.net(x), y) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = distributed.mean_over_ranks(total, info).item()  # waits for the GPU too
+        if not math.isfinite(loss_value):
+            raise GPT2Error(f"the loss became {loss_value} at step {step + 1}; lower --lr, "
+                            "raise --warmup-steps or use --dtype bf16/fp32")
+        self.step = step + 1
+        tokens_per_s = self._tokens_per_step() / (time.perf_counter() - started)
+        self._log({"step": self.step, "loss": loss_value, "lr": lr,
+                   "tokens_per_s": round(tokens_per_s, 1)})
+        self.bar.show(f"step {self.step}/{cfg.max_steps} loss {loss_value:.4f} "
+                      f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+        return loss_value
+
+    def _batch(self, tokens, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = sample_batch(tokens, block_size=self.cfg.block_size,
+                            batch_size=self.cfg.batch_size, seed=seed,
+                            n_vocab=self.model.config.n_vocab)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), \
+                y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    @torch.no_grad()
+    def _evaluate(self) -> float | None:
+        """Mean validation loss over eval_steps micro-batches, the same ones every time."""
+        cfg, info = self.cfg, self.info
+        if len(self.data.val) < cfg.block_size + 1:
+            if not getattr(self, "_val_noted", False):
+                self._say(f"note: val split has {len(self.data.val)} tokens, too few for "
+                          f"block size {cfg.block_size}; no validation (raise --val-fraction)")
+                self._val_noted = True
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        # rank r takes batches r, r + world, ...: the same eval_steps batches at any world size
+        for i in range(info.rank, cfg.eval_steps, info.world_size):
+            x, y = self._batch(self.data.val, eval_seed(cfg.seed, i))
+            with self._autocast():
+                total += lm_loss(self.model(x), y)
+        self.model.train()
+        total = distributed.mean_over_ranks(total, info) * info.world_size  # the sum
+        val = (total / cfg.eval_steps).item()
+        self._log({"step": self.step, "val_loss": val})
+        self._say(f"step {self.step}: val loss {val:.4f}")
+        if self.info.is_main:
+            from gpt2.train.plot import plot_losses
+
+            plot_losses(self.records, self.out / "loss.png", note=self._say)
+            if val < self.best_val:
+                self.best_val = val
+                save_best(self.out, model_state=self.model.state_dict(),
+                          config=self.model.config, vocab_dir=self._vocab_dir(),
+                          step=self.step, val_loss=val)
+        self.best_val = min(self.best_val, val)
+        return val
+
+    def _sample(self) -> None:
+        if not self.info.is_main or self.tokenizer is None:
+            return
+        try:
+            from gpt2.generate import generate
+        except ImportError:
+            self._say("note: gpt2.generate is not available; no samples")
+            self.cfg = dataclasses.replace(self.cfg, sample_interval=0)
+            return
+        self.model.eval()
+        prompt = torch.tensor([[self.tokenizer.eot_token]], device=self.device)
+        n = min(self.cfg.sample_tokens, self.model.config.n_ctx - 1)
+        with self._autocast():
+            ids = generate(self.model, prompt, max_new_tokens=n, temperature=0.8, top_k=200,
+                           seed=self.cfg.seed)
+        self.model.train()
+        text = self.tokenizer.decode(ids[0, 1:].tolist())
+        self._say(f"--- sample at step {self.step} ---\n{text}\n---")
+        with open(self.out / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"=== step {self.step} ===\n{text}\n")
+
+    def _save(self) -> None:
+        if not self.info.is_main:
+            return
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        info = {
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "data_position": {"seed": self.cfg.seed, "next_step": self.step,
+                              "rule": "micro-batch m of step s on rank r is seeded by "
+                                      "(seed, s, m * world_size + r)"},
+            "world_size": self.info.world_size,
+            "tokens_seen": self.step * self._tokens_per_step(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "args": dataclasses.asdict(self.cfg),
+        }
+        save_checkpoint(self.out, step=self.step, model_state=self.model.state_dict(),
+                        config=self.model.config, vocab_dir=self._vocab_dir(),
+                        optimizer_state=self.optimizer.state_dict(), info=info, rng=rng)
+
+    def _vocab_dir(self) -> Path | None:
+        return self.out / VOCAB_DIR if self.tokenizer is not None else None
+
+    def _log(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        self.records.append(record)
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _say(self, text: str) -> None:
+        if self.info.is_main and self.cfg.progress:
+            self.bar.note(text)
+
+
+# --- building the model ----------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.device):
+    """A new model (init="scratch") or pretrained weights, with cfg's dropout, on device."""
+    from gpt2.config import GPT2Config
+    from gpt2.model import GPT2
+
+    n_vocab = int(data.meta.get("n_vocab", 0))
+    if init == "scratch":
+        torch.manual_seed(cfg.seed)  # every process starts from the same weights
+        config = GPT2Config(n_vocab=n_vocab, n_ctx=cfg.block_size, n_embd=cfg.n_embd,
+                            n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout)
+        model = GPT2(config)
+    else:
+        loaded = GPT2.from_pretrained(init)
+        config = loaded.config.replace(dropout=cfg.dropout)
+        with torch.device("meta"):
+            model = GPT2(config)
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.source = loaded.source
+        model = model.float()  # train in fp32 weights; --dtype is the autocast precision
+        if cfg.block_size > config.n_ctx:
+            raise GPT2Error(f"--block-size {cfg.block_size} is longer than the context of "
+                            f"{init} ({config.n_ctx} positions); use --block-size "
+                            f"{config.n_ctx} or less")
+        if n_vocab > config.n_vocab:
+            raise GPT2Error(f"{data.folder} was tokenized with {n_vocab} token ids but {init} "
+                            f"has {config.n_vocab}; token ids would be out of range: prepare "
+                            "the data with the model's vocabulary (--vocab)")
+    return model.to(device).train()
+
+
+def _checked(cfg: TrainConfig) -> TrainConfig:
+    positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise GPT2Error(f"--{name.replace('_', '-')} must be at least 1, "
+                            f"got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_interval", "save_interval", "sample_interval",
+                 "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise GPT2Error(f"--{name.replace('_', '-')} must not be negative")
+    if not cfg.lr > 0:
+        raise GPT2Error(f"--lr must be positive, got {cfg.lr}")
+    if cfg.dtype not in AMP_DTYPES:
+        raise GPT2Error(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
+    if cfg.min_lr is None:
+        cfg = dataclasses.replace(cfg, min_lr=cfg.lr / 10)
+    return cfg
+
+
+def _merge_resumed(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The saved run's settings, with the few a resumed run may change taken from cfg."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in known}
+    merged.update({k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+    return TrainConfig(**merged)
+
+
+def _read_log(path: Path, *, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(r, dict) and r.get("step", math.inf) <= upto:
+            records.append(r)
+    return records
+
+
+def _write_log(path: Path, records: list[dict]) -> None:
+    from gpt2._io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

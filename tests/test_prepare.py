@@ -1,0 +1,177 @@
+"""`gpt2 prepare`: streamed tokenization into train.bin / val.bin / meta.json.
+
+The oracle for the ids is tiktoken's GPT-2 encoding of each whole file: the
+chunked, streamed tokenization must give exactly those ids, split by the
+documented rule (the last ceil(f * n) tokens of each document go to val).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt2.errors import GPT2Error
+from gpt2.train.data import open_tokens, prepare
+
+EOT = 50256
+
+
+def _topics_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+@pytest.fixture(scope="module")
+def two_docs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    text = _topics_text()
+    a = folder / "a.txt"
+    # odd corners for the chunker: runs of blank lines, spaces before newlines, unicode
+    a.write_text(text[:60_000] + "\n\n\n  \n\u00e9t\u00e9 \u2014 caf\u00e9\n\xa0\nend",
+                 encoding="utf-8")
+    b = folder / "b.txt"
+    b.write_text(text[60_000:90_000], encoding="utf-8")
+    return a, b
+
+
+def _expected_split(ids: list[int], fraction: float) -> tuple[list[int], list[int]]:
+    n_val = min(max(1, math.ceil(len(ids) * fraction)), len(ids) - 1)
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+@pytest.mark.parametrize("append_eot", [False, True])
+def test_streamed_ids_and_split_match_tiktoken(two_docs, tmp_path, tiktoken_gpt2, append_eot):
+    a, b = two_docs
+    # tiny chunks force hundreds of cuts, so a wrong cut would change the ids
+    meta = prepare([a, b], out=tmp_path, val_fraction=0.05, append_eot=append_eot,
+                   progress=False, chunk_bytes=700)
+    ta, va = _expected_split(tiktoken_gpt2.encode_ordinary(a.read_text("utf-8")), 0.05)
+    tb, vb = _expected_split(tiktoken_gpt2.encode_ordinary(b.read_text("utf-8")), 0.05)
+    if append_eot:
+        train, val = ta + [EOT] + tb + [EOT], va + [EOT] + vb + [EOT]
+    else:
+        train, val = ta + [EOT] + tb, va + [EOT] + vb
+    data = open_tokens(tmp_path)
+    assert data.train.dtype == np.uint16 and isinstance(data.train, np.memmap)
+    assert data.train.tolist() == train
+    assert data.val.tolist() == val
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    on_disk = json.loads((tmp_path / "meta.json").read_text())
+    assert on_disk["dtype"] == "uint16" and on_disk["val_fraction"] == 0.05
+    assert [s["bytes"] for s in on_disk["sources"]] == [a.stat().st_size, b.stat().st_size]
+    assert on_disk["vocab_sha256"] == on_disk["vocab_sha256"].lower()
+    assert len(on_disk["vocab_sha256"]) == 64
+
+
+def test_vocab_hash_names_the_vocabulary(tmp_path, two_docs, gpt2_vocab_dir):
+    # the same vocabulary given as a folder must hash the same as the built-in one
+    a, _ = two_docs
+    m1 = prepare([a], out=tmp_path / "std", progress=False)
+    m2 = prepare([a], out=tmp_path / "dir", vocab=gpt2_vocab_dir, progress=False)
+    assert m1["vocab_sha256"] == m2["vocab_sha256"]
+    assert (tmp_path / "dir" / "vocab" / "encoder.json").is_file()
+    assert open_tokens(tmp_path / "dir").tokenizer().encode("hello world") == [31373, 995]
+
+
+def test_rerun_replaces_files_atomically(tmp_path, two_docs):
+    a, b = two_docs
+    prepare([a, b], out=tmp_path, progress=False)
+    prepare([b], out=tmp_path, progress=False)
+    data = open_tokens(tmp_path)
+    assert len(data.meta["sources"]) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_prints_counts(run_cli, tmp_path, two_docs):
+    a, _ = two_docs
+    r = run_cli("prepare", a, "--out", tmp_path / "d", "--val-fraction", "0.1")
+    assert r.code == 0, r.err
+    assert "train tokens" in r.out and "MB/s" in r.err
+
+
+def test_non_utf8_names_file_and_byte(tmp_path, run_cli):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"hello\nworld\n" * 10 + b"caf\xe9\n")
+    r = run_cli("prepare", bad, "--out", tmp_path / "out")
+    assert r.code == 1
+    assert f"{bad}: not valid UTF-8 at byte 123" in r.err
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "folder", "unwritable"])
+def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, case):
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    out = tmp_path / "out"
+    if case == "missing":
+        args, expect = [tmp_path / "nope.txt"], "file not found"
+    elif case == "empty":
+        (tmp_path / "e.txt").write_text("")
+        args, expect = [tmp_path / "e.txt"], "no text to train on"
+    elif case == "folder":
+        args, expect = [tmp_path], "is a folder"
+    else:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "sub"  # a folder inside a file: cannot exist, even for root
+        args, expect = [text], "cannot write the token files here"
+    r = run_cli("prepare", *args, "--out", out)
+    assert r.code == 1 and expect in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
+def test_reader_rejects_incomplete_folders(tmp_path, two_docs):
+    with pytest.raises(GPT2Error, match="no such data folder"):
+        open_tokens(tmp_path / "none")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(GPT2Error, match="no meta.json"):
+        open_tokens(tmp_path / "empty")
+    prepare([two_docs[1]], out=tmp_path / "d", progress=False)
+    with open(tmp_path / "d" / "train.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(GPT2Error, match="incomplete"):
+        open_tokens(tmp_path / "d")
+
+
+def test_larger_than_chunk_file_streams_with_flat_memory(tmp_path):
+    # ~3 MB read in 128 KB chunks: peak memory must not grow with the file's size
+    script = f"""
+import resource, sys
+from pathlib import Path
+line = "The quick brown fox jumps over the lazy dog." * 20 + "\\n"
+p = Path({str(tmp_path)!r}) / "big.txt"
+with open(p, "w") as f:
+    for _ in range(3_000_000 // len(line)):
+        f.write(line)
+from gpt2.train.data import prepare
+small = p.parent / "small.txt"
+small.write_text(line * 50)
+prepare([small], out=p.parent / "warm", progress=False)  # imports, vocabulary, word cache
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+meta = prepare([p], out=p.parent / "out", progress=False, chunk_bytes=1 << 17)
+grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(meta["train_tokens"] + meta["val_tokens"], grew_mb)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.split()
+    n_tokens, grew_mb = int(out[0]), float(out[1])
+    lines = 3_000_000 // 881
+    assert n_tokens == lines * _tokens_per_line()  # one document: no separators
+    assert grew_mb < 20, f"memory grew {grew_mb:.0f} MB while streaming a 3 MB file"
+
+
+def _tokens_per_line() -> int:
+    return 201
+
+
+def test_tokens_per_line_of_the_big_file(tiktoken_gpt2):
+    line = "The quick brown fox jumps over the lazy dog." * 20 + "\n"
+    assert len(line) == 881
+    assert len(tiktoken_gpt2.encode_ordinary(line * 3)) == 3 * _tokens_per_line()

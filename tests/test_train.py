@@ -1,0 +1,339 @@
+"""Training: the loop learns, resumes exactly, survives kill -9, fine-tunes any layout.
+
+Oracles: closed-form schedules, transformers' GPT2LMHeadModel reading the
+checkpoints we write (and its loss on the same windows), and uninterrupted runs
+compared with interrupted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2.errors import GPT2Error
+from gpt2.model import GPT2
+from gpt2.train.checkpoint import latest_checkpoint, load_training_state
+from gpt2.train.data import prepare
+from gpt2.train.trainer import TrainConfig, lr_at, param_groups, train
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: a second intra-op thread only adds synchronisation, and on a
+    # busy machine a descheduled thread stalls every op
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_tokens(folder: Path, train_ids, val_ids, *, n_vocab: int) -> Path:
+    """Token files in the documented format, written by hand (no tokenizer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.asarray(train_ids, dtype=np.uint16).tofile(folder / "train.bin")
+    np.asarray(val_ids, dtype=np.uint16).tofile(folder / "val.bin")
+    meta = {"dtype": "uint16", "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+            "n_vocab": n_vocab}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def synthetic(folder: Path, *, n: int = 4000, n_vocab: int = 64, seed: int = 0) -> Path:
+    # a noisy periodic sequence: learnable, not trivial
+    rng = np.random.default_rng(seed)
+    base = np.tile(rng.integers(0, n_vocab, 37), n // 37 + 1)[:n]
+    noise = rng.random(n) < 0.1
+    ids = np.where(noise, rng.integers(0, n_vocab, n), base)
+    return write_tokens(folder, ids[: n * 9 // 10], ids[n * 9 // 10:], n_vocab=n_vocab)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def topics_data(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    folder = tmp_path_factory.mktemp("topics")
+    text = folder / "topics.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
+    prepare([text], out=folder / "data", val_fraction=0.05, progress=False)
+    return folder / "data"
+
+
+# --- pure pieces ----------------------------------------------------------------------
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert [lr_at(s, **kw) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way: mean of lr and min_lr
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)
+
+
+def test_weight_decay_on_matrices_only():
+    from gpt2.config import GPT2Config
+
+    model = GPT2(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_vocab=32, n_ctx=8))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert decayed == sorted(f"h.{i}.{m}.weight" for i in range(2)
+                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# --- learning -------------------------------------------------------------------------
+
+
+def test_overfits_one_batch(tmp_path):
+    # block_size + 1 tokens: every sampled window is this one window
+    ids = np.random.default_rng(1).integers(0, 64, 17)
+    data = write_tokens(tmp_path / "d", ids, ids, n_vocab=64)
+    s = train(TrainConfig(data=str(data), out=str(tmp_path / "o"), **TINY, max_steps=150,
+                          lr=1e-2, warmup_steps=10, weight_decay=0.0, eval_interval=0,
+                          device="cpu"))
+    first = losses(tmp_path / "o")[1]
+    assert first > 3.5  # about ln(64) = 4.16 at the start
+    assert s.last_loss < 0.05 and s.val_loss < 0.05
+
+
+def test_short_run_on_real_text_lowers_val_loss(tmp_path, topics_data):
+    out = tmp_path / "run"
+    s = train(TrainConfig(data=str(topics_data), out=str(out), n_layer=2, n_head=2, n_embd=32,
+                          block_size=32, batch_size=8, max_steps=80, lr=1e-2, warmup_steps=5,
+                          eval_interval=40, eval_steps=4, device="cpu", progress=False))
+    vals = [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+    assert len(vals) == 2
+    assert s.val_loss < math.log(50257) - 3.5, vals  # from 10.8 to below 7.3
+    assert (out / "loss.png").is_file()
+    # OUT is a Hugging Face folder: transformers reads it and agrees with our model
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
+    ours = GPT2.from_pretrained(out)
+    x = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["val_loss"] == pytest.approx(min(vals))
+    GPT2.from_pretrained(out / "best")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, dropout):
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=8, lr=3e-3, warmup_steps=2, grad_accum=2,
+              dropout=dropout, eval_interval=4, eval_steps=2, device="cpu")
+    whole = tmp_path / "whole"
+    train(TrainConfig(out=str(whole), **kw))
+    parts = tmp_path / "parts"
+    train(TrainConfig(out=str(parts), stop_at=4, **kw))
+    assert sorted(losses(parts)) == [1, 2, 3, 4]
+    train(TrainConfig(out=str(parts), resume=True, **kw))
+    a, b = losses(whole), losses(parts)
+    assert sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6, rel=0), step
+    assert a[8] < a[1]
+    state = load_training_state(latest_checkpoint(parts))
+    assert state.step == 8 and state.info["tokens_seen"] == 8 * 2 * 4 * 16
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    data = synthetic(tmp_path / "d")
+    out = tmp_path / "o"
+    kw = dict(data=str(data), out=str(out), **TINY, max_steps=6, save_interval=2,
+              eval_interval=0, device="cpu")
+    train(TrainConfig(stop_at=2, **kw))
+    before = {p.name: p.read_bytes() for p in (out / "ckpt-0000002").iterdir()}
+    root_weights = (out / "model.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def dies_on_optimizer(tensors, path, *a, **k):
+        if path.endswith("optimizer.safetensors"):
+            real(tensors, path + ".part")  # half-way through the checkpoint
+            raise KeyboardInterrupt
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_on_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(resume=True, **kw))
+    assert latest_checkpoint(out).name == "ckpt-0000002"
+    after = {p.name: p.read_bytes() for p in (out / "ckpt-0000002").iterdir()}
+    assert after == before
+    assert (out / "model.safetensors").read_bytes() == root_weights
+    GPT2.from_pretrained(out)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    s = train(TrainConfig(resume=True, **kw))  # and the run goes on from step 2
+    assert s.step == 6 and latest_checkpoint(out).name == "ckpt-0000006"
+
+
+_SAVE_LOOP = """
+import sys, torch
+from pathlib import Path
+from gpt2.config import GPT2Config
+from gpt2.model import GPT2
+from gpt2.train.checkpoint import save_checkpoint
+out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
+model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=2, n_vocab=2000, n_ctx=64))
+opt = torch.optim.AdamW(model.parameters())
+model(torch.zeros(1, 4, dtype=torch.long)).sum().backward(); opt.step()
+print("ready", flush=True)
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        model.wte.weight.fill_(float(step))
+    save_checkpoint(out, step=step, model_state=model.state_dict(), config=model.config,
+                    vocab_dir=None, optimizer_state=opt.state_dict(),
+                    info={"args": {}}, rng={"torch_cpu": torch.get_rng_state()})
+"""
+
+
+def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "o"
+    rng = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(out)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + rng.random() * 1.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            assert attempt == 0  # killed before its first checkpoint was complete
+            continue
+        state = load_training_state(ckpt)
+        model = GPT2.from_pretrained(ckpt)
+        assert float(model.wte.weight[0, 0].detach()) == state.step  # weights belong to that step
+        root = GPT2.from_pretrained(out)  # the top-level copy is whole, maybe one step behind
+        assert float(root.wte.weight[0, 0].detach()) in (state.step, state.step - 1)
+
+
+# --- fine-tuning ----------------------------------------------------------------------
+
+
+def test_finetune_hf_checkpoint_then_generate(tmp_path, hf_checkpoint, topics_data, run_cli):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=32, n_head=2, n_vocab=50257, n_ctx=64)
+    out = tmp_path / "ft"
+    s = train(TrainConfig(data=str(topics_data), out=str(out), init=str(ckpt.folder),
+                          block_size=32, batch_size=8, max_steps=30, lr=3e-3, warmup_steps=3,
+                          eval_interval=0, eval_steps=4, device="cpu", progress=False))
+    log = losses(out)
+    assert np.mean([log[s] for s in (28, 29, 30)]) < np.mean([log[s] for s in (1, 2, 3)]) - 1
+    model = GPT2.from_pretrained(out)
+    assert model.config.n_ctx == 64 and model.config.n_layer == 2  # the pretrained shape
+    # the fine-tuned weights moved away from the pretrained ones
+    assert not torch.equal(model.wte.weight, ckpt.model.transformer.wte.weight)
+    r = run_cli("generate", "--model", out, "--max-new-tokens", "5", "--seed", "0", "Hello")
+    assert r.code == 0, r.err
+    assert r.out.startswith("Hello")
+    assert s.val_loss is not None
+
+
+def test_finetune_openai_layout(tmp_path, tf_fixture, topics_data, run_cli):
+    out = tmp_path / "ft"
+    train(TrainConfig(data=str(topics_data), out=str(out), init=str(tf_fixture("vocab")),
+                      block_size=32, batch_size=8, max_steps=25, lr=1e-2, warmup_steps=3,
+                      eval_interval=0, eval_steps=2, device="cpu", progress=False))
+    log = losses(out)
+    assert np.mean([log[s] for s in (23, 24, 25)]) < np.mean([log[s] for s in (1, 2, 3)]) - 0.5
+    r = run_cli("generate", "--model", out, "--max-new-tokens", "4", "--seed", "0", "Hi")
+    assert r.code == 0, r.err
+
+
+def test_eval_command_matches_transformers(tmp_path, hf_checkpoint, topics_data, run_cli):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=32, n_head=2, n_vocab=50257, n_ctx=64)
+    r = run_cli("eval", "--model", ckpt.folder, "--data", topics_data, "--json")
+    assert r.code == 0, r.err
+    got = json.loads(r.out)
+    val = np.fromfile(topics_data / "val.bin", dtype=np.uint16).astype(np.int64)
+    # oracle: windows of 64 inputs predicting the next 64 tokens, HF computing the loss
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(val) - 1, 64):
+            x = torch.from_numpy(val[b: b + 64])
+            y = torch.from_numpy(val[b + 1: b + 65])
+            logits = ckpt.model(x[None, : len(y)]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            n += len(y)
+    assert got["tokens"] == n == len(val) - 1
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def _args(data, out, *extra):
+    return ["train", "--data", data, "--out", out, "--n-layer", "1", "--n-head", "2",
+            "--n-embd", "16", "--block-size", "8", "--batch-size", "2", "--max-steps", "2",
+            "--eval-interval", "0", "--device", "cpu", "-q", *extra]
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, tf_fixture):
+    data = synthetic(tmp_path / "d", n_vocab=50257)
+    (tmp_path / "empty").mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = {
+        "missing data": (_args(tmp_path / "nope", tmp_path / "o1"), "no such data folder"),
+        "empty data": (_args(tmp_path / "empty", tmp_path / "o2"), "no meta.json"),
+        "unwritable out": (_args(data, blocker / "sub"), "cannot write here"),
+        "block above context": (
+            _args(data, tmp_path / "o3", "--init", tf_fixture("vocab"), "--block-size", "256"),
+            "longer than the context"),
+        "ids out of range": (_args(data, tmp_path / "o4", "--init", tf_fixture("tiny")),
+                             "out of range"),
+        "resume nothing": (_args(data, tmp_path / "o5", "--resume"), "no checkpoint"),
+    }
+    for name, (args, expect) in cases.items():
+        r = run_cli(*args)
+        assert r.code == 1 and expect in r.err, (name, r.err)
+        assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, name
+
+
+def test_ids_beyond_the_vocabulary_found_in_a_batch(tmp_path, run_cli):
+    # meta claims a small vocabulary but the file holds a larger id
+    data = write_tokens(tmp_path / "d", [1, 2, 3, 99] * 10, [1, 2, 3] * 5, n_vocab=16)
+    r = run_cli(*_args(data, tmp_path / "o"))
+    assert r.code == 1 and "token id 99 is out of range" in r.err, r.err
+
+
+def test_existing_run_is_left_untouched(tmp_path, run_cli):
+    data = synthetic(tmp_path / "d")
+    out = tmp_path / "o"
+    assert run_cli(*_args(data, out)).code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run_cli(*_args(data, out))
+    assert r.code == 1 and "already holds a training run" in r.err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(GPT2Error):
+        train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
