@@ -354,8 +354,3 @@ def test_loading_124m_peaks_under_1_5x_the_weights(hf_124m):
     for key, value in probe.items():  # and it loaded the right numbers
         assert m[key] == pytest.approx(value, rel=1e-9), key
 
-
-@pytest.mark.skip(reason="a 124M OpenAI-layout checkpoint needs TensorFlow to write; "
-                  "measured by bench/load.py when /tmp/tfenv has TensorFlow")
-def test_loading_openai_124m_memory():
-    pass
