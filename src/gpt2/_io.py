@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,44 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a hidden temporary name beside `folder`; on success fsync its
+    files and rename it into place, replacing an existing `folder` only if `overwrite`.
+
+    On any error the temporary folder is removed and `folder` is left as it was; an
+    OSError becomes a one-line GPT2Error.
+    """
+    from gpt2.errors import GPT2Error
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise GPT2Error(f"{folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GPT2Error(f"{folder}: writing failed ({e.strerror or e}); nothing was changed") \
+            from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -374,26 +374,13 @@ def save_quantized(
 
     >>> save_quantized(quantize_model(model, "int8"), "gpt2-int8")  # doctest: +SKIP
     """
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from gpt2._io import atomic_write_text, fsync_dir
+    from gpt2._io import atomic_folder, atomic_write_text
     from gpt2.weights.names import is_transposed
 
     state = quantized_state_dict(model)
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise GPT2Error(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as e:
-        raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
         tensors = {}
         for name, t in state.items():
             t = t.detach().to("cpu")
@@ -405,19 +392,7 @@ def save_quantized(
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GPT2Error(
-            f"{folder}: writing failed ({e.strerror or e}); nothing was changed"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def quantization_info(path: str | os.PathLike) -> dict | None:

@@ -16,13 +16,11 @@ import json
 import math
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from gpt2._io import atomic_write_text, fsync_dir
+from gpt2._io import atomic_folder, atomic_write_text
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.weights.names import check_state_dict, hf_to_ours, is_transposed, ours_to_hf
@@ -258,17 +256,7 @@ def save_huggingface(
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise GPT2Error(f"{folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as e:
-        raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
         tensors = {}
         for name, t in state.items():
             t = t.detach().to("cpu", dtype or t.dtype)
@@ -277,23 +265,8 @@ def save_huggingface(
         hf_config = config.to_hf_config()
         hf_config["torch_dtype"] = str(dtype or next(iter(state.values())).dtype).split(".")[-1]
         atomic_write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": 50256, "eos_token_id": 50256}
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id")}
         atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GPT2Error(
-            f"{folder}: writing failed ({e.strerror or e}); nothing was changed"
-        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
