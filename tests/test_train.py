@@ -337,3 +337,22 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(GPT2Error):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
+
+
+def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):
+    """`gpt2 demo`, the README's quick start, shortened: loss falls, a loadable model results."""
+    import json as _json
+
+    from gpt2.model import GPT2
+
+    result = run_cli("demo", "--out", tmp_path / "demo", "--steps", "12", "--device", "cpu")
+    assert result.code == 0, result.err
+    assert "a sample:" in result.out and "Traceback" not in result.err
+    text = (tmp_path / "demo" / "pydoc_topics.txt").read_text(encoding="utf-8")
+    assert "statement" in text and "::=" not in text  # the prose, without the grammar rules
+    log = [_json.loads(line) for line in
+           (tmp_path / "demo" / "run" / "log.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert val[-1] < min(val[0], math.log(50257))  # below a uniform guess over the vocabulary
+    model = GPT2.from_pretrained(tmp_path / "demo" / "run")
+    assert model.config.n_layer == 4
