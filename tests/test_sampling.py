@@ -32,14 +32,7 @@ from gpt2.generate import (
 TOL = 1e-5  # float32 softmax inside the processors vs float64 here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine threads
-    that spin waiting for each other make these tests many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Logits with many ties (few distinct values) or with none in practice (continuous).
 tied_values = st.sampled_from([-3.0, -1.0, 0.0, 0.5, 2.0])
