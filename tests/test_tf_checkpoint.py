@@ -191,7 +191,7 @@ def test_load_openai_gives_our_names_and_orientation(fixture):
 def test_openai_state_dict_loads_into_transformers_gpt2():
     """An independent check of the names and the transpose: HF's GPT-2 (Conv1D layers,
     [in, out]) built from our state dict agrees with TensorFlow's values."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config, state = load_openai(FIXTURES / "tiny")
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_config()))
     hf_state = {ours_to_hf(k): (v.t() if is_transposed(k) else v) for k, v in state.items()}
@@ -327,7 +327,7 @@ def test_expected_shapes_count_124m_parameters():
 
 def test_names_match_transformers_gpt2():
     """HF's own GPT2LMHeadModel is the oracle for the HF names and the Conv1D orientation."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = GPT2Config(n_vocab=97, n_ctx=16, n_embd=12, n_head=3, n_layer=3)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_config()))
     ours = expected_shapes(config)
