@@ -115,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         nh, hs = self.n_head, self.head_size
         name = f"blocks.{self.layer}.attn"
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = _project(self.c_attn, x).split(C, dim=2)  # 3 x (B, T, C)
         q = tap(f"{name}.q", q.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
         k = tap(f"{name}.k", k.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
         v = tap(f"{name}.v", v.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
@@ -143,7 +143,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = tap(f"{name}.z", y)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(_project(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -158,9 +158,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, tap: Callable[[str, torch.Tensor], torch.Tensor]):
         name = f"blocks.{self.layer}.mlp"
-        h = tap(f"{name}.pre", self.c_fc(x))  # (B, T, 4C)
+        h = tap(f"{name}.pre", _project(self.c_fc, x))  # (B, T, 4C)
         h = tap(f"{name}.post", F.gelu(h, approximate="tanh"))  # (B, T, 4C)
-        return self.dropout(self.c_proj(h))  # (B, T, C)
+        return self.dropout(_project(self.c_proj, h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -261,7 +261,7 @@ class GPT2(nn.Module):
         x = tap("ln_final", self.ln_f(x))
         if self.lm_head is not None:
             return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
-        return F.linear(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head
+        return _matmul_t(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head, x @ wte.T
 
     # -- inspection ---------------------------------------------------------------------
 
@@ -423,6 +423,28 @@ class GPT2(nn.Module):
         from gpt2.generate import generate
 
         return generate(self, idx, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for an nn.Linear, via `_matmul_t`; other layers (int8, packed) as they are."""
+    if type(layer) is nn.Linear:
+        return _matmul_t(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x @ weight.T + bias, weight stored (out, in) as nn.Linear keeps it.
+
+    For a few rows on a CPU (decoding) this computes (weight @ x.T).T instead: MKL then
+    streams the weight rows as stored, measured ~1.2-1.5x faster at 8 rows (768->2304,
+    3072->768, the 50257-wide head) and no slower at 1. Same numbers up to rounding.
+    """
+    rows = x.numel() // x.size(-1)
+    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    xt = x.reshape(rows, x.size(-1)).t()  # (in, rows)
+    y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
+    return y.t().reshape(*x.shape[:-1], weight.size(0))  # (..., out)
 
 
 def _never(name: str) -> bool:
