@@ -100,7 +100,7 @@ def test_non_utf8_names_file_and_byte(tmp_path, run_cli):
     bad.write_bytes(b"hello\nworld\n" * 10 + b"caf\xe9\n")
     r = run_cli("prepare", bad, "--out", tmp_path / "out")
     assert r.code == 1
-    assert f"{bad}: not valid UTF-8 at byte 123" in r.err
+    assert f"{bad}: not UTF-8 text (bad byte at offset 123)" in r.err
     assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "meta.json").exists()
 

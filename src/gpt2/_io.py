@@ -82,6 +82,20 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
         raise
 
 
+def decode_utf8(data: bytes, where: object, *, offset: int = 0) -> str:
+    """bytes -> str, or a one-line GPT2Error naming `where` and the first bad byte
+    (`offset`: where `data` starts in the file, for text read in chunks)."""
+    from gpt2.errors import GPT2Error
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2Error(
+            f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); convert it "
+            "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
     try:

@@ -45,7 +45,7 @@ from typing import Literal
 
 import regex
 
-from gpt2._io import atomic_write_bytes
+from gpt2._io import atomic_write_bytes, decode_utf8
 from gpt2.errors import GPT2Error
 
 __all__ = [
@@ -705,10 +705,7 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2Error(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    return decode_utf8(data, path)
 
 
 def _read_encoder(path: Path) -> dict[str, int]:

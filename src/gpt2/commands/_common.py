@@ -73,18 +73,15 @@ def load_tokenizer_for(path):
 def read_text_arg(value: str, what: str = "text") -> str:
     """TEXT, or stdin when TEXT is '-'."""
     if value == "-":
-        data = sys.stdin.buffer.read()
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            from gpt2.errors import GPT2Error
+        from gpt2._io import decode_utf8
 
-            raise GPT2Error(f"stdin: {what} is not valid UTF-8 (byte {e.start})") from None
+        return decode_utf8(sys.stdin.buffer.read(), f"stdin ({what})")
     return value
 
 
 def read_text_file(path: str) -> str:
     """A UTF-8 text file ('-' for stdin), or a one-line GPT2Error."""
+    from gpt2._io import decode_utf8
     from gpt2.errors import GPT2Error
 
     if path == "-":
@@ -98,7 +95,4 @@ def read_text_file(path: str) -> str:
         raise GPT2Error(f"{path}: is a folder, expected a text file") from None
     except OSError as e:
         raise GPT2Error(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2Error(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+    return decode_utf8(data, path)

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_input(args: argparse.Namespace) -> str:
     """The text to work on, from the arguments, --file or stdin, as strict UTF-8."""
+    from gpt2._io import decode_utf8
     from gpt2.errors import GPT2Error
 
     if args.file is not None:
@@ -78,22 +79,12 @@ def _read_input(args: argparse.Namespace) -> str:
                 data = f.read()
         except OSError as e:
             raise GPT2Error(f"cannot read {args.file}: {e.strerror}") from None
-        return _utf8(data, args.file)
+        return decode_utf8(data, args.file)
     if args.text and args.text != ["-"]:
         return " ".join(args.text)
     if not args.text and sys.stdin.isatty():
         raise GPT2Error("nothing to read: give TEXT, '-' to read stdin, or --file FILE")
-    return _utf8(sys.stdin.buffer.read(), "stdin")
-
-
-def _utf8(data: bytes, where: str) -> str:
-    from gpt2.errors import GPT2Error
-
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2Error(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
-                        f"{e.start}); convert it to UTF-8 first") from None
+    return decode_utf8(sys.stdin.buffer.read(), "stdin")
 
 
 def _decode(tok, source: str, *, as_json: bool) -> int:

@@ -45,7 +45,7 @@ import numpy as np
 import regex
 import torch
 
-from gpt2._io import atomic_write_text, fsync_dir
+from gpt2._io import atomic_write_text, decode_utf8, fsync_dir
 from gpt2.errors import GPT2Error
 
 DTYPE = np.uint16  # GPT-2's 50257 ids fit; a vocabulary above 65536 would need uint32
@@ -187,7 +187,7 @@ def _text_pieces(path: Path, *, chunk_bytes: int) -> Iterator[tuple[str, int]]:
             cut = data.rfind(b"\n") + 1 if chunk else len(data)  # a newline ends a character
             head, pending = data[:cut], data[cut:]
             searched = len(text)  # no safe cut before here, or it would have been yielded
-            text += _decode(head, path, offset)
+            text += decode_utf8(head, path, offset=offset)
             offset += len(head)
             nbytes += len(head)
             if not chunk:
@@ -206,16 +206,6 @@ def _last_safe_cut(text: str, start: int) -> int:
     for m in _SAFE_CUT.finditer(text, start):
         last = m.start()
     return last
-
-
-def _decode(data: bytes, path: Path, offset: int) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2Error(
-            f"{path}: not valid UTF-8 at byte {offset + e.start}; convert it to UTF-8 "
-            "(e.g. iconv -f latin1 -t utf-8) or leave it out"
-        ) from None
 
 
 @contextlib.contextmanager
