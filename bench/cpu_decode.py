@@ -82,8 +82,8 @@ def ours_engine(folder: Path, new: int, precision: str):
     model = GPT2.from_pretrained(folder)
     if precision == "bf16":
         model = prepare_bf16(model)
-    elif precision == "int8":
-        model = quantize_model(model, "int8")
+    elif precision in ("int8", "int8wo"):
+        model = quantize_model(model, {"int8wo": "int8-weight-only"}.get(precision, precision))
 
     def run(idx: torch.Tensor) -> float:
         t = time.perf_counter()
@@ -138,6 +138,8 @@ def quality(checkpoint: str, text_file: Path, window: int = 128) -> dict:
     variants = {
         "bf16": lambda: prepare_bf16(GPT2.from_pretrained(checkpoint)),
         "int8": lambda: quantize_model(GPT2.from_pretrained(checkpoint), "int8"),
+        "int8-weight-only": lambda: quantize_model(
+            GPT2.from_pretrained(checkpoint), "int8-weight-only"),
         "int8 (fp32 head)": lambda: quantize_model(
             GPT2.from_pretrained(checkpoint), "int8", lm_head=False),
     }
@@ -175,7 +177,8 @@ def main() -> int:
     p.add_argument("--new", type=int, default=32, help="new tokens per run (default 32)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=None, help="torch/CT2 threads (default: all)")
-    p.add_argument("--engines", default="hf-fp32,ours-fp32,ours-bf16,ours-int8,ct2-int8,ct2-fp32")
+    p.add_argument("--engines",
+                   default="hf-fp32,ours-fp32,ours-bf16,ours-int8,ours-int8wo,ct2-int8,ct2-fp32")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quality", metavar="CHECKPOINT",
                    help="instead: measure bf16/int8 against fp32 on a trained checkpoint")
@@ -218,7 +221,7 @@ def main() -> int:
                 times[(n, b)].append(run(prompts[b]))
 
     bandwidth = read_bandwidth_gbs()
-    weights_mb = {"fp32": 497.8, "bf16": 248.9, "int8": 124.9}  # 124M, lm head included
+    weights_mb = {"fp32": 497.8, "bf16": 248.9, "int8": 124.9}  # int8wo: as int8  # 124M, lm head included
     rows = []
     for b in batches:
         base = statistics.median(times[("hf-fp32", b)]) if ("hf-fp32", b) in times else None

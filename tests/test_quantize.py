@@ -1,4 +1,4 @@
-"""Fast CPU inference: int8 weight-only quantization and packed bf16.
+"""Fast CPU inference: int8 quantization (both kernels) and packed bf16.
 
 Oracles: the dequantized weights written out by hand (for the int8 layer), and
 `transformers.GPT2LMHeadModel` in fp32 on the same random weights (for whole
@@ -60,50 +60,109 @@ def test_quantized_weight_is_within_half_a_step():
     assert (q.abs().amax(dim=1) >= 126).all()
 
 
+def int8_reference(layer: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact product with the dequantized weight, the most the layer's rounding may add).
+
+    The weights are the format's numbers written out (q * scale). The layer then rounds
+    the activations: to bf16 (weight-only: 2^-8 relative per activation), or to 8 bits
+    over each row's range (int8: at most half a step of 2 * max|x_row| / 255 per
+    activation), and each such error is multiplied by |w| and summed.
+    """
+    w = layer.weight.float() * layer.weight_scale.float()[:, None]  # (out, in)
+    x = x.float()
+    bias = None if layer.bias is None else layer.bias.float()
+    exact = F.linear(x, w, bias)
+    if layer.kernel == "int8":
+        step = 2 * x.abs().amax(dim=-1, keepdim=True) / 255  # (..., 1)
+        bound = (step / 2) * w.abs().sum(dim=1)  # (..., out)
+    else:
+        bound = 2 ** -8 * F.linear(x.abs(), w.abs())
+    # plus the output's own rounding (bf16 for the weight-only kernel) and fp32 sums
+    out_rounding = (2 ** -8 if layer.kernel == "bf16" else 1e-5) * (exact.abs() + bound)
+    return exact, bound + out_rounding + 1e-5
+
+
+@pytest.mark.parametrize("activations", ["int8", "bf16"])
 @pytest.mark.parametrize(
     ("n_in", "n_out", "dtype"),
     [(64, 48, torch.float32), (48, 100, torch.bfloat16), (40, 24, torch.float32)],  # 40: fallback
 )
-def test_int8_linear_equals_dequantized_reference(n_in, n_out, dtype):
+def test_int8_linear_is_within_its_rounding_of_the_dequantized_product(
+    n_in, n_out, dtype, activations
+):
     linear = random_linear(n_in, n_out)
-    layer = Int8Linear.from_linear(linear, bias_dtype=dtype)
+    layer = Int8Linear.from_linear(linear, bias_dtype=dtype, activations=activations)
     x = torch.randn(3, 5, n_in).to(dtype)
-    w = layer.weight.float() * layer.weight_scale.float()[:, None]
-    ref = F.linear(x.to(torch.bfloat16).float(), w, linear.bias.float())  # (3, 5, n_out)
+    x[0, 0] *= 1000  # one row far larger than the rest must not cost the others precision
+    exact, bound = int8_reference(layer, x)
     out = layer(x)
     assert out.shape == (3, 5, n_out) and out.dtype == dtype
-    # bf16 output rounding: 2^-8 relative, plus the bias added after it
-    tol = 2 ** -7 * ref.abs().max().item()
-    assert (out.float() - ref).abs().max().item() <= tol
+    err = (out.float() - exact).abs()
+    assert (err <= bound + (2 ** -8 * exact.abs() if dtype == torch.bfloat16 else 0)).all()
+    # and the bound is not vacuous: the result is close to the float layer's
+    assert err.max() <= 0.02 * exact.abs().max()
 
 
+@pytest.mark.parametrize("activations", ["int8", "bf16"])
 @pytest.mark.parametrize(("n_in", "n_out"), [(768, 2304), (3072, 768), (768, 50257)])
-def test_int8_linear_at_124m_shapes(n_in, n_out):
-    layer = Int8Linear.from_weight(torch.randn(n_out, n_in) * 0.02)
-    x = torch.randn(1, 1, n_in)
-    w = layer.weight.float() * layer.weight_scale.float()[:, None]
-    ref = F.linear(x.to(torch.bfloat16).float(), w)
-    out = layer(x)
-    assert (out - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+def test_int8_linear_at_124m_shapes(n_in, n_out, activations):
+    layer = Int8Linear.from_weight(torch.randn(n_out, n_in) * 0.02, activations=activations)
+    for rows in (1, 4):
+        x = torch.randn(rows, n_in)
+        exact, bound = int8_reference(layer, x)
+        assert ((layer(x) - exact).abs() <= bound).all()
+
+
+def test_int8_kernel_does_not_saturate():
+    """Without VNNI, FBGEMM adds pairs of u8 x s8 products in int16: 255 * 127 * 2 overflows.
+
+    Every weight at +-127 and every activation at the top of its range is the worst case.
+    """
+    q = torch.full((32, 256), 127, dtype=torch.int8)
+    q[1::2] = -127
+    layer = Int8Linear.from_quantized(q, torch.full((32,), 2.0 ** -7))
+    for x in (torch.full((1, 256), 3.0), torch.rand(4, 256) * 5):
+        exact, bound = int8_reference(layer, x)
+        assert ((layer(x) - exact).abs() <= bound).all()
+
+
+def test_int8_kernel_is_fbgemm_where_available():
+    layer = Int8Linear.from_linear(random_linear(64, 32))
+    want = "int8" if quantize.cpu_supports_int8_gemm() else "bf16"
+    assert layer.kernel == want
+    assert Int8Linear.from_linear(random_linear(64, 32), activations="bf16").kernel == "bf16"
+
+
+def test_int8_linear_follows_load_state_dict():
+    """FBGEMM keeps its own packed copy of the weight; loading new weights must refresh it."""
+    a, b = Int8Linear.from_linear(random_linear(64, 32, seed=0)), random_linear(64, 32, seed=1)
+    a.load_state_dict(Int8Linear.from_linear(b).state_dict())
+    x = torch.randn(2, 64)
+    exact, bound = int8_reference(a, x)
+    assert ((a(x) - exact).abs() <= bound).all()
+    assert (a(x) - b(x)).abs().max() <= 0.05 * b(x).abs().max()
 
 
 # -- whole models against transformers ----------------------------------------------------
 
 
-def test_int8_model_logits_close_to_fp32(hf_checkpoint):
+@pytest.mark.parametrize(("method", "tolerance"), [("int8", 0.3), ("int8-weight-only", 0.15)])
+def test_int8_model_logits_close_to_fp32(hf_checkpoint, method, tolerance):
     ckpt = hf_checkpoint()
     idx = torch.randint(0, ckpt.config.n_vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(ckpt.model, idx)  # (2, 12, V) fp32
-    model = quantize_model(GPT2.from_pretrained(ckpt.folder), "int8")
+    model = quantize_model(GPT2.from_pretrained(ckpt.folder), method)
     with torch.no_grad():
         out = model(idx)
     err = (out - ref).abs()
-    # int8 per-channel rounding is ~0.4% of each row's range
-    assert err.max().item() <= 0.1 * ref.std().item(), err.max().item()
+    # max error / ref std over three seeds of this 64-wide random model: 0.09-0.11 with
+    # bf16 activations, 0.10-0.20 with int8 ones (a row of 64 activations is coarse on
+    # an 8-bit grid); the trained-model figures are in bench/cpu_decode.py --quality
+    assert err.max().item() <= tolerance * ref.std().item(), err.max().item()
     # wherever fp32's top-1 leads by more than twice the error, int8 must pick it too
     top2 = ref.topk(2, dim=-1).values  # (2, 12, 2)
     clear = (top2[..., 0] - top2[..., 1]) > 2 * err.amax(-1)
-    assert clear.float().mean().item() > 0.5
+    assert clear.sum().item() >= 8  # of 24 positions: the check below is not vacuous
     assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
@@ -141,12 +200,22 @@ def clear_margin_prompts(hf, n_vocab: int, *, rows: int, min_margin: float) -> t
     return idx[ok][:rows], path[ok][:rows]
 
 
-@pytest.mark.parametrize("precision", ["int8", "bf16"])
-def test_greedy_equals_fp32_for_16_tokens_where_margins_are_clear(hf_checkpoint, precision):
-    ckpt = hf_checkpoint()
-    idx, want = clear_margin_prompts(ckpt.model, ckpt.config.n_vocab, rows=4, min_margin=0.1)
+@pytest.mark.parametrize(
+    ("precision", "n_embd", "min_margin"),
+    # int8 activations round each row to 8 bits, a coarser step than bf16's: the claim is
+    # made where fp32 leads by 0.3 (logits of std ~1.5), on a model wide enough to have
+    # four such prompts
+    [("bf16", 64, 0.1), ("int8-weight-only", 64, 0.1), ("int8", 128, 0.3)],
+)
+def test_greedy_equals_fp32_for_16_tokens_where_margins_are_clear(
+    hf_checkpoint, precision, n_embd, min_margin
+):
+    ckpt = hf_checkpoint(n_embd=n_embd)
+    idx, want = clear_margin_prompts(
+        ckpt.model, ckpt.config.n_vocab, rows=4, min_margin=min_margin
+    )
     model = GPT2.from_pretrained(ckpt.folder)
-    model = quantize_model(model, "int8") if precision == "int8" else prepare_bf16(model)
+    model = prepare_bf16(model) if precision == "bf16" else quantize_model(model, precision)
     got = model.generate(idx, max_new_tokens=16, temperature=0.0)
     assert got.tolist() == want.tolist()
 

@@ -387,8 +387,10 @@ class GPT2(nn.Module):
         .safetensors file, or a folder written by `gpt2 train`. `size` picks the size
         folder inside a Kaggle download holding several. dtype: "fp32", "bf16" or "fp16"
         (on a CPU, bf16 uses oneDNN's packed bf16 matmuls). quantize="int8": int8
-        weight-only linear layers (see gpt2.quantize); a checkpoint written by
-        `gpt2 convert --quantize int8` loads as int8 without being quantized again.
+        linear layers, activations quantized per row on the fly on x86 CPUs;
+        "int8-weight-only": int8 weights, bf16 activations (see gpt2.quantize). A
+        checkpoint written by `gpt2 convert --quantize int8` loads as int8 without being
+        quantized again (with "int8" unless quantize says "int8-weight-only").
 
         >>> model = GPT2.from_pretrained("124M")  # doctest: +SKIP
         """
@@ -396,11 +398,13 @@ class GPT2(nn.Module):
         from gpt2.weights import load_checkpoint, parse_dtype
         from gpt2.weights.hub import resolve_model
 
-        if quantize not in (None, "int8"):
-            raise GPT2Error(f"unknown quantization {quantize!r}; the one available is 'int8'")
+        if quantize is not None and quantize not in q.METHODS:
+            raise GPT2Error(
+                f"unknown quantization {quantize!r}; choose one of {', '.join(q.METHODS)}"
+            )
         path = resolve_model(str(name_or_path))
         if q.quantization_info(path) is not None:
-            return q.load_quantized(path, device=device).eval()
+            return q.load_quantized(path, device=device, method=quantize or "int8").eval()
         ckpt = load_checkpoint(path, size=size, dtype=dtype)
         with torch.device("meta"):
             model = cls(ckpt.config)

@@ -12,9 +12,16 @@ streams them at full speed:
          reordered once into its blocked layout (`mkldnn._reorder_linear_weight`)
          and runs on AVX512-BF16/AMX.
   int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
-         output channel ("weight-only": activations stay bf16). Every Linear
-         becomes `Int8Linear`, run by `torch._weight_int8pack_mm`, which widens
-         int8 to bf16 in registers, so memory traffic is a quarter of fp32's.
+         output channel. Every Linear becomes `Int8Linear`. On an x86 CPU it runs
+         FBGEMM's int8 x int8 GEMM (`torch.ops.quantized.linear_dynamic`, VNNI
+         where the CPU has it): each *row* of the input is scaled to [-1, 1] and
+         quantized to 8 bits on the fly, as CTranslate2's int8 does, so one
+         token's activations never share a scale with another's. Memory traffic
+         is a quarter of fp32's and the kernel streams it at close to full speed.
+         `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
+         instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
+         registers): closer to fp32, about half as fast; it is also the path on
+         CPUs without FBGEMM (ARM) and on other devices.
 
 Both keep the model's structure, names and hooks; only the Linear modules (and,
 through `model.lm_head`, the tied LM head) change.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,8 +46,10 @@ import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
 
-METHODS = ("int8",)
-FORMAT = "int8-weight-only"  # the `quantization.method` written to config.json
+METHODS = ("int8", "int8-weight-only")  # the runtime choices; both store the same checkpoint
+# The `quantization.method` written to config.json: the file holds int8 weights only
+# (activations are never stored), whichever kernel later runs them.
+FORMAT = "int8-weight-only"
 FORMAT_VERSION = 1
 
 # The int8 kernel reads K (the input width) in blocks of 16; other widths crash it,
@@ -61,6 +71,14 @@ def cpu_supports_bf16() -> bool:
         torch.cpu, "_is_amx_tile_supported", lambda: False
     )()
     return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_supports_int8_gemm() -> bool:
+    """True where PyTorch has FBGEMM's dynamic int8 GEMM (x86 CPUs with AVX2 or better)."""
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch.ops.quantized, "linear_dynamic")
+    )
 
 
 # -- int8 ---------------------------------------------------------------------------------
@@ -101,8 +119,11 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """A Linear layer with int8 weights and a bf16 scale per output channel.
 
-    Inputs of any float dtype are cast to bf16 for the kernel; the output has the
-    input's dtype. The bias stays in the activation dtype (it is tiny).
+    activations="int8" (the default) quantizes each input row to 8 bits on the fly and
+    runs FBGEMM's int8 GEMM where `cpu_supports_int8_gemm()`; "bf16" (weight-only)
+    casts the input to bf16 and runs `torch._weight_int8pack_mm`. Elsewhere (other
+    devices, CPUs without FBGEMM) both run the weight-only path. The output has the
+    input's dtype; the bias stays in the activation dtype (it is tiny).
 
     >>> layer = Int8Linear.from_linear(nn.Linear(64, 32))
     >>> layer(torch.randn(2, 5, 64)).shape
@@ -117,6 +138,7 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        activations: str = "int8",
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -131,11 +153,16 @@ class Int8Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
         else:
             self.bias = None
+        self._init_kernel(activations)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, bias_dtype: torch.dtype | None = None) -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, *, bias_dtype: torch.dtype | None = None, activations: str = "int8"
+    ) -> Int8Linear:
         """Quantize an nn.Linear (weight (out, in)) per output channel."""
-        return cls.from_weight(linear.weight, linear.bias, bias_dtype=bias_dtype)
+        return cls.from_weight(
+            linear.weight, linear.bias, bias_dtype=bias_dtype, activations=activations
+        )
 
     @classmethod
     def from_weight(
@@ -144,11 +171,11 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         bias_dtype: torch.dtype | None = None,
+        activations: str = "int8",
     ) -> Int8Linear:
         """Quantize a float weight (out, in) and keep the bias (out,) as it is."""
-        out_features, in_features = weight.shape
         q, scale = quantize_weight_int8(weight)
-        return cls.from_quantized(q, scale, bias, bias_dtype=bias_dtype)
+        return cls.from_quantized(q, scale, bias, bias_dtype=bias_dtype, activations=activations)
 
     @classmethod
     def from_quantized(
@@ -158,6 +185,7 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None = None,
         *,
         bias_dtype: torch.dtype | None = None,
+        activations: str = "int8",
     ) -> Int8Linear:
         """Wrap already quantized tensors (as read from a checkpoint): nothing is re-rounded."""
         if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != q.shape[:1]:
@@ -175,10 +203,73 @@ class Int8Linear(nn.Module):
             layer.register_buffer("bias", bias.detach().to(bias_dtype or bias.dtype))
         else:
             layer.bias = None
+        layer._init_kernel(activations)
         return layer
+
+    # -- the FBGEMM copy of the weight --
+
+    def _init_kernel(self, activations: str) -> None:
+        if activations not in ("int8", "bf16"):
+            raise GPT2Error(f"Int8Linear activations must be 'int8' or 'bf16', not {activations!r}")
+        self.activations = activations
+        self._packed = None
+        # FBGEMM's int8 kernels without VNNI add pairs of u8 x s8 products in int16, which
+        # can saturate; 7-bit activations (reduce_range) keep every pair in range there.
+        self._reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+        self.register_load_state_dict_post_hook(lambda module, _: module.pack())
+        self.pack()
+
+    def pack(self) -> None:
+        """(Re)build FBGEMM's packed copy of the weight (and bias); call after changing
+        `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
+        self._packed = None
+        w = self.weight
+        if self.activations != "int8" or w.device.type != "cpu" or w.is_meta:
+            return
+        if not cpu_supports_int8_gemm():
+            return
+        zero = torch.zeros(self.out_features, dtype=torch.long)
+        bias = None if self.bias is None else self.bias.detach().float()
+        try:
+            with warnings.catch_warnings():
+                # PyTorch marks its quantized tensor types deprecated; this one only
+                # carries (int8 values, per-channel scales) into the packing call
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(
+                    w, self.weight_scale.double(), zero, 0
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+        except (RuntimeError, AttributeError):  # a build without it: the weight-only path
+            self._packed = None
+
+    @property
+    def kernel(self) -> str:
+        """What runs: "int8" (FBGEMM, activations quantized per row) or "bf16" (weight-only)."""
+        return "int8" if self._packed is not None else "bf16"
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .to(dtype) move or cast the buffers; the copy must follow
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self._packed is not None and x.device.type == "cpu":
+            x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+            if x2.shape[0] == 1:  # one row: the kernel's per-tensor scale is that row's own
+                y = torch.ops.quantized.linear_dynamic(x2, self._packed, self._reduce_range)
+            else:
+                # scale every row to [-1, 1] first, so the kernel's one scale fits each
+                # row as if it were alone; undo it on the product (the bias is not scaled)
+                r = x2.abs().amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+                y = torch.ops.quantized.linear_dynamic(x2 / r, self._packed, self._reduce_range)
+                if self.bias is not None:
+                    bias = self.bias.float()
+                    y = y.sub_(bias).mul_(r).add_(bias)
+                else:
+                    y = y.mul_(r)
+            return y.view(*lead, self.out_features).to(x.dtype)  # (..., out)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
         if x2.device.type == "cpu" and self.in_features % _INT8_KERNEL_K_MULTIPLE == 0:
             # (the scale's .to is a no-op unless someone cast the model with .to(dtype))
@@ -194,9 +285,10 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
+        kernel = {"int8": "int8 x int8 (FBGEMM)", "bf16": "int8 weights x bf16"}[self.kernel]
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, int8 per-channel"
+            f"bias={self.bias is not None}, per-channel, {kernel}"
         )
 
 
@@ -280,6 +372,9 @@ def _has_lm_head_slot(model: nn.Module) -> bool:
 def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = True) -> nn.Module:
     """Replace every projection of a float GPT2 with `Int8Linear`, in place; returns the model.
 
+    method: "int8" (activations quantized per row on the fly where the CPU has FBGEMM)
+    or "int8-weight-only" (activations stay bf16); the weights are the same either way.
+
     lm_head: also quantize the (tied) LM head, which is a third of 124M's weights and
     so a third of the bytes read per token. `wte` keeps serving the embedding
     lookup, in the model's float dtype, holding the dequantized int8 values, so the
@@ -292,25 +387,36 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
     >>> type(model.h[0].mlp.c_fc).__name__
     'Int8Linear'
     """
-    if method not in METHODS:
-        raise GPT2Error(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    activations = _activations_for(method)
     if getattr(model, "quantization", None):
         raise GPT2Error("this model is already quantized; load the float checkpoint instead")
     act_dtype = model.wte.weight.dtype
     for owner, attr, _ in _block_linears(model):
-        setattr(owner, attr, Int8Linear.from_linear(getattr(owner, attr), bias_dtype=act_dtype))
+        layer = Int8Linear.from_linear(
+            getattr(owner, attr), bias_dtype=act_dtype, activations=activations
+        )
+        setattr(owner, attr, layer)
     head = lm_head and _has_lm_head_slot(model)
     if head:
-        _attach_int8_head(model, *quantize_weight_int8(model.wte.weight))
+        _attach_int8_head(model, *quantize_weight_int8(model.wte.weight), activations)
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
     return model
 
 
-def _attach_int8_head(model: nn.Module, q: torch.Tensor, scale: torch.Tensor) -> None:
+def _activations_for(method: str) -> str:
+    """The Int8Linear `activations` for a quantization method name."""
+    if method not in METHODS:
+        raise GPT2Error(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+    return "bf16" if method == "int8-weight-only" else "int8"
+
+
+def _attach_int8_head(
+    model: nn.Module, q: torch.Tensor, scale: torch.Tensor, activations: str
+) -> None:
     """Int8 LM head from (q, scale); wte keeps its dtype but holds the dequantized values."""
     dtype = model.wte.weight.dtype
     model.wte.weight = nn.Parameter(dequantize_int8(q, scale).to(dtype), requires_grad=False)
-    model.lm_head = Int8Linear.from_quantized(q, scale)
+    model.lm_head = Int8Linear.from_quantized(q, scale, activations=activations)
 
 
 def prepare_bf16(model: nn.Module) -> nn.Module:
@@ -477,9 +583,14 @@ def _names_of_linears(config):
             yield f"h.{i}.{path}", i, path
 
 
-def model_from_quantized_state(config, state: dict, info: dict) -> nn.Module:
-    """Build a GPT2 around already quantized tensors (see `load_quantized_state`)."""
+def model_from_quantized_state(
+    config, state: dict, info: dict, *, method: str = "int8"
+) -> nn.Module:
+    """Build a GPT2 around already quantized tensors (see `load_quantized_state`); method
+    picks the kernel as in `quantize_model`."""
     from gpt2.model import GPT2
+
+    activations = _activations_for(method)
 
     state = dict(state)
     with torch.device("meta"):
@@ -488,7 +599,7 @@ def model_from_quantized_state(config, state: dict, info: dict) -> nn.Module:
     for owner, attr, name in _block_linears(model):
         layer = Int8Linear.from_quantized(
             state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale"),
-            state.pop(f"{name}.bias"), bias_dtype=act_dtype,
+            state.pop(f"{name}.bias"), bias_dtype=act_dtype, activations=activations,
         )
         setattr(owner, attr, layer)
     head = bool(info.get("lm_head"))
@@ -499,17 +610,20 @@ def model_from_quantized_state(config, state: dict, info: dict) -> nn.Module:
     if head:
         if not _has_lm_head_slot(model):
             raise GPT2Error("this checkpoint's LM head is int8, but GPT2 has no lm_head slot")
-        model.lm_head = Int8Linear.from_quantized(q, scale)
+        model.lm_head = Int8Linear.from_quantized(q, scale, activations=activations)
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
     return model.eval()
 
 
-def load_quantized(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """An int8 checkpoint folder -> a ready GPT2 (what `GPT2.from_pretrained` calls for one)."""
+def load_quantized(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", method: str = "int8"
+) -> nn.Module:
+    """An int8 checkpoint folder -> a ready GPT2 (what `GPT2.from_pretrained` calls for one);
+    method: "int8" or "int8-weight-only", the kernel to run it with."""
     from gpt2.weights import Checkpoint
 
     config, state, info = load_quantized_state(path)
-    model = model_from_quantized_state(config, state, info)
+    model = model_from_quantized_state(config, state, info, method=method)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     model.source = Checkpoint(config, {}, "huggingface-int8", folder)  # for `gpt2 validate`
     return model.to(device)
