@@ -221,7 +221,7 @@ def main() -> int:
                 times[(n, b)].append(run(prompts[b]))
 
     bandwidth = read_bandwidth_gbs()
-    weights_mb = {"fp32": 497.8, "bf16": 248.9, "int8": 124.9}  # int8wo: as int8  # 124M, lm head included
+    weights_mb = {"fp32": 497.8, "bf16": 248.9, "int8": 124.9}  # 124M with its head (int8wo: int8)
     rows = []
     for b in batches:
         base = statistics.median(times[("hf-fp32", b)]) if ("hf-fp32", b) in times else None

@@ -223,3 +223,47 @@ def test_bf16_weights_stay_close(tiny, hf_checkpoint):
 def test_config_rejects_impossible_geometry():
     with pytest.raises(GPT2Error, match="divisible"):
         GPT2Config(n_embd=64, n_head=5)
+
+
+# -- the oneDNN copies used for batched CPU decoding ----------------------------------
+
+
+def test_few_row_products_equal_transformers(tiny):
+    """2-16 rows per product on a CPU read oneDNN-packed copies of the weights."""
+    model, hf = tiny
+    idx = random_ids(128, (6, 1), seed=3)  # 6 rows of one token: the batched decode shape
+    assert model.h[0].attn.c_attn.weight.dtype == torch.float32
+    with torch.no_grad():
+        ours = model(idx)
+    assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
+    if torch.backends.mkldnn.is_available():
+        assert hasattr(model.h[0].attn.c_attn.weight, "_gpt2_cpu_packed")  # the path ran
+
+
+@pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
+def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=1)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    idx = random_ids(128, (4, 1), seed=5)
+    with torch.no_grad():
+        model(idx)  # makes the packed copies
+    if change == "optimizer step":
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        F.cross_entropy(model(random_ids(128, (2, 8))).flatten(0, 1),
+                        random_ids(128, (16,), seed=2)).backward()  # fmt: skip
+        opt.step()
+    else:
+        other = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=2)
+        model.load_state_dict(GPT2.from_pretrained(other.folder).state_dict())
+    # the oracle: transformers holding the changed weights
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(ckpt.model.config).eval()
+    state = {f"transformer.{k}": (v.t() if v.dim() == 2 and ".h." in f".{k}" and "weight" in k
+                                  else v) for k, v in model.state_dict().items()}  # fmt: skip
+    missing, _ = hf.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"}
+    hf.tie_weights()
+    with torch.no_grad():
+        ours = model(idx)
+    assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
