@@ -8,8 +8,10 @@ CTranslate2 int8 / fp32 when it is installed, at batch 1 and 8, on one random-we
 Each engine decodes greedily from the same 8-token prompts with a warm-up run
 first; rounds go engine after engine so a noisy neighbour hurts them all alike;
 the table shows medians of tokens per second (batch x new tokens / seconds) and
-ratios to transformers fp32. A bound from the machine's memory bandwidth (one
-read of all weights per step) is printed beside them.
+ratios to transformers fp32, with a pause before each run so that one engine's
+spinning OpenMP threads do not slow the next. A bound from the machine's memory
+bandwidth (one read of all weights per step, at the speed `sum()` reads a 1 GB
+tensor) is printed beside them; a well-streaming kernel can beat it a little.
 """
 
 from __future__ import annotations
@@ -218,6 +220,10 @@ def main() -> int:
     for _ in range(args.rounds):
         for b in batches:
             for n, run in engines.items():
+                # OpenMP worker threads spin for a while after a parallel region (Intel's
+                # runtime in CTranslate2: 200 ms by default); let them go idle so the
+                # next engine starts on quiet cores
+                time.sleep(0.3)
                 times[(n, b)].append(run(prompts[b]))
 
     bandwidth = read_bandwidth_gbs()

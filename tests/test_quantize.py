@@ -232,10 +232,11 @@ def test_bf16_logits_close_to_fp32(hf_checkpoint):
     assert err <= 0.1 * ref.std().item(), err
 
 
-def test_packed_bf16_linear_equals_plain_bf16_linear():
+@pytest.mark.parametrize("shape", [(4, 64), (1, 1, 64)])  # several rows: oneDNN; one: mv
+def test_packed_bf16_linear_equals_plain_bf16_linear(shape):
     linear = random_linear(64, 96)
     layer = PackedBF16Linear.from_linear(linear)
-    x = torch.randn(4, 64).to(torch.bfloat16)
+    x = torch.randn(*shape).to(torch.bfloat16)
     ref = F.linear(x.float(), linear.weight.to(torch.bfloat16).float(),
                    linear.bias.to(torch.bfloat16).float())  # fmt: skip
     assert (layer(x).float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()

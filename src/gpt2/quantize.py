@@ -6,11 +6,11 @@ weights: 498 MB in fp32 for 124M, about 45 tokens/s at 22 GB/s. The only way
 past that is fewer bytes per weight, with a matrix-vector kernel that actually
 streams them at full speed:
 
-  bf16   `prepare_bf16(model)`: 2 bytes per weight. PyTorch's plain bf16
-         `F.linear` is *slower* than fp32 for one row of input (M=1), so every
-         Linear is replaced by `PackedBF16Linear`, which hands oneDNN a weight
-         reordered once into its blocked layout (`mkldnn._reorder_linear_weight`)
-         and runs on AVX512-BF16/AMX.
+  bf16   `prepare_bf16(model)`: 2 bytes per weight. Every Linear is replaced by
+         `PackedBF16Linear`, which hands oneDNN a weight reordered once into its
+         blocked layout (`mkldnn._reorder_linear_weight`) and runs on
+         AVX512-BF16/AMX for several rows, and PyTorch's bf16 matrix-vector
+         product for one row (batch-1 decoding).
   int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
          output channel. Every Linear becomes `Int8Linear`. On an x86 CPU it runs
          FBGEMM's int8 x int8 GEMM (`torch.ops.quantized.linear_dynamic`, VNNI
@@ -343,6 +343,14 @@ class PackedBF16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            if x.numel() == self.in_features:
+                # One row (batch-1 decoding): PyTorch's bf16 matrix-vector product. oneDNN's
+                # AMX kernel streams as fast only once warm, and runs at half speed for the
+                # first second or so after other work (measured: 28 vs 55-60 tokens/s).
+                v = x.reshape(self.in_features)
+                y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(
+                    self.bias, self.weight, v)  # fmt: skip
+                return y.view(*x.shape[:-1], self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
