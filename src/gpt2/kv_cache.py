@@ -46,9 +46,12 @@ class KVCache:
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
+        # (narrow + copy_ rather than slice assignment: the same copy, without Python's
+        # index parsing, which costs more than the copy itself for one new position)
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
+        k_all.narrow(2, start, end - start).copy_(k)
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)  # (B, nh, end, hs)
 
     def advance(self, n: int) -> None:
         """Mark n more positions as filled (the model calls this after the last layer)."""
