@@ -262,7 +262,8 @@ class Int8Linear(nn.Module):
             else:
                 # scale every row to [-1, 1] first, so the kernel's one scale fits each
                 # row as if it were alone; undo it on the product (the bias is not scaled)
-                r = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True)  # (M, 1)
+                # (abs + amax: linalg.vector_norm(inf) measured 6x slower on (8, 3072))
+                r = x2.abs().amax(dim=-1, keepdim=True)  # (M, 1)
                 r = r.clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row stays 0
                 y = torch.ops.quantized.linear_dynamic(x2 / r, self._packed, self._reduce_range)
                 if self.bias is not None:
