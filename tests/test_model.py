@@ -10,11 +10,13 @@ for a tiny config and for the width and heads of every released size.
 from __future__ import annotations
 
 import importlib.util
+import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2.model
 from gpt2.config import PRESETS, GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
@@ -237,7 +239,7 @@ def test_few_row_products_equal_transformers(tiny):
         ours = model(idx)
     assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
     if torch.backends.mkldnn.is_available():
-        assert hasattr(model.h[0].attn.c_attn.weight, "_gpt2_cpu_packed")  # the path ran
+        assert id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED  # the path ran
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
@@ -267,3 +269,28 @@ def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change):
     with torch.no_grad():
         ours = model(idx)
     assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_whole_model_pickles_after_fast_paths_ran(tiny, precision):
+    """torch.save(model) must not meet the kernels' private copies (oneDNN's opaque
+    tensors cannot be pickled): they are left out and rebuilt on load."""
+    from gpt2.quantize import cpu_supports_bf16, prepare_bf16, quantize_model
+
+    if precision == "bf16" and not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16")
+    model, hf = tiny
+    model = GPT2.from_pretrained(model.source.path)
+    if precision == "bf16":
+        model = prepare_bf16(model)
+    elif precision == "int8":
+        model = quantize_model(model, "int8")
+    idx = random_ids(128, (4, 1), seed=7)
+    with torch.no_grad():
+        before = model(idx)  # batched rows: every packed copy exists now
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), before)

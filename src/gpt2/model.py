@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -467,9 +468,14 @@ def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return y.t().reshape(*x.shape[:-1], weight.size(0))  # (..., out)
 
 
+# id(weight) -> (weak reference to the weight, its _version when packed, the packed copy);
+# an entry goes when its weight is garbage-collected.
+_CPU_PACKED: dict[int, tuple] = {}
+
+
 def _cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-blocked copy of an fp32 weight (out, in), made on first use and kept on
-    the weight tensor itself; None where oneDNN cannot make one.
+    """A oneDNN-blocked copy of an fp32 weight (out, in), made on first use and kept
+    while the weight lives; None where oneDNN cannot make one.
 
     The copy is remade whenever the weight changes in place (an optimizer step,
     load_state_dict): PyTorch counts such writes in `weight._version`.
@@ -478,18 +484,20 @@ def _cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
         version = weight._version
     except RuntimeError:  # an inference-mode tensor counts no writes: a copy could go stale
         return None
-    kept = getattr(weight, "_gpt2_cpu_packed", None)
-    if kept is not None and kept[0] == version:
-        return kept[1]
+    key = id(weight)
+    kept = _CPU_PACKED.get(key)
+    alive = kept is not None and kept[0]() is weight
+    if alive and kept[1] == version:
+        return kept[2]
     if not torch.backends.mkldnn.is_available():
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # tuned for 8 rows
     except RuntimeError:
         return None
-    # (a tensor that takes no attributes does without the cache)
-    with contextlib.suppress(AttributeError, RuntimeError):
-        weight._gpt2_cpu_packed = (version, packed)
+    if not alive:
+        weakref.finalize(weight, _CPU_PACKED.pop, key, None)
+    _CPU_PACKED[key] = (weakref.ref(weight), version, packed)
     return packed
 
 

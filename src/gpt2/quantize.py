@@ -116,6 +116,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict hook: the weights changed, so rebuild the kernel's own copy.
+    (A module-level function, not a lambda, so that a whole model still pickles.)"""
+    module.pack()
+
+
 class Int8Linear(nn.Module):
     """A Linear layer with int8 weights and a bf16 scale per output channel.
 
@@ -216,7 +222,7 @@ class Int8Linear(nn.Module):
         # FBGEMM's int8 kernels without VNNI add pairs of u8 x s8 products in int16, which
         # can saturate; 7-bit activations (reduce_range) keep every pair in range there.
         self._reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-        self.register_load_state_dict_post_hook(lambda module, _: module.pack())
+        self.register_load_state_dict_post_hook(_repack_after_load)
         self.pack()
 
     def pack(self) -> None:
@@ -241,6 +247,14 @@ class Int8Linear(nn.Module):
                 self._packed = torch.ops.quantized.linear_prepack(qw, bias)
         except (RuntimeError, AttributeError):  # a build without it: the weight-only path
             self._packed = None
+
+    def __getstate__(self):
+        # pickling (torch.save of a whole model) leaves FBGEMM's copy out; load rebuilds it
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack()
 
     @property
     def kernel(self) -> str:
@@ -335,6 +349,14 @@ class PackedBF16Linear(nn.Module):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         else:
             self._packed = None
+
+    def __getstate__(self):
+        # oneDNN's blocked tensor cannot be pickled: leave it out, rebuild it on load
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack()
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() move `weight`; the packed copy must follow it
