@@ -133,6 +133,16 @@ def test_int8_kernel_is_fbgemm_where_available():
     assert Int8Linear.from_linear(random_linear(64, 32), activations="bf16").kernel == "bf16"
 
 
+def test_int8_without_fbgemm_runs_the_weight_only_kernel(monkeypatch):
+    """CPUs without FBGEMM (ARM) get the weight-only kernel, with its own accuracy."""
+    monkeypatch.setattr(quantize, "cpu_supports_int8_gemm", lambda: False)
+    layer = Int8Linear.from_linear(random_linear(64, 32))
+    assert layer.kernel == "bf16"
+    x = torch.randn(3, 64)
+    exact, bound = int8_reference(layer, x)
+    assert ((layer(x) - exact).abs() <= bound).all()
+
+
 def test_int8_linear_follows_load_state_dict():
     """FBGEMM keeps its own packed copy of the weight; loading new weights must refresh it."""
     a, b = Int8Linear.from_linear(random_linear(64, 32, seed=0)), random_linear(64, 32, seed=1)
