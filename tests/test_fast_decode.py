@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.fast_decode import CudaGraphDecoder, StaticDecoder, block_step, decode_step, pick_next
 from gpt2.model import GPT2
@@ -275,3 +276,18 @@ def test_cuda_graph_sampling_equals_eager_static_step(tiny_cuda):
         assert torch.equal(graph.generate(idx, **kw), eager.generate(idx, **kw))
         greedy = dict(max_new_tokens=25, temperature=0.0)
         assert torch.equal(graph.generate(idx, **greedy), eager.generate(idx, **greedy))
+
+
+def test_quantized_model_is_not_cast_to_another_dtype():
+    from gpt2.quantize import quantize_model
+
+    model = quantize_model(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96,
+                                           n_ctx=16)).eval(), "int8")  # fmt: skip
+    with pytest.raises(GPT2Error, match="quantized") as e:
+        StaticDecoder(model, batch_size=1, max_len=8, dtype=torch.bfloat16)
+    assert "\n" not in str(e.value)
+    # in its own precision it decodes like the normal path
+    idx = torch.tensor([[1, 2, 3]])
+    got = StaticDecoder(model, batch_size=1, max_len=8).generate(idx, max_new_tokens=4,
+                                                                 temperature=0.0)  # fmt: skip
+    assert torch.equal(got, model.generate(idx, max_new_tokens=4, temperature=0.0))

@@ -406,6 +406,10 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """The model itself when it already is in dtype, else a converted copy."""
     if dtype is None or model.wte.weight.dtype == dtype:
         return model
+    if getattr(model, "quantization", None):
+        # its int8 buffers would be cast like float weights, scales lost: refuse
+        raise GPT2Error(f"this model is quantized ({model.quantization['method']}); it runs in "
+                        "its own precision: pass dtype=None")
     with torch.device("meta"):
         copy = type(model)(model.config)
     state = {k: t.to(dtype) for k, t in model.state_dict().items()}
