@@ -184,8 +184,10 @@ def test_int8_lm_head_is_quantized_and_used(hf_checkpoint):
     assert isinstance(model.lm_head, Int8Linear)
     x = torch.randn(1, 3, ckpt.config.n_embd)
     head = model.lm_head.weight.float() * model.lm_head.weight_scale.float()[:, None]
-    # the embedding lookup and the head read the same (dequantized) numbers
-    assert torch.equal(model.wte.weight, head)
+    # the embedding lookup reads the head's own int8 rows (no float copy of the table)
+    assert model.wte.weight is model.lm_head.weight
+    ids = torch.tensor([[0, 5, ckpt.config.n_vocab - 1]])
+    assert torch.equal(model.wte(ids), head[ids])
     ref = F.linear(model.ln_f(x).to(torch.bfloat16).float(), head)
     with torch.no_grad():
         out = model.lm_head(model.ln_f(x))
@@ -307,3 +309,9 @@ def test_unknown_method_is_a_clear_error(hf_checkpoint):
     model = GPT2.from_pretrained(hf_checkpoint().folder)
     with pytest.raises(GPT2Error, match="unknown quantization 'int3'"):
         quantize_model(model, "int3")
+
+
+def test_int8_model_counts_the_same_parameters_as_float(hf_checkpoint):
+    model = GPT2.from_pretrained(hf_checkpoint().folder)
+    n = model.num_parameters()
+    assert quantize_model(model, "int8").num_parameters() == n

@@ -357,12 +357,19 @@ class GPT2(nn.Module):
                 nn.init.zeros_(p)
 
     def num_parameters(self) -> int:
-        """Parameter count (the LM head is tied to wte, so it is counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count: every weight and bias once (the LM head is tied to wte). In a
+        quantized model the int8 weights are buffers; they count, their scales do not."""
+        seen, total = set(), 0
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if id(t) in seen or not name.endswith((".weight", ".bias")):
+                continue
+            seen.add(id(t))
+            total += t.numel()
+        return total
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
-        p = self.wte.weight
+        """An empty KV cache on this model's device and activation dtype."""
+        p = self.ln_f.weight  # (wte may hold int8 rows in a quantized model)
         return KVCache(
             self.config,
             batch_size=batch_size,

@@ -308,6 +308,32 @@ class Int8Linear(nn.Module):
         )
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding of a model whose LM head is int8: it looks rows up in the head's
+    own int8 weight and scale (the same tensors, so wte costs no memory of its own) and
+    dequantizes them to `dtype` (the model's activation dtype). The lookup and the head
+    therefore read the same numbers, q * scale, exactly as in a float model's tied head.
+
+    >>> head = Int8Linear.from_weight(torch.randn(10, 4), activations="bf16")
+    >>> Int8Embedding(head, torch.float32)(torch.tensor([[1, 2]])).shape
+    torch.Size([1, 2, 4])
+    """
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        # not persistent: a checkpoint stores these once, as wte.weight / wte.weight_scale
+        self.register_buffer("weight", head.weight, persistent=False)  # (V, C) int8
+        self.register_buffer("weight_scale", head.weight_scale, persistent=False)  # (V,)
+        self.dtype = dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[idx].float() * self.weight_scale[idx].float().unsqueeze(-1)
+        return rows.to(self.dtype)  # (..., C)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.size(0)}, {self.weight.size(1)}, int8 rows of the LM head"
+
+
 # -- bf16 ---------------------------------------------------------------------------------
 
 
@@ -408,9 +434,9 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
     or "int8-weight-only" (activations stay bf16); the weights are the same either way.
 
     lm_head: also quantize the (tied) LM head, which is a third of 124M's weights and
-    so a third of the bytes read per token. `wte` keeps serving the embedding
-    lookup, in the model's float dtype, holding the dequantized int8 values, so the
-    lookup and the head use the same numbers, as a reloaded checkpoint does.
+    so a third of the bytes read per token. `wte` then becomes an `Int8Embedding`
+    reading the head's int8 rows, so the lookup and the head use the same numbers,
+    as a reloaded checkpoint does, and the float embedding table is freed.
     Activations, LayerNorms, attention and the KV cache keep the model's dtype.
 
     >>> from gpt2.config import GPT2Config
@@ -445,10 +471,10 @@ def _activations_for(method: str) -> str:
 def _attach_int8_head(
     model: nn.Module, q: torch.Tensor, scale: torch.Tensor, activations: str
 ) -> None:
-    """Int8 LM head from (q, scale); wte keeps its dtype but holds the dequantized values."""
-    dtype = model.wte.weight.dtype
-    model.wte.weight = nn.Parameter(dequantize_int8(q, scale).to(dtype), requires_grad=False)
+    """Int8 LM head from (q, scale), and wte reading its rows (see `Int8Embedding`)."""
+    dtype = model.ln_f.weight.dtype  # the activation dtype
     model.lm_head = Int8Linear.from_quantized(q, scale, activations=activations)
+    model.wte = Int8Embedding(model.lm_head, dtype)
 
 
 def prepare_bf16(model: nn.Module) -> nn.Module:
@@ -637,12 +663,12 @@ def model_from_quantized_state(
     head = bool(info.get("lm_head"))
     if head:
         q, scale = state.pop("wte.weight"), state.pop("wte.weight_scale")
-        state["wte.weight"] = dequantize_int8(q, scale).to(act_dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    if head:
         if not _has_lm_head_slot(model):
             raise GPT2Error("this checkpoint's LM head is int8, but GPT2 has no lm_head slot")
-        model.lm_head = Int8Linear.from_quantized(q, scale, activations=activations)
+        _attach_int8_head(model, q, scale, activations)  # wte reads the head's rows
+    model.load_state_dict(state, strict=False, assign=True)
+    if head:
+        model.wte.dtype = act_dtype
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
     return model.eval()
 
