@@ -42,9 +42,7 @@ from gpt2._io import atomic_write_text
 from gpt2.config import GPT2Config
 from gpt2.fast_decode import CudaGraphDecoder, StaticDecoder
 from gpt2.model import GPT2
-
-# Dense bf16 tensor-core peak, in FLOP/s, by device name (for MFU).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+from gpt2.train.flops import peak_flops
 
 TINY = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 TINY_DEEP = GPT2Config(n_vocab=512, n_ctx=64, n_embd=80, n_head=5, n_layer=4)
@@ -367,13 +365,6 @@ def section_train(a, device, clock: Clock) -> dict:
     table(f"train {out['config']} {B} x {T}, one optimizer step (ratio vs transformers)",
           rows, "tokens/s")
     return out
-
-
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 # --------------------------------------------------------------------------- 1558M

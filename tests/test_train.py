@@ -356,3 +356,39 @@ def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):
     assert val[-1] < min(val[0], math.log(50257))  # below a uniform guess over the vocabulary
     model = GPT2.from_pretrained(tmp_path / "demo" / "run")
     assert model.config.n_layer == 4
+
+
+# --- MFU ------------------------------------------------------------------------------
+
+
+def test_training_flops_per_token_counts_weights_and_attention():
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    from gpt2.config import PRESETS
+    from gpt2.train.flops import mfu, training_flops_per_token
+
+    with torch.device("meta"):
+        n = GPT2LMHeadModel(HFConfig()).num_parameters()  # the oracle's count, 124M
+    per_token = training_flops_per_token(PRESETS["124M"], n, 1024)
+    assert per_token == 6 * 124_439_808 + 12 * 12 * 768 * 1024  # written out
+    # 400K tokens/s of 124M on one H100 (989 TFLOP/s bf16) would be 35% MFU
+    assert mfu(per_token, 400_000, 989e12) == pytest.approx(0.3478, abs=1e-4)
+
+
+def test_mfu_is_logged_where_the_peak_is_known(tmp_path, monkeypatch):
+    import gpt2.train.flops as flops
+
+    ids = np.random.default_rng(1).integers(0, 64, 400)
+    data = write_tokens(tmp_path / "d", ids, ids, n_vocab=64)
+    cfg = dict(data=str(data), **TINY, max_steps=2, eval_interval=0, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "cpu"), **cfg))
+    assert all("mfu" not in r for r in read_log(tmp_path / "cpu"))  # a CPU: no known peak
+    monkeypatch.setattr(flops, "peak_flops", lambda device: 1e12)
+    train(TrainConfig(out=str(tmp_path / "fake"), **cfg))
+    records = [r for r in read_log(tmp_path / "fake") if "tokens_per_s" in r]
+    model = GPT2.from_pretrained(str(tmp_path / "fake"))
+    per_token = flops.training_flops_per_token(model.config, model.num_parameters(),
+                                               TINY["block_size"])  # fmt: skip
+    for r in records:
+        assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-2, abs=1e-4)

@@ -195,6 +195,16 @@ class _Run:
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
+        if self.device.type == "cuda":
+            # fp32 matmuls (the parts autocast leaves in fp32, or --dtype fp32) on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        from gpt2.train import flops
+
+        # MFU is shown where the GPU's peak is known (gpt2.train.flops.PEAK_BF16)
+        self.peak_flops = flops.peak_flops(self.device)
+        self.flops_per_token = flops.training_flops_per_token(
+            self.model.config, self.model.num_parameters(), cfg.block_size)
         self.step = 0
         self.best_val = math.inf
         self.records: list[dict] = []
@@ -320,10 +330,18 @@ class _Run:
                             "raise --warmup-steps or use --dtype bf16/fp32")
         self.step = step + 1
         tokens_per_s = self._tokens_per_step() / (time.perf_counter() - started)
-        self._log({"step": self.step, "loss": loss_value, "lr": lr,
-                   "tokens_per_s": round(tokens_per_s, 1)})
-        self.bar.show(f"step {self.step}/{cfg.max_steps} loss {loss_value:.4f} "
-                      f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+        record = {"step": self.step, "loss": loss_value, "lr": lr,
+                  "tokens_per_s": round(tokens_per_s, 1)}
+        shown = f"step {self.step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} " \
+                f"{tokens_per_s:,.0f} tok/s"
+        if self.peak_flops:
+            from gpt2.train.flops import mfu
+
+            record["mfu"] = round(mfu(self.flops_per_token, tokens_per_s, self.peak_flops,
+                                      info.world_size), 4)
+            shown += f" MFU {record['mfu']:.1%}"
+        self._log(record)
+        self.bar.show(shown)
         return loss_value
 
     def _batch(self, tokens, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
