@@ -15,8 +15,8 @@ streams them at full speed:
          output channel. Every Linear becomes `Int8Linear`. On an x86 CPU it runs
          FBGEMM's int8 x int8 GEMM (`torch.ops.quantized.linear_dynamic`, VNNI
          where the CPU has it): each *row* of the input is scaled to [-1, 1] and
-         quantized to 8 bits on the fly, as CTranslate2's int8 does, so one
-         token's activations never share a scale with another's. Memory traffic
+         quantized to 8 bits on the fly, as CTranslate2's int8 does, so a row's
+         precision depends on its own largest value, not on its neighbours'. Memory traffic
          is a quarter of fp32's and the kernel streams it at close to full speed.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
@@ -24,7 +24,8 @@ streams them at full speed:
          CPUs without FBGEMM (ARM) and on other devices.
 
 Both keep the model's structure, names and hooks; only the Linear modules (and,
-through `model.lm_head`, the tied LM head) change.
+through `model.lm_head`, the tied LM head) change, and with an int8 head the token
+embedding becomes an `Int8Embedding` that reads the head's int8 rows.
 
 Saved int8 checkpoints use the Hugging Face layout with two differences: each
 quantized weight `<name>.weight` is int8 with a bf16 `<name>.weight_scale`
