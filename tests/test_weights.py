@@ -320,6 +320,22 @@ def test_validate_json(tiny, tf_fixture, tf_reference_model, tiktoken_gpt2, run_
     assert data["sample"]["loss"] == pytest.approx(hf_loss, abs=1e-5)
 
 
+def test_validate_int8_checkpoint(tiny, tmp_path, run_cli):
+    """An int8 checkpoint reports the float model's parameter count, its own (int8) bytes,
+    and its tensors under the names the file uses (the int8 head is stored as wte)."""
+    assert run_cli("convert", tiny.folder, tmp_path / "int8", "--quantize", "int8").code == 0
+    float_report = json.loads(run_cli("validate", tiny.folder, "--json").out)
+    data = json.loads(run_cli("validate", tmp_path / "int8", "--json").out)
+    assert data["layout"] == "huggingface-int8"
+    assert data["parameters"] == float_report["parameters"] == 110_336
+    names = {t["name"]: t["dtype"] for t in data["tensors"]}
+    assert names["wte.weight"] == "int8" and "lm_head.weight" not in names
+    assert names["h.1.mlp.c_fc.weight"] == "int8"
+    assert names["h.1.mlp.c_fc.weight_scale"] == "bfloat16"
+    # 1 byte per weight plus scales: well under half of the float checkpoint
+    assert data["bytes"] < 0.45 * float_report["bytes"]
+
+
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     def status(key):

@@ -58,10 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(model) -> dict:
     """The static part of the report: where the weights came from and what they are."""
+    from gpt2.quantize import quantized_state_dict
+
     source = model.source
+    # a quantized model's tensors under the checkpoint's names (its int8 head is wte)
+    state = quantized_state_dict(model) if getattr(model, "quantization", None) \
+        else model.state_dict()
     tensors = [
         {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
-        for name, p in model.state_dict().items()
+        for name, p in state.items()
     ]
     return {
         "path": str(source.path),
@@ -69,7 +74,7 @@ def describe(model) -> dict:
         "config": model.config.to_hparams(),
         "tensors": tensors,
         "parameters": model.num_parameters(),
-        "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "bytes": sum(p.numel() * p.element_size() for p in state.values()),
     }
 
 
