@@ -113,6 +113,16 @@ def test_int8_linear_at_124m_shapes(n_in, n_out, activations):
         assert ((layer(x) - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("activations", ["int8", "bf16"])
+@pytest.mark.parametrize("rows", [1, 32, 33, 300])  # above 32 rows: a bf16 matmul (prompts)
+def test_int8_linear_at_every_row_count(rows, activations):
+    layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1,
+                                   activations=activations)  # fmt: skip
+    x = torch.randn(rows, 64)
+    exact, bound = int8_reference(layer, x)
+    assert ((layer(x) - exact).abs() <= bound).all()
+
+
 def test_int8_kernel_does_not_saturate():
     """Without VNNI, FBGEMM adds pairs of u8 x s8 products in int16: 255 * 127 * 2 overflows.
 
