@@ -325,3 +325,18 @@ def test_int8_model_counts_the_same_parameters_as_float(hf_checkpoint):
     model = GPT2.from_pretrained(hf_checkpoint().folder)
     n = model.num_parameters()
     assert quantize_model(model, "int8").num_parameters() == n
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_prompts_use_a_bf16_matmul_only_where_bf16_is_native(monkeypatch, native_bf16):
+    """Many rows: a bf16 matmul on the widened weights, unless bf16 is emulated (then the
+    int8 kernel, whose cost grows with the rows but stays native)."""
+    monkeypatch.setattr(quantize, "cpu_supports_bf16", lambda: native_bf16)
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
+    layer = Int8Linear.from_linear(random_linear(64, 32), activations="bf16")
+    x = torch.randn(100, 64)
+    exact, bound = int8_reference(layer, x)
+    assert ((layer(x) - exact).abs() <= bound).all()
+    assert bool(calls) is not native_bf16

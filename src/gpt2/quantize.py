@@ -236,12 +236,12 @@ class Int8Linear(nn.Module):
         `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
         self._packed = None
         w = self.weight
+        # prompts (many rows) go through a bf16 matmul where the CPU has native bf16:
+        # faster than either int8 kernel there (256-token 124M prefill: ~2300 tokens/s,
+        # FBGEMM ~1600-2200, _weight_int8pack_mm 624), and activations stay bf16
+        self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
         if self.activations != "int8" or w.device.type != "cpu" or w.is_meta:
             return
-        # prompts (many rows) go through a bf16 matmul instead where the CPU has native
-        # bf16: faster than FBGEMM there (2261 vs 1600 tokens/s, 256-token 124M prefill),
-        # and activations stay bf16
-        self._bf16_for_many_rows = cpu_supports_bf16()
         if not cpu_supports_int8_gemm():
             return
         zero = torch.zeros(self.out_features, dtype=torch.long)
@@ -282,7 +282,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
-        many = rows > _INT8PACK_MAX_ROWS and getattr(self, "_bf16_for_many_rows", False)
+        many = rows > _INT8PACK_MAX_ROWS and self._bf16_for_many_rows
         if self._packed is not None and x.device.type == "cpu" and not many:
             x2 = x.reshape(-1, self.in_features).float()  # (M, in)
             if x2.shape[0] == 1:  # one row: the kernel's per-tensor scale is that row's own
@@ -303,8 +303,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
         # (the scale's .to is a no-op unless someone cast the model with .to(dtype))
         scale = self.weight_scale.to(torch.bfloat16)
-        if (x2.device.type == "cpu" and self.in_features % _INT8_KERNEL_K_MULTIPLE == 0
-                and x2.size(0) <= _INT8PACK_MAX_ROWS):
+        if x2.device.type == "cpu" and self.in_features % _INT8_KERNEL_K_MULTIPLE == 0 \
+                and not many:
             y = torch._weight_int8pack_mm(x2, self.weight, scale)  # (M, out) bf16
         else:
             # many rows (a prompt), or no int8 kernel: widen the weight to bf16 (exact for
