@@ -264,6 +264,15 @@ def test_packed_bf16_linear_equals_plain_bf16_linear(shape):
     assert (layer(x).float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
 
 
+def test_packed_bf16_linear_follows_load_state_dict():
+    layer, other = PackedBF16Linear.from_linear(random_linear(64, 96)), random_linear(64, 96, 1)
+    layer.load_state_dict(PackedBF16Linear.from_linear(other).state_dict())
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    ref = F.linear(x.float(), other.weight.to(torch.bfloat16).float(),
+                   other.bias.to(torch.bfloat16).float())  # fmt: skip
+    assert (layer(x).float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+
+
 def test_bf16_needs_native_support(monkeypatch, hf_checkpoint):
     monkeypatch.setattr(quantize, "cpu_supports_bf16", lambda: False)
     model = GPT2.from_pretrained(hf_checkpoint().folder)

@@ -128,7 +128,34 @@ def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
     module.pack()
 
 
-class Int8Linear(nn.Module):
+class _KernelCopy(nn.Module):
+    """A layer that keeps a kernel's private copy of its weight in `_packed`, made by the
+    subclass's `pack()`. The copy is remade whenever the weight may have changed: after
+    a device or dtype move, after load_state_dict, and after unpickling (it is never
+    pickled itself: oneDNN's blocked tensors cannot be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._packed = None
+        self.register_load_state_dict_post_hook(_repack_after_load)
+
+    def pack(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.pack()
+        return out
+
+
+class Int8Linear(_KernelCopy):
     """A Linear layer with int8 weights and a bf16 scale per output channel.
 
     activations="int8" (the default) quantizes each input row to 8 bits on the fly and
@@ -207,7 +234,7 @@ class Int8Linear(nn.Module):
             )
         out_features, in_features = q.shape
         layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
+        _KernelCopy.__init__(layer)
         layer.in_features, layer.out_features = in_features, out_features
         layer.register_buffer("weight", q.detach())
         layer.register_buffer("weight_scale", scale.detach().to(torch.bfloat16))
@@ -224,11 +251,9 @@ class Int8Linear(nn.Module):
         if activations not in ("int8", "bf16"):
             raise GPT2Error(f"Int8Linear activations must be 'int8' or 'bf16', not {activations!r}")
         self.activations = activations
-        self._packed = None
         # FBGEMM's int8 kernels without VNNI add pairs of u8 x s8 products in int16, which
         # can saturate; 7-bit activations (reduce_range) keep every pair in range there.
         self._reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-        self.register_load_state_dict_post_hook(_repack_after_load)
         self.pack()
 
     def pack(self) -> None:
@@ -258,26 +283,12 @@ class Int8Linear(nn.Module):
         except (RuntimeError, AttributeError):  # a build without it: the weight-only path
             self._packed = None
 
-    def __getstate__(self):
-        # pickling (torch.save of a whole model) leaves FBGEMM's copy out; load rebuilds it
-        return {**self.__dict__, "_packed": None}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.pack()
-
     @property
     def kernel(self) -> str:
         """What runs for a few rows (decoding): "int8" (FBGEMM, activations quantized per
         row) or "bf16" (weight-only). Prompts of more than 32 rows use a bf16 matmul on
         CPUs with native bf16, whichever this is."""
         return "int8" if self._packed is not None else "bf16"
-
-    def _apply(self, fn, recurse=True):
-        # .to(device) / .cuda() / .to(dtype) move or cast the buffers; the copy must follow
-        out = super()._apply(fn, recurse)
-        self.pack()
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -354,7 +365,7 @@ class Int8Embedding(nn.Module):
 # -- bf16 ---------------------------------------------------------------------------------
 
 
-class PackedBF16Linear(nn.Module):
+class PackedBF16Linear(_KernelCopy):
     """A bf16 Linear whose weight oneDNN has reordered once into its blocked layout.
 
     `weight` (out, in) stays a plain bf16 buffer, for state_dict and saving; the
@@ -377,7 +388,6 @@ class PackedBF16Linear(nn.Module):
             self.register_buffer("bias", bias.detach().to(torch.bfloat16))
         else:
             self.bias = None
-        self._packed: torch.Tensor | None = None
         self.pack()
 
     @classmethod
@@ -385,27 +395,14 @@ class PackedBF16Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def pack(self) -> None:
-        """(Re)build the oneDNN copy of the weight; call after changing `weight` in place."""
+        """(Re)build the oneDNN copy of the weight; call after changing `weight` in place
+        other than through load_state_dict (which does it itself)."""
         w = self.weight
         if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
             # the batch-size hint (1) tunes the layout for decoding; any M still works
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         else:
             self._packed = None
-
-    def __getstate__(self):
-        # oneDNN's blocked tensor cannot be pickled: leave it out, rebuild it on load
-        return {**self.__dict__, "_packed": None}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.pack()
-
-    def _apply(self, fn, recurse=True):
-        # .to(device) / .cuda() move `weight`; the packed copy must follow it
-        out = super()._apply(fn, recurse)
-        self.pack()
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.train import distributed
+from gpt2.train import distributed, flops
 from gpt2.train.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -199,8 +199,6 @@ class _Run:
             # fp32 matmuls (the parts autocast leaves in fp32, or --dtype fp32) on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        from gpt2.train import flops
-
         # MFU is shown where the GPU's peak is known (gpt2.train.flops.PEAK_BF16)
         self.peak_flops = flops.peak_flops(self.device)
         self.flops_per_token = flops.training_flops_per_token(
@@ -335,9 +333,7 @@ class _Run:
         shown = f"step {self.step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} " \
                 f"{tokens_per_s:,.0f} tok/s"
         if self.peak_flops:
-            from gpt2.train.flops import mfu
-
-            record["mfu"] = round(mfu(self.flops_per_token, tokens_per_s, self.peak_flops,
+            record["mfu"] = round(flops.mfu(self.flops_per_token, tokens_per_s, self.peak_flops,
                                       info.world_size), 4)
             shown += f" MFU {record['mfu']:.1%}"
         self._log(record)
