@@ -89,8 +89,10 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint):
 def test_pick_next_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(pick_next, backend="aot_eager", fullgraph=True, dynamic=False)
-    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    noise = torch.empty(3, 50).exponential_(generator=torch.Generator().manual_seed(1))
+    # wider than the 64 tokens apply_top_p's adaptive path looks at first: that path
+    # reads a flag back to the host, which a CUDA graph cannot hold
+    logits = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
+    noise = torch.empty(3, 200).exponential_(generator=torch.Generator().manual_seed(1))
     for kw in (dict(temperature=0.0, top_k=None, top_p=None),
                dict(temperature=0.7, top_k=10, top_p=0.9)):
         assert torch.equal(compiled(logits, noise, **kw), pick_next(logits, noise, **kw))

@@ -110,6 +110,13 @@ def test_top_p_keeps_the_minimal_nucleus(row, p):
         assert prob[keep].min() >= prob[~keep].max() - TOL  # (float32 ties allowed)
 
 
+@settings(max_examples=200, deadline=None)
+@given(row=st.lists(tied_values, min_size=2, max_size=300), p=st.floats(0.01, 0.999))
+def test_top_p_without_host_read_back_keeps_the_same_tokens(row, p):
+    x = as_logits(row)
+    assert torch.equal(apply_top_p(x, p, adaptive=False), apply_top_p(x, p))
+
+
 @settings(max_examples=100, deadline=None)
 @given(row=st.lists(tied_values, min_size=2, max_size=40), p=st.floats(0.01, 0.999))
 def test_top_p_breaks_ties_at_the_edge_by_lowest_id(row, p):

@@ -148,7 +148,7 @@ def pick_next(
     if top_k is not None:
         logits = apply_top_k(logits, top_k)
     if top_p is not None:
-        logits = apply_top_p(logits, top_p)
+        logits = apply_top_p(logits, top_p, adaptive=False)  # no host read-back
     probs = torch.softmax(logits, dim=-1)  # (B, V); filtered tokens have exactly 0
     return (probs / noise.clamp(min=_TINY)).argmax(dim=-1)  # (B,)
 

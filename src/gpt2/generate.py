@@ -152,9 +152,13 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return out.scatter_(-1, indices, values)  # (B, V)
 
 
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p: float, *, adaptive: bool = True) -> torch.Tensor:
     """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of the most
     likely tokens whose total probability reaches p; the rest become -inf.
+
+    adaptive: look at the few dozen most likely tokens first and widen only if
+    they fall short of p (fast, but reads a flag back to the host); False sorts
+    whole rows with no read-back, as a CUDA graph or torch.compile(fullgraph) needs.
 
     A token is kept when the probability of the tokens ranked above it is still
     below p, so the most likely token is always kept and p = 1 keeps everything.
@@ -168,7 +172,10 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V), float32 even for bf16 input
-    top = _top_probs_reaching(probs, p)  # (B, k), descending
+    if adaptive:
+        top = _top_probs_reaching(probs, p)  # (B, k), descending
+    else:
+        top = torch.sort(probs, dim=-1, descending=True).values  # (B, V)
     mass_above = torch.cumsum(top, dim=-1) - top  # (B, k): probability ranked above each
     n = (mass_above < p).sum(dim=-1, keepdim=True)  # (B, 1) nucleus size, >= 1
     edge = top.gather(-1, n - 1)  # (B, 1): the smallest probability in the nucleus
