@@ -10,7 +10,8 @@ Sections (each one's failure is recorded in the JSON and the next one runs):
              step run eagerly vs the step as a CUDA graph, plain and compiled; checks
              that the greedy tokens are identical between our paths
     train    124M, batch 16 x 1024, bf16 autocast, fused AdamW, TF32: one optimizer
-             step of transformers (eager) vs ours eager vs ours torch.compile; MFU
+             step of transformers (eager) vs what `gpt2 train` runs (the model and its
+             loss as one module), eager and torch.compile'd; MFU
     xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled)
 
 Every figure is the median of --runs timed runs after warm-up; compile time is
@@ -36,13 +37,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gpt2._io import atomic_write_text
 from gpt2.config import GPT2Config
 from gpt2.fast_decode import CudaGraphDecoder, StaticDecoder
 from gpt2.model import GPT2
 from gpt2.train.flops import peak_flops
+from gpt2.train.trainer import ModelLoss
 
 TINY = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 TINY_DEEP = GPT2Config(n_vocab=512, n_ctx=64, n_embd=80, n_head=5, n_layer=4)
@@ -299,7 +300,7 @@ def train_rate(forward_loss: Callable[[torch.Tensor], torch.Tensor], params, x, 
         opt.zero_grad(set_to_none=True)
 
     t = timed(step, device=device, runs=runs, warmup=2)
-    return {**t, "tokens_per_s": x.numel() / t["median_s"]}
+    return {**t, "tokens_per_s": x[:, :-1].numel() / t["median_s"]}
 
 
 def section_train(a, device, clock: Clock) -> dict:
@@ -310,7 +311,7 @@ def section_train(a, device, clock: Clock) -> dict:
     amp = device.type == "cuda"  # bf16 autocast on CPU is slow and beside the point
     out: dict = {"config": "tiny" if a.dry_run else "124M", "batch": B, "seq": T,
                  "autocast": "bf16" if amp else "off", "optimizer": "AdamW fused"}
-    x = torch.randint(0, config.n_vocab, (B, T), device=device)
+    x = torch.randint(0, config.n_vocab, (B, T + 1), device=device)  # inputs + targets
     runs = a.runs
 
     def record(name, make):
@@ -326,21 +327,23 @@ def section_train(a, device, clock: Clock) -> dict:
 
     def hf():
         model = hf_model(config, device).train()
-        return model, lambda x: model(input_ids=x, labels=x).loss  # HF shifts the labels
+        # T inputs, T - 1 predictions (HF shifts the labels inside)
+        return model, lambda x: model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
 
-    def ours_loss(model):
-        def loss(x):
-            logits = model(x)  # (B, T, V)
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-        return loss
+    def trainer_step(compile: bool):
+        """What `gpt2 train` runs: ModelLoss (the model and its loss), compiled as one."""
+        def make():
+            model = ours(config, device).train()
+            net = ModelLoss(model)
+            net = torch.compile(net) if compile else net
+            return model, lambda x: net(x[:, :-1], x[:, 1:])
+        return make
 
     def eager():
-        model = ours(config, device).train()
-        return model, ours_loss(model)
+        return trainer_step(False)()
 
     def compiled():
-        model = ours(config, device).train()
-        return model, ours_loss(torch.compile(model))
+        return trainer_step(True)()
 
     record("hf_eager", hf)
     record("ours_eager", eager)

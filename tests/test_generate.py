@@ -322,6 +322,7 @@ def test_cli_interactive_reads_prompts_until_an_empty_line(run_cli, vocab_model,
     (["--stop", ""], "stop"),
     (["--cuda-graph"], "CUDA"),  # the model is on the CPU here
     (["--cuda-graph", "--repetition-penalty", "1.2"], "--cuda-graph does not support"),
+    (["--compile"], "add --cuda-graph"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, flags, message):
     r = run_cli("generate", "Hello", "--model", vocab_model.folder, *flags)

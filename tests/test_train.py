@@ -105,6 +105,28 @@ def test_weight_decay_on_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_padded_head_gives_the_loss_and_gradients_of_the_plain_head():
+    """The GPU training head (wte padded to 64k rows, extra logits sliced off) against
+    the plain x @ wte.T: same loss, same gradients for x and wte, through lm_loss."""
+    from gpt2.model import _padded_head
+    from gpt2.train.trainer import lm_loss
+
+    gen = torch.Generator().manual_seed(0)
+    wte = torch.randn(50, 16, generator=gen)  # 50 rows: padded with 14 to 64
+    x = torch.randn(2, 5, 16, generator=gen)
+    y = torch.randint(0, 50, (2, 5), generator=gen)
+    grads = []
+    for head in (lambda x, w: x @ w.T, lambda x, w: _padded_head(x, w, 64)):
+        w, h = wte.clone().requires_grad_(), x.clone().requires_grad_()
+        logits = head(h, w)
+        assert logits.shape == (2, 5, 50)
+        loss = lm_loss(logits, y)  # a strided view must work here (fp32 runs: no copy)
+        loss.backward()
+        grads.append((loss.detach(), w.grad, h.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 # --- learning -------------------------------------------------------------------------
 
 

@@ -262,7 +262,7 @@ class GPT2(nn.Module):
         x = tap("ln_final", self.ln_f(x))
         if self.lm_head is not None:
             return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
-        return _matmul_t(x, self.wte.weight)  # (B, T, n_vocab): the tied LM head, x @ wte.T
+        return _tied_head(x, self.wte.weight)  # (B, T, n_vocab): x @ wte.T
 
     # -- inspection ---------------------------------------------------------------------
 
@@ -442,6 +442,29 @@ def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if type(layer) is nn.Linear:
         return _matmul_t(x, layer.weight, layer.bias)
     return layer(x)
+
+
+# Training on a GPU multiplies by a copy of wte padded to a multiple of 64 rows:
+# 50,257 logits per row leave the (B*T, V) bf16 matrices unaligned, which keeps
+# cuBLAS off its fastest tensor-core kernels. The padded logits are sliced off.
+PAD_HEAD_FOR_GPU_TRAINING = True
+
+
+def _tied_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+    """x (..., C) @ wte.T -> logits (..., V), through `_padded_head` when training on a GPU."""
+    if PAD_HEAD_FOR_GPU_TRAINING and x.is_cuda and torch.is_grad_enabled():
+        return _padded_head(x, wte, 64)
+    return _matmul_t(x, wte)
+
+
+def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x @ wte.T with wte padded by zero rows to a multiple of `multiple`; the extra
+    logits are sliced off, so the result is a view with row stride V + pad."""
+    V = wte.size(0)
+    pad = -V % multiple
+    if pad == 0:
+        return F.linear(x, wte)
+    return F.linear(x, F.pad(wte, (0, 0, 0, pad)))[..., :V]  # (..., V)
 
 
 # Batched decoding on a CPU (2-16 rows per product) reads the weights from a copy that

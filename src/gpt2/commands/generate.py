@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode with a static KV cache and one CUDA graph per token "
                         "(needs --device cuda; no --repetition-penalty, --sliding-window or "
                         "--stop; a --seed reproduces this path's own samples)")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --cuda-graph: fuse the step with torch.compile first "
+                        "(~25 s once per batch size and length; ~20%% more tokens/s on an "
+                        "H100, so worth it for long or many generations)")
     parser.add_argument("--interactive", "-i", action="store_true",
                         help="read prompts from stdin, one per line, until EOF or an "
                         "empty line")
@@ -73,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2Error(f"--num-samples must be >= 1, got {args.num_samples}")
     if any(s == "" for s in args.stop):
         raise GPT2Error("--stop: a stop string must not be empty")
+    if args.compile and not args.cuda_graph:
+        raise GPT2Error("--compile applies to --cuda-graph decoding; add --cuda-graph")
     prompt = None if args.interactive and args.prompt == "" else read_text_arg(args.prompt,
                                                                                "prompt")
     model, tokenizer = load_model(args)
@@ -178,7 +184,8 @@ def _graph_decoder(model, batch: int, prompt_len: int, args: argparse.Namespace)
     max_len = min(n_ctx, -(-(prompt_len + args.max_new_tokens) // 128) * 128)
     key = (batch, max_len)
     if key not in _DECODERS:
-        _DECODERS[key] = CudaGraphDecoder(model, batch_size=batch, max_len=max_len, dtype=None)
+        _DECODERS[key] = CudaGraphDecoder(model, batch_size=batch, max_len=max_len, dtype=None,
+                                          compile=args.compile)
     return _DECODERS[key]
 
 

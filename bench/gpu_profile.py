@@ -1,0 +1,266 @@
+"""Where the GPU time goes: kernel tables of a decode step and a training step.
+
+    python bench/gpu_profile.py                  # on a CUDA machine; JSON + tables to $OUT
+
+bench/gpu.py says how fast; this says why. For 124M it prints torch.profiler's
+kernels, heaviest first, of:
+
+    decode   one token of the CUDA-graph decoder at batch 1 (bf16, per-layer step
+             compiled), profiled as eager steps (the same kernels the graph replays)
+             and as graph replays; then the variant that compiles the whole step
+             (every layer and the sampler in one function) instead of one layer
+    train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
+             compiled with the loss inside the compiled function (as the trainer
+             does) or outside it; with the LM head padded to 50,304 rows (the
+             default on a GPU) and not
+
+Each variant's time is the median of --runs after warm-up; greedy tokens are
+compared with the per-layer graph where the variant decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gpt2.model  # noqa: E402
+from gpt2._io import atomic_write_text  # noqa: E402
+from gpt2.config import GPT2Config  # noqa: E402
+from gpt2.fast_decode import CudaGraphDecoder, decode_step, pick_next  # noqa: E402
+from gpt2.train.flops import peak_flops, training_flops_per_token  # noqa: E402
+from gpt2.train.trainer import lm_loss  # noqa: E402
+from gpu import Clock, first_mismatch, free, ours  # noqa: E402 (bench/gpu.py, beside this)
+
+
+def kernel_table(prof, steps: int, limit: int = 18) -> dict:
+    """Kernels by total GPU time over `steps` steps -> printed table and a dict."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((e.key, e.count, t))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    launches = sum(r[1] for r in rows)
+    print(f"  GPU kernel time per step {total / steps:9.1f} us, kernels per step "
+          f"{launches / steps:6.1f}")
+    for name, count, t in rows[:limit]:
+        print(f"  {t / steps:9.1f} us {count / steps:6.1f}x  {name[:100]}")
+    return {"us_per_step": total / steps, "kernels_per_step": launches / steps,
+            "top": [{"name": n, "per_step": c / steps, "us_per_step": t / steps}
+                    for n, c, t in rows[:limit]]}
+
+
+def profile(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return kernel_table(prof, steps)
+
+
+def median_s(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+class WholeStepDecoder(CudaGraphDecoder):
+    """The graph decoder with the whole greedy step (all layers, argmax, the token
+    bookkeeping) compiled as one function, instead of one layer at a time."""
+
+    def __init__(self, model, **kw) -> None:
+        super().__init__(model, compile=False, dtype=None, **kw)
+
+        def whole(model, k, v, token, pos, out):
+            nxt = pick_next(decode_step(model, k, v, token, pos), None, temperature=0.0,
+                            top_k=None, top_p=None)
+            pos.add_(1)
+            token.copy_(nxt)
+            out.index_copy_(1, pos, nxt.unsqueeze(1))
+
+        self._whole = torch.compile(whole, fullgraph=True, dynamic=False)
+
+    def _step(self, options) -> None:
+        assert options.greedy, "this variant is greedy only"
+        self._whole(self.model, self.cache.k, self.cache.v, self.token, self.pos, self.out)
+
+
+def section_decode(a, clock: Clock) -> dict:
+    config = GPT2Config.preset("124M")
+    model = ours(config, torch.device("cuda"), torch.bfloat16)
+    prompt, new = 16, 128
+    idx = torch.randint(0, config.n_vocab, (1, prompt), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    out: dict = {}
+    ref = None
+    variants = [("graph", lambda: CudaGraphDecoder(model, batch_size=1, max_len=prompt + new,
+                                                   dtype=None, compile=False)),
+                ("graph_compiled_layer", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_compiled_whole", lambda: WholeStepDecoder(
+                    model, batch_size=1, max_len=prompt + new)),
+                ("graph_compiled_layer_autotune", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True,
+                    compile_mode="max-autotune-no-cudagraphs"))]
+    for name, make in variants:
+        if name not in a.decode_variants:
+            continue
+        if clock.left() < 60:
+            out[name] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
+            continue
+        try:
+            t0 = time.perf_counter()
+            dec = make()
+            tokens = dec.generate(idx, max_new_tokens=new, temperature=0.0)  # compiles, captures
+            first = time.perf_counter() - t0
+            s = median_s(lambda d=dec: d.generate(idx, max_new_tokens=new, temperature=0.0),
+                         a.runs)
+            r = {"tokens_per_s": new / s, "first_call_s": first}
+            if ref is None:
+                ref = tokens
+            r["greedy_identical_to_graph"] = first_mismatch(ref, tokens) is None
+            print(f"\ndecode 124M b1 {name}: {r['tokens_per_s']:,.0f} tokens/s "
+                  f"(first call {first:.1f} s), identical to graph: "
+                  f"{r['greedy_identical_to_graph']}")
+            from gpt2.generate import SamplingOptions
+
+            options = SamplingOptions(0.0, None, None)
+            dec.generate(idx, max_new_tokens=2, temperature=0.0)  # leaves a prefilled cache
+            graph = dec._runner(options)
+            print("  as graph replays:")
+            r["graph_replay"] = profile(graph, 32)
+            if name in ("graph", "graph_compiled_layer"):
+                print("  as eager steps (the same kernels, launched one by one):")
+                r["eager_steps"] = profile(lambda d=dec, o=options: d._step(o), 32)
+            out[name] = r
+        except Exception as e:
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        free(torch.device("cuda"))
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def section_train(a, clock: Clock) -> dict:
+    config = GPT2Config.preset("124M")
+    B, T = 16, 1024
+    device = torch.device("cuda")
+    torch.set_float32_matmul_precision("high")
+    x = torch.randint(0, config.n_vocab, (B, T + 1), device=device)  # inputs and targets
+    peak = peak_flops(device)
+    per_token = training_flops_per_token(config, 124_439_808, T)  # 124M, wpe included
+    out: dict = {"batch": B, "seq": T, "peak_flops": peak, "flops_per_token": per_token}
+
+    def run(name: str, *, pad: bool, compile: bool, prof: bool,
+            loss_inside: bool = False) -> None:
+        if name not in a.train_variants:
+            return
+        if clock.left() < (70 if compile else 20):
+            out[name] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
+            return
+        gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = pad
+        try:
+            model = ours(config, device).train()
+            net = torch.compile(model) if compile and not loss_inside else model
+
+            def forward_loss(inputs, targets):
+                return lm_loss(net(inputs), targets)
+
+            if loss_inside:  # the model and the loss compiled as one function
+                forward_loss = torch.compile(forward_loss)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = forward_loss(x[:, :-1], x[:, 1:])  # as the trainer does
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            step()
+            s = median_s(step, a.runs)
+            tps = B * T / s
+            r = {"tokens_per_s": tps, "ms_per_step": 1e3 * s, "first_call_s": first,
+                 "mfu": per_token * tps / peak if peak else None}
+            print(f"\ntrain 124M {B}x{T} {name}: {tps:,.0f} tokens/s, {1e3 * s:.1f} ms/step"
+                  + (f", MFU {r['mfu']:.1%}" if peak else ""))
+            if prof:
+                r["profile"] = profile(step, 2)
+            out[name] = r
+        except Exception as e:
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = True
+        free(device)
+
+    run("compiled_with_loss", pad=True, compile=True, prof=True, loss_inside=True)
+    run("compiled_model_only", pad=True, compile=True, prof=False)
+    run("eager", pad=True, compile=False, prof=True)
+    run("eager_plain_head", pad=False, compile=False, prof=True)
+    run("compiled_with_loss_plain_head", pad=False, compile=True, prof=False,
+        loss_inside=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
+    p.add_argument("--sections", default="train,decode")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--train-variants",
+                   default="compiled_with_loss,compiled_model_only,eager,eager_plain_head,"
+                   "compiled_with_loss_plain_head")
+    p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
+                   "graph_compiled_layer_autotune")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="variants that would not fit in what is left are skipped")
+    a = p.parse_args(argv)
+    a.train_variants = set(a.train_variants.split(","))
+    a.decode_variants = set(a.decode_variants.split(","))
+    if not torch.cuda.is_available():
+        print("gpu_profile: no CUDA device; nothing to profile")
+        return 1
+    torch._dynamo.config.cache_size_limit = 64
+    clock = Clock(a.budget_s)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    path = Path(a.out) / "gpu_profile.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in a.sections.split(","):
+        fn = {"train": section_train, "decode": section_decode}[name]
+        result[name] = fn(a, clock)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"\ntotal {time.perf_counter() - clock.start:.0f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
