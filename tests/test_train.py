@@ -417,3 +417,31 @@ def test_mfu_is_logged_where_the_peak_is_known(tmp_path, monkeypatch):
                                                TINY["block_size"])  # fmt: skip
     for r in records:
         assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-2, abs=1e-4)
+
+
+def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkeypatch):
+    """--compile traces the model and its loss together (the loss outside the compiled
+    graph cost a quarter of a GPU step) and trains to the same losses as eager.
+    aot_eager: dynamo's graph and autograd without inductor's C++ compiler."""
+    import torch._dynamo
+
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        compiled.append(fn)
+        return torch_compile(fn, backend="aot_eager", fullgraph=True, **kw)
+
+    torch_compile = torch.compile
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=3, eval_interval=0, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "eager"), **kw))
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train(TrainConfig(out=str(tmp_path / "compiled"), compile=True, **kw))
+    from gpt2.train.trainer import ModelLoss
+
+    assert len(compiled) == 1 and isinstance(compiled[0], ModelLoss)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
