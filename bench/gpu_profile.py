@@ -7,20 +7,23 @@ kernels, heaviest first, of:
 
     decode   one token of the CUDA-graph decoder at batch 1 (bf16, per-layer step
              compiled), profiled as eager steps (the same kernels the graph replays)
-             and as graph replays; then the variant that compiles the whole step
-             (every layer and the sampler in one function) instead of one layer
+             and as graph replays; then variants: the whole step compiled as one
+             function instead of one layer; max-autotune (Triton matmuls); an
+             additive float attention mask made once per step; SDPA limited to
+             its memory-efficient kernel (--decode-variants picks)
     train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
              compiled with the loss inside the compiled function (as the trainer
              does) or outside it; with the LM head padded to 50,304 rows (the
              default on a GPU) and not
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
-compared with the per-layer graph where the variant decodes.
+compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -107,6 +110,37 @@ class WholeStepDecoder(CudaGraphDecoder):
         self._whole(self.model, self.cache.k, self.cache.v, self.token, self.pos, self.out)
 
 
+class FloatMaskDecoder(CudaGraphDecoder):
+    """The per-layer compiled step with the attention mask made additive (0 / -inf in
+    the model's dtype) once per step: the bool mask otherwise costs each layer a
+    conversion kernel inside SDPA."""
+
+    def _step(self, options) -> None:
+        m, k, v, pos = self.model, self.cache.k, self.cache.v, self.pos
+        L = k.size(3)
+        hidden = (torch.arange(L, device=pos.device) > pos).view(1, 1, 1, L)
+        mask = torch.zeros(1, 1, 1, L, dtype=k.dtype, device=pos.device)
+        mask = mask.masked_fill(hidden, float("-inf"))  # (1, 1, 1, L)
+        x = m.wte(self.token) + m.wpe(pos)  # (B, C)
+        for i, block in enumerate(m.h):
+            x = self.block_fn(block, x, k[i], v[i], pos, mask)
+        logits = torch.nn.functional.linear(m.ln_f(x), m.wte.weight)  # (B, V)
+        self._emit(self._pick(logits, options))
+
+
+@contextlib.contextmanager
+def sdpa_backends(*, cudnn: bool = True, flash: bool = True, efficient: bool = True):
+    """Allow only some SDPA kernels while a variant compiles, captures and runs."""
+    b = torch.backends.cuda
+    before = (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled())
+    b.enable_cudnn_sdp(cudnn), b.enable_flash_sdp(flash), b.enable_mem_efficient_sdp(efficient)
+    try:
+        yield
+    finally:
+        b.enable_cudnn_sdp(before[0]), b.enable_flash_sdp(before[1])
+        b.enable_mem_efficient_sdp(before[2])
+
+
 def section_decode(a, clock: Clock) -> dict:
     config = GPT2Config.preset("124M")
     model = ours(config, torch.device("cuda"), torch.bfloat16)
@@ -123,43 +157,55 @@ def section_decode(a, clock: Clock) -> dict:
                     model, batch_size=1, max_len=prompt + new)),
                 ("graph_compiled_layer_autotune", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True,
-                    compile_mode="max-autotune-no-cudagraphs"))]
+                    compile_mode="max-autotune-no-cudagraphs")),
+                ("graph_compiled_layer_float_mask", lambda: FloatMaskDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_compiled_layer_efficient_sdpa", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True))]
     for name, make in variants:
         if name not in a.decode_variants:
             continue
-        if clock.left() < 60:
-            out[name] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
-            continue
-        try:
-            t0 = time.perf_counter()
-            dec = make()
-            tokens = dec.generate(idx, max_new_tokens=new, temperature=0.0)  # compiles, captures
-            first = time.perf_counter() - t0
-            s = median_s(lambda d=dec: d.generate(idx, max_new_tokens=new, temperature=0.0),
-                         a.runs)
-            r = {"tokens_per_s": new / s, "first_call_s": first}
-            if ref is None:
-                ref = tokens
-            r["greedy_identical_to_graph"] = first_mismatch(ref, tokens) is None
-            print(f"\ndecode 124M b1 {name}: {r['tokens_per_s']:,.0f} tokens/s "
-                  f"(first call {first:.1f} s), identical to graph: "
-                  f"{r['greedy_identical_to_graph']}")
-            from gpt2.generate import SamplingOptions
-
-            options = SamplingOptions(0.0, None, None)
-            dec.generate(idx, max_new_tokens=2, temperature=0.0)  # leaves a prefilled cache
-            graph = dec._runner(options)
-            print("  as graph replays:")
-            r["graph_replay"] = profile(graph, 32)
-            if name in ("graph", "graph_compiled_layer"):
-                print("  as eager steps (the same kernels, launched one by one):")
-                r["eager_steps"] = profile(lambda d=dec, o=options: d._step(o), 32)
-            out[name] = r
-        except Exception as e:
-            traceback.print_exc()
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        backends = sdpa_backends(cudnn=False, flash=False) if name.endswith("efficient_sdpa") \
+            else contextlib.nullcontext()
+        with backends:
+            ref = decode_variant(a, clock, name, make, idx, new, out, ref)
         free(torch.device("cuda"))
     return out
+
+
+def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
+    """Time, check and profile one decoder variant into out[name]; returns the greedy
+    reference tokens (the first variant's)."""
+    from gpt2.generate import SamplingOptions
+
+    if clock.left() < 60:
+        out[name] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
+        return ref
+    try:
+        t0 = time.perf_counter()
+        dec = make()
+        tokens = dec.generate(idx, max_new_tokens=new, temperature=0.0)  # compiles, captures
+        first = time.perf_counter() - t0
+        s = median_s(lambda: dec.generate(idx, max_new_tokens=new, temperature=0.0), a.runs)
+        r = {"tokens_per_s": new / s, "first_call_s": first}
+        ref = tokens if ref is None else ref
+        r["greedy_identical_to_first_variant"] = first_mismatch(ref, tokens) is None
+        print(f"\ndecode 124M b1 {name}: {r['tokens_per_s']:,.0f} tokens/s "
+              f"(first call {first:.1f} s), greedy tokens identical to the first variant's: "
+              f"{r['greedy_identical_to_first_variant']}")
+        options = SamplingOptions(0.0, None, None)
+        dec.generate(idx, max_new_tokens=2, temperature=0.0)  # leaves a prefilled cache
+        graph = dec._runner(options)
+        print("  as graph replays:")
+        r["graph_replay"] = profile(graph, 32)
+        if name in ("graph", "graph_compiled_layer"):
+            print("  as eager steps (the same kernels, launched one by one):")
+            r["eager_steps"] = profile(lambda: dec._step(options), 32)
+        out[name] = r
+    except Exception as e:
+        traceback.print_exc()
+        out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return ref
 
 
 # --------------------------------------------------------------------------- train
@@ -240,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                    default="compiled_with_loss,compiled_model_only,eager,eager_plain_head,"
                    "compiled_with_loss_plain_head")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
-                   "graph_compiled_layer_autotune")
+                   "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
+                   "graph_compiled_layer_efficient_sdpa")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)
