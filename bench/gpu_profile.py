@@ -40,7 +40,7 @@ from gpt2._io import atomic_write_text  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
 from gpt2.fast_decode import CudaGraphDecoder, decode_step, pick_next  # noqa: E402
 from gpt2.train.flops import peak_flops, training_flops_per_token  # noqa: E402
-from gpt2.train.trainer import lm_loss  # noqa: E402
+from gpt2.train.trainer import ModelLoss, lm_loss  # noqa: E402
 from gpu import Clock, first_mismatch, free, ours  # noqa: E402 (bench/gpu.py, beside this)
 
 
@@ -231,13 +231,14 @@ def section_train(a, clock: Clock) -> dict:
         gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = pad
         try:
             model = ours(config, device).train()
-            net = torch.compile(model) if compile and not loss_inside else model
+            if loss_inside:  # the model and its loss compiled as one, as the trainer does
+                forward_loss = torch.compile(ModelLoss(model))
+            else:
+                net = torch.compile(model) if compile else model
 
-            def forward_loss(inputs, targets):
-                return lm_loss(net(inputs), targets)
+                def forward_loss(inputs, targets):
+                    return lm_loss(net(inputs), targets)
 
-            if loss_inside:  # the model and the loss compiled as one function
-                forward_loss = torch.compile(forward_loss)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
             def step():

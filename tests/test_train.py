@@ -106,7 +106,7 @@ def test_weight_decay_on_matrices_only():
 
 
 def test_padded_head_gives_the_loss_and_gradients_of_the_plain_head():
-    """The GPU training head (wte padded to 64k rows, extra logits sliced off) against
+    """The GPU training head (wte padded to a multiple of 64 rows, extra logits sliced off) against
     the plain x @ wte.T: same loss, same gradients for x and wte, through lm_loss."""
     from gpt2.model import _padded_head
     from gpt2.train.trainer import lm_loss
