@@ -81,8 +81,9 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint):
     token, pos = idx[:, -1], torch.tensor([6])
     want = decode_step(model, caches[0].k, caches[0].v, token, pos)
     got = decode_step(model, caches[1].k, caches[1].v, token, pos, block_fn=compiled)
-    assert torch.allclose(got, want, atol=1e-6, rtol=0)
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.allclose(got, want, atol=STEP_ATOL, rtol=0)  # eager: oneDNN; compiled: MKL
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=STEP_ATOL, rtol=0)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=STEP_ATOL, rtol=0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not one per layer
 
 

@@ -56,6 +56,7 @@ from gpt2.generate import (
     apply_top_k,
     apply_top_p,
 )
+from gpt2.model import _matmul_t, _project
 
 __all__ = ["CudaGraphDecoder", "StaticDecoder", "block_step", "decode_step", "pick_next"]
 
@@ -73,13 +74,15 @@ def block_step(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos: torch.Tensor,
-    visible: torch.Tensor,
+    visible: torch.Tensor | None,
 ) -> torch.Tensor:
     """One transformer block for one new token per row, over a preallocated cache.
 
     x (B, C): the residual stream; k_cache, v_cache (B, nh, L, hs): this layer's
     cache, written in place at slot pos (1,); visible (1, 1, 1, L) bool: the
-    slots filled so far, this one included. Returns the new residual (B, C).
+    slots filled so far, this one included (None: all L are). Returns the new
+    residual (B, C). The products go through `_linear`: on a CPU that is a
+    matrix-vector product for one row, as in the normal forward.
 
     Uses the block's Linear and LayerNorm modules only (not Block.forward, whose
     per-layer names would make torch.compile specialise on each layer), so one
@@ -88,16 +91,26 @@ def block_step(
     B, C = x.shape
     attn, mlp = block.attn, block.mlp
     nh, hs = attn.n_head, attn.head_size
-    qkv = attn.c_attn(block.ln_1(x))  # (B, 3C): q, k, v for all heads
+    qkv = _linear(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
     q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
     k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
     v_cache.index_copy_(2, pos, v)
     # Attend over every slot; the mask hides the ones not yet written, so shapes
     # never change (a growing slice would need a new graph per length).
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
-    x = x + attn.c_proj(y.reshape(B, C))  # (B, C)
-    h = F.gelu(mlp.c_fc(block.ln_2(x)), approximate="tanh")  # (B, 4C)
-    return x + mlp.c_proj(h)  # (B, C)
+    x = x + _linear(attn.c_proj, y.reshape(B, C))  # (B, C)
+    h = F.gelu(_linear(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
+    return x + _linear(mlp.c_proj, h)  # (B, C)
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x): through `gpt2.model._project` when run eagerly or traced (on a CPU, a
+    matrix-vector product for one row); the plain module call under torch.compile, whose
+    own matmul lowering replaces that choice (and which cannot follow `_project`'s cache
+    of oneDNN-packed weights)."""
+    if torch.compiler.is_compiling():
+        return layer(x)
+    return _project(layer, x)
 
 
 def decode_step(
@@ -108,24 +121,30 @@ def decode_step(
     pos: torch.Tensor,
     *,
     block_fn: Callable[..., torch.Tensor] = block_step,
+    attend_all: bool = False,
 ) -> torch.Tensor:
     """Feed token (B,) at position pos (1,) -> next-token logits (B, n_vocab).
 
     k, v (n_layer, B, nh, L, hs): a `KVCache`'s buffers holding positions < pos;
     this token's keys and values are written at slot pos. Every row is at the
     same position (prompts of equal length). block_fn: `block_step`, or a
-    compiled version of it.
+    compiled version of it. attend_all: k and v end at slot pos (views of the
+    filled part of the cache), so every slot is visible and no mask is needed.
     """
-    L = k.size(3)
-    slots = torch.arange(L, device=pos.device)  # (L,)
-    visible = (slots <= pos).view(1, 1, 1, L)  # (1, 1, 1, L)
+    visible = None
+    if not attend_all:
+        L = k.size(3)
+        slots = torch.arange(L, device=pos.device)  # (L,)
+        visible = (slots <= pos).view(1, 1, 1, L)  # (1, 1, 1, L)
     x = model.wte(token) + model.wpe(pos)  # (B, C) + (1, C)
     for i, block in enumerate(model.h):
         x = block_fn(block, x, k[i], v[i], pos, visible)  # (B, C)
     x = model.ln_f(x)
     if model.lm_head is not None:  # a quantized or packed copy of wte (gpt2.quantize)
         return model.lm_head(x)
-    return F.linear(x, model.wte.weight)  # (B, n_vocab): the tied LM head
+    if torch.compiler.is_compiling():
+        return F.linear(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
+    return _matmul_t(x, model.wte.weight)  # (B, n_vocab)
 
 
 def pick_next(

@@ -521,6 +521,11 @@ class _Window:
             self.mask[:, :T] = mask
             # a row's next position is the number of real tokens before it
             self.next_pos = mask.sum(dim=1, keepdim=True)  # (B, 1)
+        self._recorded = None  # unpadded rows on a CPU: the step replayed by TorchScript
+        if mask is None and idx.device.type == "cpu":
+            from gpt2.traced_step import cpu_step
+
+            self._recorded = cpu_step(model, self.cache)
 
     @property
     def full(self) -> bool:
@@ -540,6 +545,9 @@ class _Window:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one new token per row (B,) -> the next logits (B, V)."""
         S = self.length + 1
+        if self._recorded is not None:
+            self.length = S
+            return self._recorded(token)  # (B, V)
         if self.mask is None:
             logits = self.model(token.unsqueeze(1), cache=self.cache, last_only=True)
         else:

@@ -1,0 +1,151 @@
+"""A CPU decode step replayed by TorchScript instead of Python.
+
+On a CPU a 124M decode step spends 3-4 ms per token outside its matrix products
+(bench/CPU_NOTES.md): some 100 ATen calls per layer issued one by one from
+Python, plus module calls. That is a third of an int8 step. `torch.jit.trace`
+records the step once -- every operation `gpt2.fast_decode.decode_step` runs
+for one new token per row -- and replays the recording from C++: the same
+kernels on the same weights, without the Python around them (int8 124M, one
+row: ~1.5x the tokens per second of the plain loop).
+
+The recording is made the first time a model decodes with a given batch size
+(~0.5 s for 124M), checked against the plain step it replaces, and kept for
+later calls while the model's modules and weights stay the same ones (any
+replaced module or tensor, or a weight changed in place, makes a new one).
+It serves every cache length: the step reads k and v as views that end at the
+new token's slot, so no shape in the recording depends on the length.
+
+Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set,
+attention is the fused kind and dropout is off; everything else takes the
+plain path. `torch.jit.trace` is deprecated in favour of `torch.compile`, which
+on a CPU does not help here (it adds a guard check per call and cannot trace
+FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where tracing is missing or
+fails, decoding falls back to the plain step. Set `TRACE_CPU_STEP = False` to
+turn it off.
+
+    >>> from gpt2.config import GPT2Config
+    >>> from gpt2.model import GPT2
+    >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8)).eval()
+    >>> cache = model.new_cache(1, max_len=4)
+    >>> with torch.inference_mode():
+    ...     _ = model(torch.tensor([[1, 2]]), cache=cache)
+    ...     step = cpu_step(model, cache)
+    ...     step(torch.tensor([3])).shape
+    torch.Size([1, 16])
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from gpt2.kv_cache import KVCache
+
+__all__ = ["TRACE_CPU_STEP", "cpu_step"]
+
+TRACE_CPU_STEP = True
+
+# model -> {batch size: (signature of the model when recorded, the recording or None)};
+# an entry goes with its model. None marks a recording that failed: not tried again.
+_RECORDINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cpu_step(model: nn.Module, cache: KVCache) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A step function token (B,) -> next-token logits (B, V) over `cache`, or None
+    where the recorded step does not apply (see the module docstring).
+
+    Each call feeds one token per row at position `cache.length`, writes its keys
+    and values there and advances the cache, like `model(token[:, None],
+    cache=cache, last_only=True)[:, -1]`.
+    """
+    if not _applies(model, cache):
+        return None
+    B = cache.k.size(1)
+    pos = torch.zeros(1, dtype=torch.long)  # (1,) the new token's position
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        p = cache.length
+        pos.fill_(p)
+        k = cache.k.narrow(3, 0, p + 1)  # (n_layer, B, nh, p + 1, hs): up to this slot
+        v = cache.v.narrow(3, 0, p + 1)
+        logits = _recording(model, B, token, pos, k, v)  # (B, V)
+        cache.advance(1)
+        return logits
+
+    return step
+
+
+def _applies(model: nn.Module, cache: KVCache) -> bool:
+    return (
+        TRACE_CPU_STEP
+        and hasattr(torch.jit, "trace")
+        and cache.k.device.type == "cpu"
+        and getattr(model, "_taps", None) is None  # hooks read the normal forward's names
+        and all(getattr(block.attn, "impl", None) == "sdpa" for block in model.h)
+        and not (model.training and model.config.dropout > 0)
+    )
+
+
+class _Step(nn.Module):
+    """What gets recorded: `decode_step` over caches that end at the new slot."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, pos, k, v):
+        from gpt2.fast_decode import decode_step
+
+        return decode_step(self.model, k, v, token, pos, attend_all=True)  # (B, V)
+
+
+def _recording(model, B, token, pos, k, v) -> torch.Tensor:
+    """Run the step through this model's recording for batch size B, making it first
+    where there is none (or the model changed since)."""
+    kept = _RECORDINGS.setdefault(model, {})
+    signature = _signature(model)
+    entry = kept.get(B)
+    if entry is not None and entry[0] == signature:
+        if entry[1] is not None:
+            return entry[1](token, pos, k, v)
+        return _Step(model)(token, pos, k, v)  # recording failed earlier: the plain step
+    plain = _Step(model)
+    logits = plain(token, pos, k, v)  # the step itself, and a warm-up of lazy caches
+    kept[B] = (signature, _record(plain, logits, (token, pos, k, v)))
+    return logits
+
+
+def _record(plain: _Step, expected: torch.Tensor, inputs: tuple):
+    """Trace the step and check one replay against the plain step's logits; None if
+    either fails. Replaying writes the same keys and values into the same slot again."""
+    try:
+        with warnings.catch_warnings():
+            # deprecation notices, and the tracer's notes on shapes read as Python values
+            # (batch size and widths: fixed for a recording)
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(plain, inputs, check_trace=False)
+            replay = traced(*inputs)
+    except Exception:  # noqa: BLE001 -- any failure only means the plain step is used
+        return None
+    if replay.shape != expected.shape or not torch.allclose(replay, expected, rtol=1e-4,
+                                                            atol=1e-4):  # fmt: skip
+        return None
+    return traced
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Which modules and tensors the model holds, and how often each was written to:
+    a recording holds the ones it was made with."""
+    parts: list = [id(m) for m in model.modules()]
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        try:
+            version = t._version
+        except RuntimeError:  # an inference-mode tensor counts no writes
+            version = -1
+        parts.append((id(t), version))
+    return tuple(parts)

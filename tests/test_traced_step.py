@@ -1,0 +1,135 @@
+"""The CPU decode step replayed by TorchScript (gpt2.traced_step).
+
+Its logits are checked against transformers' `GPT2LMHeadModel` on the same
+random weights, and `generate` with it against `generate` without it (which
+the other test files check against transformers); then the cases where a
+recording must not be used: a changed model, hooks, padding, a failed trace.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import gpt2.traced_step as traced_step
+from gpt2.generate import generate_batch
+from gpt2.model import GPT2
+from gpt2.quantize import quantize_model
+
+
+@pytest.fixture(scope="module")
+def pair(hf_checkpoint):
+    """(our model, transformers' model) holding the same random weights; n_ctx 64."""
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=64, seed=11)
+    return GPT2.from_pretrained(ckpt.folder).eval(), ckpt.model
+
+
+def ids(shape, seed):
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def plain_generate(model, idx, **kwargs):
+    traced_step.TRACE_CPU_STEP = False
+    try:
+        return model.generate(idx, **kwargs)
+    finally:
+        traced_step.TRACE_CPU_STEP = True
+
+
+def recording(model, batch):
+    return traced_step._RECORDINGS.get(model, {}).get(batch, (None, None))[1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.inference_mode()
+def test_replayed_step_logits_match_transformers(pair, batch):
+    model, hf = pair
+    prompt = ids((batch, 5), seed=batch)
+    cache = model.new_cache(batch, max_len=20)
+    model(prompt, cache=cache)
+    step = traced_step.cpu_step(model, cache)
+    seq = prompt
+    for i in range(8):  # the recording is made at the first step and replayed after it
+        token = ids((batch,), seed=100 + i)
+        ours = step(token)  # (B, V)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        theirs = hf(seq).logits[:, -1]
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert cache.length == 5 + 8
+    if batch == 1:  # fp32 with several rows uses oneDNN's packed weights, which TorchScript
+        assert recording(model, batch) is not None  # cannot hold: plain step there
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_same_tokens_with_and_without_the_recording(pair, hf_checkpoint, quantize,
+                                                             batch):  # fmt: skip
+    model = pair[0]
+    if quantize:
+        ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=64, seed=11)
+        model = quantize_model(GPT2.from_pretrained(ckpt.folder).eval(), quantize)
+    prompt = ids((batch, 4), seed=7)
+    for new in (6, 20):  # one recording serves both lengths (and every cache length)
+        expected = plain_generate(model, prompt, max_new_tokens=new, temperature=0.0)
+        assert torch.equal(model.generate(prompt, max_new_tokens=new, temperature=0.0), expected)
+    sampled = dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
+    assert torch.equal(model.generate(prompt, **sampled), plain_generate(model, prompt, **sampled))
+    if quantize == "int8":  # FBGEMM's packed weights trace at any batch size
+        assert recording(model, batch) is not None
+
+
+def test_a_weight_changed_in_place_makes_a_new_recording(hf_checkpoint):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=64, seed=12)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    prompt = ids((1, 4), seed=1)
+    model.generate(prompt, max_new_tokens=5, temperature=0.0)
+    first = recording(model, 1)
+    assert first is not None
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.mul_(3.0)  # changes the continuation
+    expected = plain_generate(model, prompt, max_new_tokens=10, temperature=0.0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=10, temperature=0.0), expected)
+    assert recording(model, 1) is not first
+
+
+def test_not_used_with_hooks_or_padding(pair):
+    model = pair[0]
+    cache = model.new_cache(1, max_len=8)
+    seen = []
+    with model.hooks({"blocks.0.mlp.out": lambda z: seen.append(z.shape)}):
+        assert traced_step.cpu_step(model, cache) is None
+        model.generate(ids((1, 3), seed=2), max_new_tokens=4, temperature=0.0)
+    assert len(seen) == 4  # the prompt, then every new token but the last: hooks ran
+    prompts = [[1, 2, 3, 4], [5]]  # left-padded: the normal forward with its mask
+    padded = generate_batch(model, prompts, max_new_tokens=5, temperature=0.0)
+    alone = [generate_batch(model, [p], max_new_tokens=5, temperature=0.0)[0] for p in prompts]
+    assert padded == alone
+
+
+def test_a_failed_trace_falls_back_to_the_plain_step(hf_checkpoint, monkeypatch):
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=64, seed=13)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no tracing here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    prompt = ids((1, 4), seed=3)
+    expected = plain_generate(model, prompt, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0.0), expected)
+    assert traced_step._RECORDINGS[model][1] is not None  # tried once ...
+    assert recording(model, 1) is None  # ... and failed: not tried again
+
+
+def test_a_recording_does_not_keep_its_model_alive(hf_checkpoint):
+    ckpt = hf_checkpoint(n_layer=1, n_embd=32, n_head=2, n_vocab=128, n_ctx=16, seed=14)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    model.generate(ids((1, 3), seed=4), max_new_tokens=3, temperature=0.0)
+    assert recording(model, 1) is not None
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
