@@ -291,6 +291,11 @@ class Int8Linear(_KernelCopy):
         return "int8" if self._packed is not None else "bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and x.dim() == 2 and x.size(0) == 1 \
+                and x.dtype == torch.float32 and x.device.type == "cpu":
+            # one fp32 row (a decode step): the kernel alone, no reshaping or casting
+            # (each of those is a call of its own, and a decode step makes 49 of these)
+            return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
         lead = x.shape[:-1]
         rows = x.numel() // self.in_features
         many = rows > _INT8PACK_MAX_ROWS and self._bf16_for_many_rows
