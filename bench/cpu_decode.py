@@ -213,9 +213,12 @@ def main() -> int:
 
     prompts = {b: torch.randint(0, 50256, (b, PROMPT), generator=torch.Generator().manual_seed(b))
                for b in batches}  # fmt: skip
-    for run in engines.values():  # warm-up: allocations, oneDNN kernels, CT2 threads
-        for b in batches:
-            run(prompts[b][:, :PROMPT])
+    # warm-up: allocations, oneDNN kernels, CT2 threads, and enough decode steps for our
+    # CPU step to be recorded (gpt2.traced_step.RECORD_AFTER_STEPS steps per batch size)
+    for _ in range(max(1, math.ceil(160 / args.new))):
+        for run in engines.values():
+            for b in batches:
+                run(prompts[b][:, :PROMPT])
     times = {(n, b): [] for n in engines for b in batches}
     for _ in range(args.rounds):
         for b in batches:

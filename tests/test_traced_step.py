@@ -20,6 +20,12 @@ from gpt2.model import GPT2
 from gpt2.quantize import quantize_model
 
 
+@pytest.fixture(autouse=True)
+def record_at_once(monkeypatch):
+    """These tests decode a few steps at a time: record at the first one."""
+    monkeypatch.setattr(traced_step, "RECORD_AFTER_STEPS", 0)
+
+
 @pytest.fixture(scope="module")
 def pair(hf_checkpoint):
     """(our model, transformers' model) holding the same random weights; n_ctx 64."""
@@ -133,3 +139,18 @@ def test_a_recording_does_not_keep_its_model_alive(hf_checkpoint):
     del model
     gc.collect()
     assert gone() is None
+
+
+def test_recorded_once_the_model_has_decoded_enough_steps(hf_checkpoint, monkeypatch):
+    monkeypatch.setattr(traced_step, "RECORD_AFTER_STEPS", 30)
+    ckpt = hf_checkpoint(n_layer=1, n_embd=32, n_head=2, n_vocab=128, n_ctx=64, seed=15)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    prompt = ids((1, 3), seed=5)
+    model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert model not in traced_step._RECORDINGS  # 20 steps planned: plain loop
+    model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert recording(model, 1) is not None  # 40 >= 30: recorded
+    assert 2 not in traced_step._RECORDINGS[model]  # counted per batch size
+    other = GPT2.from_pretrained(ckpt.folder).eval()
+    other.generate(prompt, max_new_tokens=40, temperature=0.0)  # one long call: at once
+    assert recording(other, 1) is not None

@@ -525,7 +525,7 @@ class _Window:
         if mask is None and idx.device.type == "cpu":
             from gpt2.traced_step import cpu_step
 
-            self._recorded = cpu_step(model, self.cache)
+            self._recorded = cpu_step(model, self.cache, planned_steps=capacity - T)
 
     @property
     def full(self) -> bool:
