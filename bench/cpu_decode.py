@@ -5,11 +5,12 @@ CTranslate2 int8 / fp32 when it is installed, at batch 1 and 8, on one random-we
     python bench/cpu_decode.py                      # 5 interleaved rounds, 32 new tokens
     python bench/cpu_decode.py --rounds 7 --new 64 --json out.json
 
-Each engine decodes greedily from the same 8-token prompts with a warm-up run
-first; rounds go engine after engine so a noisy neighbour hurts them all alike;
-the table shows medians of tokens per second (batch x new tokens / seconds) and
-ratios to transformers fp32, with a pause before each run so that one engine's
-spinning OpenMP threads do not slow the next. A bound from the machine's memory
+Each engine decodes greedily from the same 8-token prompts after warm-up runs
+(160 steps or more: our CPU step is recorded after 128); rounds go engine
+after engine so a noisy neighbour hurts them all alike; the table shows
+medians of tokens per second (batch x new tokens / seconds) and ratios to
+transformers fp32, with a pause before each run so that one engine's spinning
+OpenMP threads do not slow the next. A bound from the machine's memory
 bandwidth (one read of all weights per step, at the speed `sum()` reads a 1 GB
 tensor) is printed beside them; a well-streaming kernel can beat it a little.
 """

@@ -14,7 +14,9 @@ that rate is bandwidth-bound; one well below it is bound by its arithmetic.
 
 Part 2 times `GPT2.generate` per token on a random 124M (fp32, bf16, int8) and,
 in the same process, only the products it calls, with the same inputs: the
-difference is what everything else costs (Python, small ops, attention).
+difference is what everything else costs (Python, small ops, attention). The
+warm-up decodes 160 steps, so `generate` runs its recorded step
+(gpt2.traced_step) where one applies; `--plain` measures the plain loop.
 """
 
 from __future__ import annotations
@@ -211,7 +213,9 @@ def step_budget(precision: str, rows: int, new: int, repeats: int) -> dict:
                 p()
 
     with torch.inference_mode():
-        decode(), only_products()  # warm-up
+        for _ in range(max(1, -(-160 // new))):  # warm-up; 128 steps make the recorded step
+            decode()
+        only_products()
         times = {"decode": [], "products": []}
         for _ in range(repeats):
             for name, fn in (("decode", decode), ("products", only_products)):
@@ -234,6 +238,8 @@ def main() -> int:
     p.add_argument("--new", type=int, default=32, help="tokens per decode in part 2")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-budget", action="store_true", help="part 1 only")
+    p.add_argument("--plain", action="store_true",
+                   help="part 2 without the recorded CPU step (gpt2.traced_step)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.threads:
@@ -248,6 +254,10 @@ def main() -> int:
         print(f"\nthe 48 block products of 124M, {rows} row(s): "
               f"{'cold':>20s} {'hot (after a cold run)':>29s}")  # fmt: skip
         result["kernels"] += measure_kernels(rows, args.repeats)
+    if args.plain:
+        import gpt2.traced_step
+
+        gpt2.traced_step.TRACE_CPU_STEP = False
     if not args.skip_budget:
         print(
             "\ngenerate() per step (one new token per row) vs its products alone "
