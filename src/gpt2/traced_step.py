@@ -83,16 +83,33 @@ def cpu_step(
     B = cache.k.size(1)
     steps = _STEPS.setdefault(model, {})
     steps[B] = steps.get(B, 0) + planned_steps
-    if steps[B] < RECORD_AFTER_STEPS and B not in _RECORDINGS.get(model, {}):
-        return None
+    kept = _RECORDINGS.setdefault(model, {})
+    signature = _signature(model)  # once per call: the model cannot change mid-generation
+    entry = kept.get(B)
+    recorded = None
+    if entry is not None and entry[0] == signature:
+        if entry[1] is None:
+            return None  # recording failed for this model and batch size: the plain path
+        recorded = entry[1]
+    elif entry is None and steps[B] < RECORD_AFTER_STEPS:
+        return None  # not worth recording yet
     pos = torch.zeros(1, dtype=torch.long)  # (1,) the new token's position
 
     def step(token: torch.Tensor) -> torch.Tensor:
+        nonlocal recorded
         p = cache.length
         pos.fill_(p)
         k = cache.k.narrow(3, 0, p + 1)  # (n_layer, B, nh, p + 1, hs): up to this slot
         v = cache.v.narrow(3, 0, p + 1)
-        logits = _recording(model, B, token, pos, k, v)  # (B, V)
+        if recorded is not None:
+            logits = recorded(token, pos, k, v)  # (B, V)
+        else:  # the first step: run it plainly (also warms lazy caches), then record
+            plain = _Step(model)
+            logits = plain(token, pos, k, v)
+            recorded = _record(plain, logits, (token, pos, k, v))
+            kept[B] = (signature, recorded)
+            if recorded is None:
+                recorded = plain  # failed: this call goes on with the plain step
         cache.advance(1)
         return logits
 
@@ -121,22 +138,6 @@ class _Step(nn.Module):
         from gpt2.fast_decode import decode_step
 
         return decode_step(self.model, k, v, token, pos, attend_all=True)  # (B, V)
-
-
-def _recording(model, B, token, pos, k, v) -> torch.Tensor:
-    """Run the step through this model's recording for batch size B, making it first
-    where there is none (or the model changed since)."""
-    kept = _RECORDINGS.setdefault(model, {})
-    signature = _signature(model)
-    entry = kept.get(B)
-    if entry is not None and entry[0] == signature:
-        if entry[1] is not None:
-            return entry[1](token, pos, k, v)
-        return _Step(model)(token, pos, k, v)  # recording failed earlier: the plain step
-    plain = _Step(model)
-    logits = plain(token, pos, k, v)  # the step itself, and a warm-up of lazy caches
-    kept[B] = (signature, _record(plain, logits, (token, pos, k, v)))
-    return logits
 
 
 def _record(plain: _Step, expected: torch.Tensor, inputs: tuple):
