@@ -9,6 +9,8 @@ measures, interleaving the two implementations run by run:
 
 and the machine's memory bandwidth (a large tensor copy), which bounds batch-1
 decoding: every step reads every weight once, so tokens/s <= bandwidth / weight bytes.
+Both implementations first warm up for 160 decode steps or more: steady state,
+which for ours includes the decode step recorded after 128 (gpt2.traced_step).
 
     python bench/generate.py                  # about 2-4 minutes on 2 cores
     python bench/generate.py --runs 7 --new 96 --threads 2 --json out.json
