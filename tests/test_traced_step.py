@@ -157,3 +157,28 @@ def test_recorded_once_the_model_has_decoded_enough_steps(hf_checkpoint, monkeyp
     other = GPT2.from_pretrained(ckpt.folder).eval()
     other.generate(prompt, max_new_tokens=40, temperature=0.0)  # one long call: at once
     assert recording(other, 1) is not None
+
+
+def test_a_changed_model_counts_its_steps_afresh(hf_checkpoint, monkeypatch):
+    """A trainer's samples between optimizer steps: each sees new weights, and a
+    short one must not pay for a recording."""
+    monkeypatch.setattr(traced_step, "RECORD_AFTER_STEPS", 30)
+    ckpt = hf_checkpoint(n_layer=1, n_embd=32, n_head=2, n_vocab=128, n_ctx=64, seed=16)
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    prompt = ids((1, 3), seed=6)
+    model.generate(prompt, max_new_tokens=40, temperature=0.0)
+    assert recording(model, 1) is not None
+    with torch.no_grad():
+        model.ln_f.weight.mul_(1.5)
+    model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert 1 not in traced_step._RECORDINGS[model]  # 20 steps on these weights: plain loop
+    model.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert recording(model, 1) is not None  # 40 on these weights: recorded
+
+
+def test_not_used_under_autocast(pair):
+    model = pair[0]
+    cache = model.new_cache(1, max_len=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert traced_step.cpu_step(model, cache, planned_steps=1000) is None
+    assert traced_step.cpu_step(model, cache, planned_steps=1000) is not None

@@ -14,14 +14,14 @@ steps at a batch size, counting the steps a call plans (so a long generation
 records at once, short ones after a few calls, a one-off 50-token run never:
 recording 124M takes ~0.5 s, which ~170 faster steps repay). It is checked
 against the plain step it replaces and kept for later calls while the model's
-modules and weights stay the same ones (any replaced module or tensor, or a
-weight changed in place, makes a new one).
+modules and weights stay the same ones; any replaced module or tensor, or a
+weight changed in place, drops it and starts the count again.
 It serves every cache length: the step reads k and v as views that end at the
 new token's slot, so no shape in the recording depends on the length.
 
 Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set,
-attention is the fused kind and dropout is off; everything else takes the
-plain path. `torch.jit.trace` is deprecated in favour of `torch.compile`, which
+attention is the fused kind, dropout is off and autocast is not on; everything
+else takes the plain path. `torch.jit.trace` is deprecated in favour of `torch.compile`, which
 on a CPU does not help here (it adds a guard check per call and cannot trace
 FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where tracing is missing or
 fails, decoding falls back to the plain step. Set `TRACE_CPU_STEP = False` to
@@ -81,17 +81,22 @@ def cpu_step(
     if not _applies(model, cache):
         return None
     B = cache.k.size(1)
-    steps = _STEPS.setdefault(model, {})
-    steps[B] = steps.get(B, 0) + planned_steps
     kept = _RECORDINGS.setdefault(model, {})
+    steps = _STEPS.setdefault(model, {})
     signature = _signature(model)  # once per call: the model cannot change mid-generation
     entry = kept.get(B)
+    if entry is not None and entry[0] != signature:
+        # the model changed (a training step, new weights): count its steps afresh, so a
+        # trainer's short samples between steps do not pay for a recording each time
+        del kept[B]
+        entry, steps[B] = None, 0
+    steps[B] = steps.get(B, 0) + planned_steps
     recorded = None
-    if entry is not None and entry[0] == signature:
+    if entry is not None:
         if entry[1] is None:
             return None  # recording failed for this model and batch size: the plain path
         recorded = entry[1]
-    elif entry is None and steps[B] < RECORD_AFTER_STEPS:
+    elif steps[B] < RECORD_AFTER_STEPS:
         return None  # not worth recording yet
     pos = torch.zeros(1, dtype=torch.long)  # (1,) the new token's position
 
@@ -121,6 +126,7 @@ def _applies(model: nn.Module, cache: KVCache) -> bool:
         TRACE_CPU_STEP
         and hasattr(torch.jit, "trace")
         and cache.k.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")  # a recording would keep autocast's casts
         and getattr(model, "_taps", None) is None  # hooks read the normal forward's names
         and all(getattr(block.attn, "impl", None) == "sdpa" for block in model.h)
         and not (model.training and model.config.dropout > 0)
