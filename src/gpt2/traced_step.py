@@ -15,17 +15,17 @@ records at once, short ones after a few calls, a one-off 50-token run never:
 recording 124M takes ~0.5 s, which ~170 faster steps repay). It is checked
 against the plain step it replaces and kept for later calls while the model's
 modules and weights stay the same ones; any replaced module or tensor, or a
-weight changed in place, drops it and starts the count again.
-It serves every cache length: the step reads k and v as views that end at the
-new token's slot, so no shape in the recording depends on the length.
+weight changed in place, drops it and starts the count again. It serves every
+cache length: the step reads k and v as views that end at the new token's
+slot, so no shape in the recording depends on the length.
 
 Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set,
 attention is the fused kind, dropout is off and autocast is not on; everything
-else takes the plain path. `torch.jit.trace` is deprecated in favour of `torch.compile`, which
-on a CPU does not help here (it adds a guard check per call and cannot trace
-FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where tracing is missing or
-fails, decoding falls back to the plain step. Set `TRACE_CPU_STEP = False` to
-turn it off.
+else takes the plain path. `torch.jit.trace` is deprecated in favour of
+`torch.compile`, which on a CPU does not help here (it adds a guard check per
+call and cannot trace FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where
+tracing is missing or fails, decoding falls back to the plain step. Set
+`TRACE_CPU_STEP = False` to turn it off.
 
     >>> from gpt2.config import GPT2Config
     >>> from gpt2.model import GPT2
