@@ -108,9 +108,18 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     matrix-vector product for one row); the plain module call under torch.compile, whose
     own matmul lowering replaces that choice (and which cannot follow `_project`'s cache
     of oneDNN-packed weights)."""
-    if torch.compiler.is_compiling():
+    if _compiling():
         return layer(x)
     return _project(layer, x)
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces this code (torch.compiler.is_compiling, PyTorch 2.3+;
+    torch._dynamo.is_compiling before it)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        from torch._dynamo import is_compiling as check
+    return check()
 
 
 def decode_step(
@@ -142,7 +151,7 @@ def decode_step(
     x = model.ln_f(x)
     if model.lm_head is not None:  # a quantized or packed copy of wte (gpt2.quantize)
         return model.lm_head(x)
-    if torch.compiler.is_compiling():
+    if _compiling():
         return F.linear(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
     return _matmul_t(x, model.wte.weight)  # (B, n_vocab)
 

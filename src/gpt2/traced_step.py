@@ -126,11 +126,18 @@ def _applies(model: nn.Module, cache: KVCache) -> bool:
         TRACE_CPU_STEP
         and hasattr(torch.jit, "trace")
         and cache.k.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")  # a recording would keep autocast's casts
+        and not _cpu_autocast()  # a recording would keep autocast's casts
         and getattr(model, "_taps", None) is None  # hooks read the normal forward's names
         and all(getattr(block.attn, "impl", None) == "sdpa" for block in model.h)
         and not (model.training and model.config.dropout > 0)
     )
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # PyTorch before 2.4 takes no device here
+        return torch.is_autocast_cpu_enabled()
 
 
 class _Step(nn.Module):
