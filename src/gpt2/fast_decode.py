@@ -81,8 +81,8 @@ def block_step(
     x (B, C): the residual stream; k_cache, v_cache (B, nh, L, hs): this layer's
     cache, written in place at slot pos (1,); visible (1, 1, 1, L) bool: the
     slots filled so far, this one included (None: all L are). Returns the new
-    residual (B, C). The products go through `_linear`: on a CPU that is a
-    matrix-vector product for one row, as in the normal forward.
+    residual (B, C). The products go through `gpt2.model._project`, as in the
+    normal forward (on a CPU, a matrix-vector product for one row).
 
     Uses the block's Linear and LayerNorm modules only (not Block.forward, whose
     per-layer names would make torch.compile specialise on each layer), so one
@@ -91,35 +91,16 @@ def block_step(
     B, C = x.shape
     attn, mlp = block.attn, block.mlp
     nh, hs = attn.n_head, attn.head_size
-    qkv = _linear(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
+    qkv = _project(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
     q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
     k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
     v_cache.index_copy_(2, pos, v)
     # Attend over every slot; the mask hides the ones not yet written, so shapes
     # never change (a growing slice would need a new graph per length).
     y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
-    x = x + _linear(attn.c_proj, y.reshape(B, C))  # (B, C)
-    h = F.gelu(_linear(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
-    return x + _linear(mlp.c_proj, h)  # (B, C)
-
-
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x): through `gpt2.model._project` when run eagerly or traced (on a CPU, a
-    matrix-vector product for one row); the plain module call under torch.compile, whose
-    own matmul lowering replaces that choice (and which cannot follow `_project`'s cache
-    of oneDNN-packed weights)."""
-    if _compiling():
-        return layer(x)
-    return _project(layer, x)
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces this code (torch.compiler.is_compiling, PyTorch 2.3+;
-    torch._dynamo.is_compiling before it)."""
-    check = getattr(torch.compiler, "is_compiling", None)
-    if check is None:
-        from torch._dynamo import is_compiling as check
-    return check()
+    x = x + _project(attn.c_proj, y.reshape(B, C))  # (B, C)
+    h = F.gelu(_project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
+    return x + _project(mlp.c_proj, h)  # (B, C)
 
 
 def decode_step(
@@ -151,9 +132,7 @@ def decode_step(
     x = model.ln_f(x)
     if model.lm_head is not None:  # a quantized or packed copy of wte (gpt2.quantize)
         return model.lm_head(x)
-    if _compiling():
-        return F.linear(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
-    return _matmul_t(x, model.wte.weight)  # (B, n_vocab)
+    return _matmul_t(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
 
 
 def pick_next(
