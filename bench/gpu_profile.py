@@ -10,7 +10,9 @@ kernels, heaviest first, of:
              and as graph replays; then variants: the whole step compiled as one
              function instead of one layer; max-autotune (Triton matmuls); an
              additive float attention mask made once per step; SDPA limited to
-             its memory-efficient kernel (--decode-variants picks)
+             its memory-efficient kernel; block_step_one_row (products and
+             attention as Triton reductions; the default at batch 1), with and
+             without coordinate-descent tuning (--decode-variants picks, in order)
     train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
              compiled with the loss inside the compiled function (as the trainer
              does) or outside it; with the LM head padded to 50,304 rows (the
@@ -33,8 +35,10 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpt2.fast_decode  # noqa: E402
 import gpt2.model  # noqa: E402
 from gpt2._io import atomic_write_text  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
@@ -161,16 +165,37 @@ def section_decode(a, clock: Clock) -> dict:
                 ("graph_compiled_layer_float_mask", lambda: FloatMaskDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_compiled_layer_efficient_sdpa", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row_coordinate_descent", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True))]
-    for name, make in variants:
+    for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
+                             if v[0] in a.decode_variants else len(variants)):
         if name not in a.decode_variants:
             continue
-        backends = sdpa_backends(cudnn=False, flash=False) if name.endswith("efficient_sdpa") \
-            else contextlib.nullcontext()
-        with backends:
+        with contextlib.ExitStack() as stack:
+            # block_step_one_row only where the variant's name says so
+            stack.enter_context(one_row(name.startswith("graph_one_row")))
+            if name.endswith("efficient_sdpa"):
+                stack.enter_context(sdpa_backends(cudnn=False, flash=False))
+            if name.endswith("coordinate_descent"):
+                stack.enter_context(torch._inductor.config.patch(
+                    coordinate_descent_tuning=True))
             ref = decode_variant(a, clock, name, make, idx, new, out, ref)
         free(torch.device("cuda"))
     return out
+
+
+@contextlib.contextmanager
+def one_row(on: bool):
+    """Set gpt2.fast_decode.ONE_ROW_REDUCTIONS while a variant is built."""
+    before = gpt2.fast_decode.ONE_ROW_REDUCTIONS
+    gpt2.fast_decode.ONE_ROW_REDUCTIONS = on
+    try:
+        yield
+    finally:
+        gpt2.fast_decode.ONE_ROW_REDUCTIONS = before
 
 
 def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
@@ -198,7 +223,7 @@ def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
         graph = dec._runner(options)
         print("  as graph replays:")
         r["graph_replay"] = profile(graph, 32)
-        if name in ("graph", "graph_compiled_layer"):
+        if name in ("graph", "graph_compiled_layer", "graph_one_row"):
             print("  as eager steps (the same kernels, launched one by one):")
             r["eager_steps"] = profile(lambda: dec._step(options), 32)
         out[name] = r
@@ -288,12 +313,12 @@ def main(argv: list[str] | None = None) -> int:
                    "compiled_with_loss_plain_head")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
-                   "graph_compiled_layer_efficient_sdpa")
+                   "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_coordinate_descent")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)
     a.train_variants = set(a.train_variants.split(","))
-    a.decode_variants = set(a.decode_variants.split(","))
+    a.decode_variants = a.decode_variants.split(",")  # in this order
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; nothing to profile")
         return 1

@@ -15,7 +15,14 @@ import torch
 
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
-from gpt2.fast_decode import CudaGraphDecoder, StaticDecoder, block_step, decode_step, pick_next
+from gpt2.fast_decode import (
+    CudaGraphDecoder,
+    StaticDecoder,
+    block_step,
+    block_step_one_row,
+    decode_step,
+    pick_next,
+)
 from gpt2.model import GPT2
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -85,6 +92,47 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint):
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=STEP_ATOL, rtol=0)
     torch.testing.assert_close(caches[1].v, caches[0].v, atol=STEP_ATOL, rtol=0)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not one per layer
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("full_cache", [False, True])
+def test_one_row_step_matches_transformers(tiny, full_cache):
+    """The reduction form of the step (what a compiled one-row GPU decoder runs)
+    gives transformers' logits at every position, over a masked full-length cache
+    and over a cache that ends at the new slot."""
+    model, hf = tiny
+    T, L = 3, 32
+    seq = random_ids((1, L), seed=11)
+    cache = model.new_cache(1, L)
+    model(seq[:, :T], cache=cache)
+    hf_all = hf(seq).logits  # (1, L, V)
+    for t in range(T, L):
+        pos = torch.tensor([t])
+        k, v = (cache.k, cache.v) if full_cache else (cache.k[:, :, :, : t + 1],
+                                                      cache.v[:, :, :, : t + 1])
+        ours = decode_step(model, k, v, seq[:, t], pos, block_fn=block_step_one_row,
+                           attend_all=not full_cache)  # (1, V)
+        assert (ours - hf_all[:, t]).abs().max().item() <= STEP_ATOL, f"position {t}"
+
+
+@torch.no_grad()
+def test_compiled_one_row_step_is_one_graph_for_every_layer(hf_checkpoint):
+    ckpt = hf_checkpoint(n_layer=3, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=4)
+    model = GPT2.from_pretrained(ckpt.folder)
+    idx = random_ids((1, 6), seed=6)
+    caches = [model.new_cache(1, 16) for _ in range(2)]
+    for cache in caches:
+        model(idx, cache=cache)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(block_step_one_row, backend="aot_eager", fullgraph=True,
+                             dynamic=False)
+    token, pos = idx[:, -1], torch.tensor([6])
+    want = decode_step(model, caches[0].k, caches[0].v, token, pos)
+    got = decode_step(model, caches[1].k, caches[1].v, token, pos, block_fn=compiled)
+    assert torch.allclose(got, want, atol=STEP_ATOL, rtol=0)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=STEP_ATOL, rtol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_pick_next_compiles_without_graph_breaks():
@@ -263,6 +311,20 @@ def test_cuda_graph_greedy_matches_eager_fp32(tiny, tiny_cuda, compile):
     idx = random_ids((2, 7), seed=22)
     got = graph.generate(idx, max_new_tokens=20, temperature=0.0).cpu()
     assert torch.equal(got, hf_greedy(hf, idx, 20))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_graph_one_row_greedy_matches_transformers_fp32(tiny, tiny_cuda):
+    """Batch 1, compiled: the decoder runs block_step_one_row (Triton reductions)."""
+    model, hf = tiny
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graph = CudaGraphDecoder(tiny_cuda, batch_size=1, max_len=32, dtype=torch.float32)
+    assert graph.block_fn._torchdynamo_orig_callable is block_step_one_row
+    for seed, T in ((24, 4), (25, 9)):
+        idx = random_ids((1, T), seed=seed)
+        got = graph.generate(idx, max_new_tokens=32 - T, temperature=0.0).cpu()
+        assert torch.equal(got, hf_greedy(hf, idx, 32 - T))
 
 
 @needs_cuda

@@ -58,11 +58,22 @@ from gpt2.generate import (
 )
 from gpt2.model import _matmul_t, _project
 
-__all__ = ["CudaGraphDecoder", "StaticDecoder", "block_step", "decode_step", "pick_next"]
+__all__ = [
+    "CudaGraphDecoder",
+    "StaticDecoder",
+    "block_step",
+    "block_step_one_row",
+    "decode_step",
+    "pick_next",
+]
 
 # The smallest positive float32: noise is clamped to it, so a filtered token
 # (probability 0) gives 0 / tiny = 0 and can never win, even when its noise is 0.
 _TINY = torch.finfo(torch.float32).tiny
+
+# A compiled GPU decoder for one row uses `block_step_one_row` (products and
+# attention as reductions that torch.compile fuses) instead of `block_step`.
+ONE_ROW_REDUCTIONS = True
 
 
 # --------------------------------------------------------------------------- the step
@@ -101,6 +112,54 @@ def block_step(
     x = x + _project(attn.c_proj, y.reshape(B, C))  # (B, C)
     h = F.gelu(_project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
     return x + _project(mlp.c_proj, h)  # (B, C)
+
+
+def block_step_one_row(
+    block: nn.Module,
+    x: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    visible: torch.Tensor | None,
+) -> torch.Tensor:
+    """`block_step` for a batch of one row, written for torch.compile on a GPU.
+
+    Same arguments and result. At one row every product is a matrix-vector
+    product and the attention is one query: the work is reading weights and the
+    cache, and the cost is kernels. Written as elementwise products and sums
+    (weight (out, in) * x, summed over in; q * keys, summed over hs; weights *
+    values, summed over slots), torch.compile turns each into one reduction
+    kernel and fuses into it what comes before or after (the mask, the softmax's
+    scaling, bias, GELU, the residual add), instead of calling cuBLAS and SDPA.
+    Sums run in float32, as theirs do. Measured against `block_step` in
+    bench/gpu_profile.py (GPU_NOTES.md has the figures).
+    """
+    B, C = x.shape
+    attn, mlp = block.attn, block.mlp
+    nh, hs = attn.n_head, attn.head_size
+    qkv = _matvec(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
+    q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
+    k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
+    v_cache.index_copy_(2, pos, v)
+    scores = (q.float() * k_cache.float()).sum(-1) * hs**-0.5  # (B, nh, L)
+    if visible is not None:
+        scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, nh, L)
+    y = (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(x.dtype)  # (B, nh, hs)
+    x = x + _matvec(attn.c_proj, y.reshape(B, C))  # (B, C)
+    h = F.gelu(_matvec(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
+    return x + _matvec(mlp.c_proj, h)  # (B, C)
+
+
+def _matvec(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for an nn.Linear as a float32 sum of weight * x, rounded to x's dtype;
+    other layers (int8, packed) as they are."""
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    y = (x.float().unsqueeze(-2) * layer.weight.float()).sum(-1)  # (B, out)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype)
 
 
 def decode_step(
@@ -219,7 +278,9 @@ class StaticDecoder:
         self.block_fn, self.pick_fn = block_step, pick_next
         if compile:
             options = dict(mode=compile_mode, fullgraph=True, dynamic=False)
-            self.block_fn = torch.compile(block_step, **options)
+            one_row = ONE_ROW_REDUCTIONS and B == 1 and device.type == "cuda"
+            self.block_fn = torch.compile(block_step_one_row if one_row else block_step,
+                                          **options)
             self.pick_fn = torch.compile(pick_next, **options)
 
     # -- public -------------------------------------------------------------------------
