@@ -169,14 +169,21 @@ def section_decode(a, clock: Clock) -> dict:
                 ("graph_one_row", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_coordinate_descent", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row_sdpa", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row_sdpa_coordinate_descent", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True))]
     for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
                              if v[0] in a.decode_variants else len(variants)):
         if name not in a.decode_variants:
             continue
+        # a new torch.compile of the same function would reuse the last variant's code
+        torch._dynamo.reset()
         with contextlib.ExitStack() as stack:
             # block_step_one_row only where the variant's name says so
-            stack.enter_context(one_row(name.startswith("graph_one_row")))
+            stack.enter_context(one_row(name.startswith("graph_one_row"),
+                                        "sdpa" if "_sdpa" in name else "reduce"))
             if name.endswith("efficient_sdpa"):
                 stack.enter_context(sdpa_backends(cudnn=False, flash=False))
             if name.endswith("coordinate_descent"):
@@ -188,14 +195,16 @@ def section_decode(a, clock: Clock) -> dict:
 
 
 @contextlib.contextmanager
-def one_row(on: bool):
-    """Set gpt2.fast_decode.ONE_ROW_REDUCTIONS while a variant is built."""
-    before = gpt2.fast_decode.ONE_ROW_REDUCTIONS
-    gpt2.fast_decode.ONE_ROW_REDUCTIONS = on
+def one_row(on: bool, attention: str):
+    """Set gpt2.fast_decode.ONE_ROW_REDUCTIONS and ONE_ROW_ATTENTION while a variant
+    is built and run."""
+    fd = gpt2.fast_decode
+    before = fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION
+    fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION = on, attention
     try:
         yield
     finally:
-        gpt2.fast_decode.ONE_ROW_REDUCTIONS = before
+        fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION = before
 
 
 def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
@@ -313,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                    "compiled_with_loss_plain_head")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
-                   "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_coordinate_descent")
+                   "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_coordinate_descent,"
+                   "graph_one_row_sdpa,graph_one_row_sdpa_coordinate_descent")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)

@@ -74,6 +74,7 @@ _TINY = torch.finfo(torch.float32).tiny
 # A compiled GPU decoder for one row uses `block_step_one_row` (products and
 # attention as reductions that torch.compile fuses) instead of `block_step`.
 ONE_ROW_REDUCTIONS = True
+ONE_ROW_ATTENTION = "reduce"
 
 
 # --------------------------------------------------------------------------- the step
@@ -141,11 +142,14 @@ def block_step_one_row(
     q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
     k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
     v_cache.index_copy_(2, pos, v)
-    scores = (q.float() * k_cache.float()).sum(-1) * hs**-0.5  # (B, nh, L)
-    if visible is not None:
-        scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
-    p = torch.softmax(scores, dim=-1)  # (B, nh, L)
-    y = (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(x.dtype)  # (B, nh, hs)
+    if ONE_ROW_ATTENTION == "sdpa":
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)
+    else:
+        scores = (q.float() * k_cache.float()).sum(-1) * hs**-0.5  # (B, nh, L)
+        if visible is not None:
+            scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
+        p = torch.softmax(scores, dim=-1)  # (B, nh, L)
+        y = (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(x.dtype)  # (B, nh, hs)
     x = x + _matvec(attn.c_proj, y.reshape(B, C))  # (B, C)
     h = F.gelu(_matvec(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
     return x + _matvec(mlp.c_proj, h)  # (B, C)
