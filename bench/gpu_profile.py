@@ -11,8 +11,10 @@ kernels, heaviest first, of:
              function instead of one layer; max-autotune (Triton matmuls); an
              additive float attention mask made once per step; SDPA limited to
              its memory-efficient kernel; block_step_one_row (products and
-             attention as Triton reductions; the default at batch 1), with and
-             without coordinate-descent tuning (--decode-variants picks, in order)
+             attention as Triton reductions, or with SDPA's attention), with and
+             without inductor's coordinate-descent tuning ("_tuned": the
+             library's default is block_step_one_row with reductions, tuned)
+             (--decode-variants picks, in order)
     train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
              compiled with the loss inside the compiled function (as the trainer
              does) or outside it; with the LM head padded to 50,304 rows (the
@@ -168,11 +170,13 @@ def section_decode(a, clock: Clock) -> dict:
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
-                ("graph_one_row_coordinate_descent", lambda: CudaGraphDecoder(
+                ("graph_one_row_tuned", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_sdpa", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
-                ("graph_one_row_sdpa_coordinate_descent", lambda: CudaGraphDecoder(
+                ("graph_one_row_sdpa_tuned", lambda: CudaGraphDecoder(
+                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_compiled_layer_tuned", lambda: CudaGraphDecoder(
                     model, batch_size=1, max_len=prompt + new, dtype=None, compile=True))]
     for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
                              if v[0] in a.decode_variants else len(variants)):
@@ -186,12 +190,23 @@ def section_decode(a, clock: Clock) -> dict:
                                         "sdpa" if "_sdpa" in name else "reduce"))
             if name.endswith("efficient_sdpa"):
                 stack.enter_context(sdpa_backends(cudnn=False, flash=False))
-            if name.endswith("coordinate_descent"):
-                stack.enter_context(torch._inductor.config.patch(
-                    coordinate_descent_tuning=True))
+            # coordinate-descent tuning (the library's default) only for the tuned variants
+            stack.enter_context(tuning(name.endswith("_tuned")))
             ref = decode_variant(a, clock, name, make, idx, new, out, ref)
         free(torch.device("cuda"))
     return out
+
+
+@contextlib.contextmanager
+def tuning(on: bool):
+    """Set gpt2.fast_decode.TUNE_COMPILED_KERNELS while a variant is built and run."""
+    fd = gpt2.fast_decode
+    before = fd.TUNE_COMPILED_KERNELS
+    fd.TUNE_COMPILED_KERNELS = on
+    try:
+        yield
+    finally:
+        fd.TUNE_COMPILED_KERNELS = before
 
 
 @contextlib.contextmanager
@@ -322,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                    "compiled_with_loss_plain_head")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
-                   "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_coordinate_descent,"
-                   "graph_one_row_sdpa,graph_one_row_sdpa_coordinate_descent")
+                   "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
+                   "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)

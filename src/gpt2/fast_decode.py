@@ -43,6 +43,7 @@ Greedy decoding (temperature 0) gives the tokens of the normal path.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -73,8 +74,12 @@ _TINY = torch.finfo(torch.float32).tiny
 
 # A compiled GPU decoder for one row uses `block_step_one_row` (products and
 # attention as reductions that torch.compile fuses) instead of `block_step`.
+# ONE_ROW_ATTENTION: "reduce" (attention as reductions too) or "sdpa". What a
+# decoder compiles is compiled with inductor's coordinate-descent tuning (a few
+# seconds more at the first call). Measured choices: bench/GPU_NOTES.md.
 ONE_ROW_REDUCTIONS = True
 ONE_ROW_ATTENTION = "reduce"
+TUNE_COMPILED_KERNELS = True
 
 
 # --------------------------------------------------------------------------- the step
@@ -280,6 +285,7 @@ class StaticDecoder:
         # block_step serves every layer (same shapes, other weights), so compile time
         # does not grow with depth.
         self.block_fn, self.pick_fn = block_step, pick_next
+        self.compiled = compile
         if compile:
             options = dict(mode=compile_mode, fullgraph=True, dynamic=False)
             one_row = ONE_ROW_REDUCTIONS and B == 1 and device.type == "cuda"
@@ -341,7 +347,7 @@ class StaticDecoder:
         sampling = not options.greedy
         # inference_mode per step, not around the yields: the caller's code between
         # steps should run in its own mode
-        with torch.inference_mode():
+        with torch.inference_mode(), self._compile_config():  # what compiles runs here
             logits = self._prefill(idx)  # (B, V)
             if sampling:
                 self.noise.exponential_(generator=generator)
@@ -354,6 +360,15 @@ class StaticDecoder:
                     self.noise.exponential_(generator=generator)  # one kernel, outside any graph
                 run()
             yield
+
+    def _compile_config(self) -> contextlib.AbstractContextManager:
+        """Inductor's settings for what this decoder compiles: coordinate-descent tuning
+        of the generated kernels' launch configurations (TUNE_COMPILED_KERNELS)."""
+        if not (self.compiled and TUNE_COMPILED_KERNELS):
+            return contextlib.nullcontext()
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(coordinate_descent_tuning=True)
 
     def _check(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0:
