@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--stop; a --seed reproduces this path's own samples)")
     parser.add_argument("--compile", action="store_true",
                         help="with --cuda-graph: fuse the step with torch.compile first "
-                        "(~25 s once per batch size and length; ~20%% more tokens/s on an "
-                        "H100, so worth it for long or many generations)")
+                        "(~20-30 s once per batch size and length; ~40%% more tokens/s at "
+                        "batch 1 on an H100 or H200, so worth it for long or many "
+                        "generations)")
     parser.add_argument("--interactive", "-i", action="store_true",
                         help="read prompts from stdin, one per line, until EOF or an "
                         "empty line")
