@@ -5,9 +5,11 @@
 bench/gpu.py says how fast; this says why. For 124M it prints torch.profiler's
 kernels, heaviest first, of:
 
-    decode   one token of the CUDA-graph decoder at batch 1 (bf16, per-layer step
-             compiled), profiled as eager steps (the same kernels the graph replays)
-             and as graph replays; then variants: the whole step compiled as one
+    decode   one token of the CUDA-graph decoder at batch 1 (--decode-batch: another
+             batch; bf16), uncompiled and with the per-layer step compiled,
+             profiled as eager steps (the same kernels the graph replays) and as
+             graph replays; the uncompiled graph's greedy tokens are checked
+             against the same step run eagerly; then variants: the whole step compiled as one
              function instead of one layer; max-autotune (Triton matmuls); an
              additive float attention mask made once per step; SDPA limited to
              its memory-efficient kernel; block_step_one_row (products and
@@ -44,7 +46,12 @@ import gpt2.fast_decode  # noqa: E402
 import gpt2.model  # noqa: E402
 from gpt2._io import atomic_write_text  # noqa: E402
 from gpt2.config import GPT2Config  # noqa: E402
-from gpt2.fast_decode import CudaGraphDecoder, decode_step, pick_next  # noqa: E402
+from gpt2.fast_decode import (  # noqa: E402
+    CudaGraphDecoder,
+    StaticDecoder,
+    decode_step,
+    pick_next,
+)
 from gpt2.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 from gpt2.train.trainer import ModelLoss, lm_loss  # noqa: E402
 from gpu import Clock, first_mismatch, free, ours  # noqa: E402 (bench/gpu.py, beside this)
@@ -151,33 +158,34 @@ def section_decode(a, clock: Clock) -> dict:
     config = GPT2Config.preset("124M")
     model = ours(config, torch.device("cuda"), torch.bfloat16)
     prompt, new = 16, 128
-    idx = torch.randint(0, config.n_vocab, (1, prompt), device="cuda",
+    B = a.decode_batch
+    idx = torch.randint(0, config.n_vocab, (B, prompt), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(1))
     out: dict = {}
     ref = None
-    variants = [("graph", lambda: CudaGraphDecoder(model, batch_size=1, max_len=prompt + new,
+    variants = [("graph", lambda: CudaGraphDecoder(model, batch_size=B, max_len=prompt + new,
                                                    dtype=None, compile=False)),
                 ("graph_compiled_layer", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_compiled_whole", lambda: WholeStepDecoder(
-                    model, batch_size=1, max_len=prompt + new)),
+                    model, batch_size=B, max_len=prompt + new)),
                 ("graph_compiled_layer_autotune", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True,
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True,
                     compile_mode="max-autotune-no-cudagraphs")),
                 ("graph_compiled_layer_float_mask", lambda: FloatMaskDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_compiled_layer_efficient_sdpa", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_tuned", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_sdpa", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_sdpa_tuned", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True)),
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_compiled_layer_tuned", lambda: CudaGraphDecoder(
-                    model, batch_size=1, max_len=prompt + new, dtype=None, compile=True))]
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True))]
     for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
                              if v[0] in a.decode_variants else len(variants)):
         if name not in a.decode_variants:
@@ -236,12 +244,19 @@ def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
         tokens = dec.generate(idx, max_new_tokens=new, temperature=0.0)  # compiles, captures
         first = time.perf_counter() - t0
         s = median_s(lambda: dec.generate(idx, max_new_tokens=new, temperature=0.0), a.runs)
-        r = {"tokens_per_s": new / s, "first_call_s": first}
+        B = idx.size(0)
+        r = {"batch": B, "tokens_per_s": B * new / s, "first_call_s": first}
         ref = tokens if ref is None else ref
         r["greedy_identical_to_first_variant"] = first_mismatch(ref, tokens) is None
-        print(f"\ndecode 124M b1 {name}: {r['tokens_per_s']:,.0f} tokens/s "
+        print(f"\ndecode 124M b{B} {name}: {r['tokens_per_s']:,.0f} tokens/s "
               f"(first call {first:.1f} s), greedy tokens identical to the first variant's: "
               f"{r['greedy_identical_to_first_variant']}")
+        if name == "graph":  # the graph replays the eager step's kernels: same tokens?
+            eager = StaticDecoder(dec.model, batch_size=B, max_len=dec.max_len)
+            mismatch = first_mismatch(eager.generate(idx, max_new_tokens=new, temperature=0.0),
+                                      tokens)
+            r["first_mismatch_vs_eager_static_step"] = mismatch
+            print(f"  greedy tokens vs the same step run eagerly: first mismatch at {mismatch}")
         options = SamplingOptions(0.0, None, None)
         dec.generate(idx, max_new_tokens=2, temperature=0.0)  # leaves a prefilled cache
         graph = dec._runner(options)
@@ -339,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
                    "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned")
+    p.add_argument("--decode-batch", type=int, default=1,
+                   help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)
