@@ -18,6 +18,9 @@ Because nothing in it depends on a value read back to the host, the whole step
 can be captured once as a `torch.cuda.CUDAGraph` and replayed per token with a
 single launch; `torch.compile` of the per-layer function fuses its small ops
 first (one compilation serves every layer: the layers differ only in weights).
+At batch 1 on a GPU the compiled function is `block_step_one_row`, the same
+block written as sums, which the compiler turns into its own fused kernels
+(faster there than cuBLAS and SDPA; figures in bench/GPU_NOTES.md).
 
 Two classes share the logic:
 
@@ -241,7 +244,9 @@ class StaticDecoder:
         another dtype is converted into a copy (the caller's model is not changed).
     compile: pass the per-layer step and the sampler through `torch.compile` with
         `compile_mode` (None: PyTorch's default; "max-autotune-no-cudagraphs" tunes
-        the matrix products too, at minutes of compile time).
+        the matrix products too, at minutes of compile time). The per-layer step is
+        `block_step_one_row` for batch_size 1 on a CUDA device, else `block_step`;
+        inductor's coordinate-descent tuning is on while they compile.
 
     >>> from gpt2.config import GPT2Config
     >>> from gpt2.model import GPT2
