@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gpt2.fast_decode
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.fast_decode import (
@@ -95,11 +96,13 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("attention", ["reduce", "sdpa"])
 @pytest.mark.parametrize("full_cache", [False, True])
-def test_one_row_step_matches_transformers(tiny, full_cache):
+def test_one_row_step_matches_transformers(tiny, full_cache, attention, monkeypatch):
     """The reduction form of the step (what a compiled one-row GPU decoder runs)
     gives transformers' logits at every position, over a masked full-length cache
-    and over a cache that ends at the new slot."""
+    and over a cache that ends at the new slot, with either attention."""
+    monkeypatch.setattr(gpt2.fast_decode, "ONE_ROW_ATTENTION", attention)
     model, hf = tiny
     T, L = 3, 32
     seq = random_ids((1, L), seed=11)
