@@ -108,19 +108,7 @@ def block_step(
     per-layer names would make torch.compile specialise on each layer), so one
     compiled version serves every block of the model.
     """
-    B, C = x.shape
-    attn, mlp = block.attn, block.mlp
-    nh, hs = attn.n_head, attn.head_size
-    qkv = _project(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
-    q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
-    k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
-    v_cache.index_copy_(2, pos, v)
-    # Attend over every slot; the mask hides the ones not yet written, so shapes
-    # never change (a growing slice would need a new graph per length).
-    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
-    x = x + _project(attn.c_proj, y.reshape(B, C))  # (B, C)
-    h = F.gelu(_project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
-    return x + _project(mlp.c_proj, h)  # (B, C)
+    return _block(block, x, k_cache, v_cache, pos, visible, project=_project, attend=_sdpa)
 
 
 def block_step_one_row(
@@ -143,24 +131,39 @@ def block_step_one_row(
     Sums run in float32, as theirs do. Measured against `block_step` in
     bench/gpu_profile.py (GPU_NOTES.md has the figures).
     """
+    attend = _sdpa if ONE_ROW_ATTENTION == "sdpa" else _attend_by_sums
+    return _block(block, x, k_cache, v_cache, pos, visible, project=_matvec, attend=attend)
+
+
+def _block(block, x, k_cache, v_cache, pos, visible, *, project, attend) -> torch.Tensor:
+    """The body of both block steps: project(layer, x) runs each product and
+    attend(q, k_cache, v_cache, visible) the attention."""
     B, C = x.shape
     attn, mlp = block.attn, block.mlp
     nh, hs = attn.n_head, attn.head_size
-    qkv = _matvec(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
+    qkv = project(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
     q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
     k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
     v_cache.index_copy_(2, pos, v)
-    if ONE_ROW_ATTENTION == "sdpa":
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)
-    else:
-        scores = (q.float() * k_cache.float()).sum(-1) * hs**-0.5  # (B, nh, L)
-        if visible is not None:
-            scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
-        p = torch.softmax(scores, dim=-1)  # (B, nh, L)
-        y = (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(x.dtype)  # (B, nh, hs)
-    x = x + _matvec(attn.c_proj, y.reshape(B, C))  # (B, C)
-    h = F.gelu(_matvec(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
-    return x + _matvec(mlp.c_proj, h)  # (B, C)
+    # Attend over every slot; the mask hides the ones not yet written, so shapes
+    # never change (a growing slice would need a new graph per length).
+    y = attend(q, k_cache, v_cache, visible)  # (B, nh, [1,] hs)
+    x = x + project(attn.c_proj, y.reshape(B, C))  # (B, C)
+    h = F.gelu(project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
+    return x + project(mlp.c_proj, h)  # (B, C)
+
+
+def _sdpa(q, k_cache, v_cache, visible) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
+
+
+def _attend_by_sums(q, k_cache, v_cache, visible) -> torch.Tensor:
+    """SDPA for one query written as float32 sums -> (B, nh, hs)."""
+    scores = (q.float() * k_cache.float()).sum(-1) * q.size(-1) ** -0.5  # (B, nh, L)
+    if visible is not None:
+        scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # (B, nh, L)
+    return (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(q.dtype)  # (B, nh, hs)
 
 
 def _matvec(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
