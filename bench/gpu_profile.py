@@ -20,7 +20,8 @@ kernels, heaviest first, of:
     train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
              compiled with the loss inside the compiled function (as the trainer
              does) or outside it; with the LM head padded to 50,304 rows (the
-             default on a GPU) and not
+             default on a GPU) and not; the loss over all 50,304 padded logits with
+             the pad held at -inf (FullWidthLoss); max-autotune
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -141,6 +142,31 @@ class FloatMaskDecoder(CudaGraphDecoder):
         self._emit(self._pick(logits, options))
 
 
+class FullWidthLoss(torch.nn.Module):
+    """ModelLoss with the loss taken over all V + pad logits of the padded LM head, the
+    pad columns held at -inf by a constant bias added in the product's epilogue: the
+    softmax then reads contiguous rows of 50,304 instead of a strided slice of 50,257.
+    exp(-inf) = 0, so the loss and the gradients are those of the sliced head."""
+
+    def __init__(self, model: torch.nn.Module, multiple: int = 64) -> None:
+        super().__init__()
+        self.model = model
+        V = model.config.n_vocab
+        self.pad = -V % multiple
+        bias = torch.cat([torch.zeros(V), torch.full((self.pad,), float("-inf"))])
+        self.register_buffer("bias", bias.to(model.wte.weight.device), persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        h = m.wte(x) + m.wpe(torch.arange(x.size(1), device=x.device))  # (B, T, C)
+        for block in m.h:
+            h = block(h, None, None, gpt2.model._no_tap, gpt2.model._never)
+        h = m.ln_f(h)
+        w = torch.nn.functional.pad(m.wte.weight, (0, 0, 0, self.pad))  # (V + pad, C)
+        logits = torch.nn.functional.linear(h, w, self.bias)  # (B, T, V + pad)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
 @contextlib.contextmanager
 def sdpa_backends(*, cudnn: bool = True, flash: bool = True, efficient: bool = True):
     """Allow only some SDPA kernels while a variant compiles, captures and runs."""
@@ -253,10 +279,15 @@ def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
               f"{r['greedy_identical_to_first_variant']}")
         if name == "graph":  # the graph replays the eager step's kernels: same tokens?
             eager = StaticDecoder(dec.model, batch_size=B, max_len=dec.max_len)
-            mismatch = first_mismatch(eager.generate(idx, max_new_tokens=new, temperature=0.0),
-                                      tokens)
+            once = eager.generate(idx, max_new_tokens=new, temperature=0.0)
+            mismatch = first_mismatch(once, tokens)
             r["first_mismatch_vs_eager_static_step"] = mismatch
             print(f"  greedy tokens vs the same step run eagerly: first mismatch at {mismatch}")
+            # is the eager step itself deterministic? (if not, the graph is not to blame)
+            again = first_mismatch(once, eager.generate(idx, max_new_tokens=new,
+                                                        temperature=0.0))
+            r["first_mismatch_eager_static_run_twice"] = again
+            print(f"  the eager step run twice: first mismatch at {again}")
         options = SamplingOptions(0.0, None, None)
         dec.generate(idx, max_new_tokens=2, temperature=0.0)  # leaves a prefilled cache
         graph = dec._runner(options)
@@ -286,7 +317,8 @@ def section_train(a, clock: Clock) -> dict:
     out: dict = {"batch": B, "seq": T, "peak_flops": peak, "flops_per_token": per_token}
 
     def run(name: str, *, pad: bool, compile: bool, prof: bool,
-            loss_inside: bool = False) -> None:
+            loss_inside: bool = False, mode: str | None = None,
+            full_width: bool = False) -> None:
         if name not in a.train_variants:
             return
         if clock.left() < (70 if compile else 20):
@@ -294,9 +326,16 @@ def section_train(a, clock: Clock) -> dict:
             return
         gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = pad
         try:
+            torch._dynamo.reset()  # a new compile must not reuse the last variant's code
             model = ours(config, device).train()
-            if loss_inside:  # the model and its loss compiled as one, as the trainer does
-                forward_loss = torch.compile(ModelLoss(model))
+            if full_width:  # checked against the trainer's loss before it is timed
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    diff = (FullWidthLoss(model)(x[:, :-1], x[:, 1:])
+                            - ModelLoss(model)(x[:, :-1], x[:, 1:])).abs().item()
+                print(f"  full-width loss - trainer's loss: {diff:.2e}")
+                forward_loss = torch.compile(FullWidthLoss(model), mode=mode)
+            elif loss_inside:  # the model and its loss compiled as one, as the trainer does
+                forward_loss = torch.compile(ModelLoss(model), mode=mode)
             else:
                 net = torch.compile(model) if compile else model
 
@@ -339,6 +378,9 @@ def section_train(a, clock: Clock) -> dict:
     run("eager_plain_head", pad=False, compile=False, prof=True)
     run("compiled_with_loss_plain_head", pad=False, compile=True, prof=False,
         loss_inside=True)
+    run("compiled_full_width_loss", pad=True, compile=True, prof=True, full_width=True)
+    run("compiled_with_loss_autotune", pad=True, compile=True, prof=True, loss_inside=True,
+        mode="max-autotune-no-cudagraphs")
     return out
 
 
@@ -349,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--train-variants",
                    default="compiled_with_loss,compiled_model_only,eager,eager_plain_head,"
-                   "compiled_with_loss_plain_head")
+                   "compiled_with_loss_plain_head,compiled_full_width_loss,"
+                   "compiled_with_loss_autotune")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
