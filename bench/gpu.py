@@ -8,11 +8,14 @@ Sections (each one's failure is recorded in the JSON and the next one runs):
     decode   124M, batch 1 and 32, bf16 weights, greedy: transformers generate (fp32
              and bf16) vs our normal cached path (gpt2.generate) vs the fixed-shape
              step run eagerly vs the step as a CUDA graph, plain and compiled; checks
-             that the greedy tokens are identical between our paths
+             that the greedy tokens are identical between our paths; the bound a
+             step that only read the weights once would reach (at the bandwidth a
+             large device-to-device copy gets), with each path's share of it
     train    124M, batch 16 x 1024, bf16 autocast, fused AdamW, TF32: one optimizer
              step of transformers (eager) vs what `gpt2 train` runs (the model and its
              loss as one module), eager and torch.compile'd; MFU
-    xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled)
+    xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled);
+             the same bound
 
 Every figure is the median of --runs timed runs after warm-up; compile time is
 reported separately (first_call_s). Weights are random (GPT2Config.preset sizes):
@@ -149,6 +152,23 @@ def table(title: str, rows: list[tuple[str, float | None, str]], unit: str) -> N
 # --------------------------------------------------------------------------- decode
 
 
+def copy_bandwidth(device, nbytes: int, runs: int = 5) -> float:
+    """Bytes per second a large device-to-device copy moves (read + write counted):
+    what a decode step, which must read every weight once, can at best read."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), device=device, runs=runs, warmup=2)
+    return 2 * nbytes / t["median_s"]
+
+
+def weight_bound(model: GPT2, bandwidth: float, batch: int) -> dict:
+    """Tokens/s if a step took only the time to read the weights once (the tied LM head
+    once; the KV cache and activations left out): an upper bound for decoding."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"weights_bytes": nbytes, "copy_bandwidth_gbs": bandwidth / 1e9,
+            "tokens_per_s": batch * bandwidth / nbytes}
+
+
 def hf_generate_rate(hf, idx, new: int, *, device, runs: int) -> dict:
     mask = torch.ones_like(idx)
 
@@ -259,6 +279,7 @@ def section_decode(a, device, clock: Clock) -> dict:
         traceback.print_exc()
     free(device)
     model = ours(config, device, torch.bfloat16)
+    bandwidth = copy_bandwidth(device, (64 << 20) if a.dry_run else (2 << 30))
     for batch in a.batches:
         res: dict = {}
         idx = torch.randint(0, config.n_vocab, (batch, prompt), device=device)
@@ -275,13 +296,32 @@ def section_decode(a, device, clock: Clock) -> dict:
         res.update(decode_variants(model, batch, prompt, new, device=device, runs=a.runs,
                                    clock=clock, compile_s=a.compile_reserve_s,
                                    compile_mode=a.compile_mode))
+        res["bound"] = weight_bound(model, bandwidth, batch)
         out[f"batch_{batch}"] = res
-        rate = [(n, r.get("tokens_per_s"), r.get("error") or r.get("skipped") or "")
-                for n, r in res.items() if n != "greedy_identical"]
         table(f"decode {out['config']} batch {batch}, {new} new tokens (ratio vs first row)",
-              rate, "tokens/s")
+              decode_rows(res), "tokens/s")
         print(f"  greedy identical to ours_cached_eager: {res['greedy_identical']}")
     return out
+
+
+def decode_rows(res: dict) -> list[tuple[str, float | None, str]]:
+    """Table rows of one decode comparison: each variant, then the bandwidth bound of
+    our (bf16) weights with each of our paths as a share of it."""
+    bound = res["bound"]["tokens_per_s"]
+    rows = []
+    for name, r in res.items():
+        if name in ("greedy_identical", "bound"):
+            continue
+        note = r.get("error") or r.get("skipped") or ""
+        if "tokens_per_s" in r and name.startswith("ours"):
+            r["share_of_bound"] = r["tokens_per_s"] / bound
+            note = note or f"{r['share_of_bound']:.1%} of the bound"
+        rows.append((name, r.get("tokens_per_s"), note))
+    b = res["bound"]
+    rows.append(("bound: weights read once per step", bound,
+                 f"{b['weights_bytes'] / 1e6:,.1f} MB at {b['copy_bandwidth_gbs']:,.0f} GB/s "
+                 "(copy bandwidth)"))
+    return rows
 
 
 # --------------------------------------------------------------------------- train
@@ -386,10 +426,10 @@ def section_xl(a, device, clock: Clock) -> dict:
                                      clock=clock, compile_s=a.compile_reserve_s,
                                      compile_mode=a.compile_mode)
     res = out["batch_1"]
-    rows = [(n, r.get("tokens_per_s"), r.get("error") or r.get("skipped") or "")
-            for n, r in res.items() if n != "greedy_identical"]
-    table(f"decode {out['config']} batch 1, {new} new tokens (ratio vs first row)", rows,
-          "tokens/s")
+    bandwidth = copy_bandwidth(device, (64 << 20) if a.dry_run else (2 << 30))
+    res["bound"] = weight_bound(model, bandwidth, 1)
+    table(f"decode {out['config']} batch 1, {new} new tokens (ratio vs first row)",
+          decode_rows(res), "tokens/s")
     print(f"  greedy identical to ours_cached_eager: {res['greedy_identical']}")
     return out
 

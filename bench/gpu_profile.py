@@ -21,7 +21,8 @@ kernels, heaviest first, of:
              compiled with the loss inside the compiled function (as the trainer
              does) or outside it; with the LM head padded to 50,304 rows (the
              default on a GPU) and not; the loss over all 50,304 padded logits with
-             the pad held at -inf (FullWidthLoss); max-autotune
+             the pad held at -inf (FullWidthLoss); SDPA without cuDNN's kernel
+             (its flash kernel instead); max-autotune
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -318,7 +319,7 @@ def section_train(a, clock: Clock) -> dict:
 
     def run(name: str, *, pad: bool, compile: bool, prof: bool,
             loss_inside: bool = False, mode: str | None = None,
-            full_width: bool = False) -> None:
+            full_width: bool = False, cudnn_sdpa: bool = True) -> None:
         if name not in a.train_variants:
             return
         if clock.left() < (70 if compile else 20):
@@ -326,6 +327,9 @@ def section_train(a, clock: Clock) -> dict:
             return
         gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = pad
         try:
+            # without cuDNN's attention SDPA picks its flash kernel; set for this
+            # variant's compiling, timing and profiling, reset below
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
             torch._dynamo.reset()  # a new compile must not reuse the last variant's code
             model = ours(config, device).train()
             if full_width:  # checked against the trainer's loss before it is timed
@@ -370,6 +374,7 @@ def section_train(a, clock: Clock) -> dict:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
         finally:
             gpt2.model.PAD_HEAD_FOR_GPU_TRAINING = True
+            torch.backends.cuda.enable_cudnn_sdp(True)
         free(device)
 
     run("compiled_with_loss", pad=True, compile=True, prof=True, loss_inside=True)
@@ -379,6 +384,8 @@ def section_train(a, clock: Clock) -> dict:
     run("compiled_with_loss_plain_head", pad=False, compile=True, prof=False,
         loss_inside=True)
     run("compiled_full_width_loss", pad=True, compile=True, prof=True, full_width=True)
+    run("compiled_with_loss_flash_sdpa", pad=True, compile=True, prof=True, loss_inside=True,
+        cudnn_sdpa=False)
     run("compiled_with_loss_autotune", pad=True, compile=True, prof=True, loss_inside=True,
         mode="max-autotune-no-cudagraphs")
     return out
@@ -392,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-variants",
                    default="compiled_with_loss,compiled_model_only,eager,eager_plain_head,"
                    "compiled_with_loss_plain_head,compiled_full_width_loss,"
-                   "compiled_with_loss_autotune")
+                   "compiled_with_loss_flash_sdpa,compiled_with_loss_autotune")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"

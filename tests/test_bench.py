@@ -1,0 +1,65 @@
+"""The GPU benchmark scripts still run: their time on a lent GPU is short and a
+script that fails there wastes it. CI has no GPU, so bench/gpu.py runs its
+--dry-run (tiny models on the CPU) and bench/gpu_profile.py's training-loss
+variant is checked on the CPU against the trainer's loss."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt2.config import GPT2Config
+from gpt2.model import GPT2
+from gpt2.train.trainer import ModelLoss
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_gpu_bench_dry_run_writes_every_section(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    sections = result["sections"]
+    assert set(sections) == {"decode", "train", "xl"}
+    for name, section in sections.items():
+        assert "error" not in section, (name, section["error"])
+    train = sections["train"]
+    for name in ("hf_eager", "ours_eager"):
+        assert train[name]["tokens_per_s"] > 0, name
+    assert "skipped" in train["ours_compiled"] and "skipped" in train["ours_compiled_tuned"]
+    # in fp32 the static decode step must give the cached path's greedy tokens
+    same = sections["decode"]["fp32_greedy_identity"]["ours_static_eager"]
+    assert same["identical"], same
+    for batch in (1, 4):  # the dry run's batches
+        res = sections["decode"][f"batch_{batch}"]
+        bound = res["bound"]
+        assert bound["weights_bytes"] > 0 and bound["tokens_per_s"] > 0
+        share = res["ours_static_eager"]["share_of_bound"]
+        assert share == res["ours_static_eager"]["tokens_per_s"] / bound["tokens_per_s"]
+        assert "share_of_bound" not in res["hf_generate_fp32"]  # fp32 weights: not our bound
+
+
+def test_full_width_loss_equals_the_trainers(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_profile
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_vocab=1000, n_ctx=64)).train()
+    x = torch.randint(0, 1000, (3, 33))
+    expected = ModelLoss(model)(x[:, :-1], x[:, 1:])
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = gpu_profile.FullWidthLoss(model)
+    assert full.pad == 24  # 1,000 logits padded to 1,024
+    loss = full(x[:, :-1], x[:, 1:])
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
