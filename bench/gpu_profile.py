@@ -147,25 +147,37 @@ class FullWidthLoss(torch.nn.Module):
     """ModelLoss with the loss taken over all V + pad logits of the padded LM head, the
     pad columns held at -inf by a constant bias added in the product's epilogue: the
     softmax then reads contiguous rows of 50,304 instead of a strided slice of 50,257.
-    exp(-inf) = 0, so the loss and the gradients are those of the sliced head."""
+    exp(-inf) = 0, so the loss and the gradients are those of the sliced head. The
+    model runs as it is, with this head in its `lm_head` slot for the call."""
 
     def __init__(self, model: torch.nn.Module, multiple: int = 64) -> None:
         super().__init__()
         self.model = model
-        V = model.config.n_vocab
-        self.pad = -V % multiple
-        bias = torch.cat([torch.zeros(V), torch.full((self.pad,), float("-inf"))])
-        self.register_buffer("bias", bias.to(model.wte.weight.device), persistent=False)
+        self.head = _FullWidthHead(model.wte, multiple)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        h = m.wte(x) + m.wpe(torch.arange(x.size(1), device=x.device))  # (B, T, C)
-        for block in m.h:
-            h = block(h, None, None, gpt2.model._no_tap, gpt2.model._never)
-        h = m.ln_f(h)
-        w = torch.nn.functional.pad(m.wte.weight, (0, 0, 0, self.pad))  # (V + pad, C)
-        logits = torch.nn.functional.linear(h, w, self.bias)  # (B, T, V + pad)
+        previous, self.model.lm_head = self.model.lm_head, self.head
+        try:
+            logits = self.model(x)  # (B, T, V + pad)
+        finally:
+            self.model.lm_head = previous
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+class _FullWidthHead(torch.nn.Module):
+    """x @ wte.T over wte padded with zero rows to a multiple, the pad's logits -inf."""
+
+    def __init__(self, wte: torch.nn.Embedding, multiple: int) -> None:
+        super().__init__()
+        self.wte = [wte]  # not a submodule: the model owns it
+        V = wte.weight.size(0)
+        self.pad = -V % multiple
+        bias = torch.cat([torch.zeros(V), torch.full((self.pad,), float("-inf"))])
+        self.register_buffer("bias", bias.to(wte.weight.device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.nn.functional.pad(self.wte[0].weight, (0, 0, 0, self.pad))  # (V + pad, C)
+        return torch.nn.functional.linear(x, w, self.bias)  # (..., V + pad)
 
 
 @contextlib.contextmanager

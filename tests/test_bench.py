@@ -57,7 +57,7 @@ def test_full_width_loss_equals_the_trainers(monkeypatch):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     full = gpu_profile.FullWidthLoss(model)
-    assert full.pad == 24  # 1,000 logits padded to 1,024
+    assert full.head.pad == 24  # 1,000 logits padded to 1,024
     loss = full(x[:, :-1], x[:, 1:])
     loss.backward()
     torch.testing.assert_close(loss, expected)
