@@ -7,17 +7,20 @@ past that is fewer bytes per weight, with a matrix-vector kernel that actually
 streams them at full speed:
 
   bf16   `prepare_bf16(model)`: 2 bytes per weight. Every Linear is replaced by
-         `PackedBF16Linear`, which hands oneDNN a weight reordered once into its
-         blocked layout (`mkldnn._reorder_linear_weight`) and runs on
-         AVX512-BF16/AMX for several rows, and PyTorch's bf16 matrix-vector
-         product for one row (batch-1 decoding).
+         `PackedBF16Linear`: for up to 8 rows (decoding) gpt2's own AVX512-BF16
+         kernel (`gpt2.cpu_kernels`), which streams the plain weight at close to
+         the memory bandwidth; for more rows oneDNN on a weight reordered once into
+         its blocked layout (`mkldnn._reorder_linear_weight`, AVX512-BF16/AMX).
+         Without our kernel, one row runs PyTorch's bf16 matrix-vector product.
   int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
-         output channel. Every Linear becomes `Int8Linear`. On an x86 CPU it runs
-         FBGEMM's int8 x int8 GEMM (`torch.ops.quantized.linear_dynamic`, VNNI
-         where the CPU has it): each *row* of the input is scaled to [-1, 1] and
-         quantized to 8 bits on the fly, as CTranslate2's int8 does, so a row's
-         precision depends on its own largest value, not on its neighbours'. Memory traffic
-         is a quarter of fp32's and the kernel streams it at close to full speed.
+         output channel. Every Linear becomes `Int8Linear`, an int8 x int8 product:
+         each *row* of the input is quantized to 8 bits over its own range on the
+         fly, as CTranslate2's int8 does, so a row's precision depends on its own
+         values, not on its neighbours'. For up to 16 rows (decoding) it runs
+         gpt2's own AVX512-VNNI kernel (`gpt2.cpu_kernels`: quantize, multiply
+         and rescale in one call, streaming the weights at close to the memory
+         bandwidth), for more rows or without VNNI FBGEMM's GEMM
+         (`torch.ops.quantized.linear_dynamic`). Memory traffic is a quarter of fp32's.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
          registers): closer to fp32, about half as fast; it is also the path on
@@ -47,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
 
 METHODS = ("int8", "int8-weight-only")  # the runtime choices; both store the same checkpoint
@@ -137,13 +141,14 @@ class _KernelCopy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._packed = None
+        self._native = None  # what gpt2's own kernel (gpt2.cpu_kernels) needs, if it runs
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def pack(self) -> None:
         raise NotImplementedError
 
     def __getstate__(self):
-        return {**self.__dict__, "_packed": None}
+        return {**self.__dict__, "_packed": None, "_native": None}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -259,7 +264,7 @@ class Int8Linear(_KernelCopy):
     def pack(self) -> None:
         """(Re)build FBGEMM's packed copy of the weight (and bias); call after changing
         `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
-        self._packed = None
+        self._packed = self._native = None
         w = self.weight
         # prompts (many rows) go through a bf16 matmul where the CPU has native bf16:
         # faster than either int8 kernel there (256-token 124M prefill: ~2300 tokens/s,
@@ -267,6 +272,11 @@ class Int8Linear(_KernelCopy):
         self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
         if self.activations != "int8" or w.device.type != "cpu" or w.is_meta:
             return
+        if cpu_kernels.int8_available():
+            # decoding (up to INT8_MAX_ROWS rows): our kernel, which needs each output
+            # channel's weight sum (to undo the activations' zero point) and fp32 scales
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            self._native = (w.sum(dim=1, dtype=torch.int32), self.weight_scale.float(), bias)
         if not cpu_supports_int8_gemm():
             return
         zero = torch.zeros(self.out_features, dtype=torch.long)
@@ -285,19 +295,27 @@ class Int8Linear(_KernelCopy):
 
     @property
     def kernel(self) -> str:
-        """What runs for a few rows (decoding): "int8" (FBGEMM, activations quantized per
-        row) or "bf16" (weight-only). Prompts of more than 32 rows use a bf16 matmul on
-        CPUs with native bf16, whichever this is."""
-        return "int8" if self._packed is not None else "bf16"
+        """What runs for a few rows (decoding): "int8" (activations quantized per row:
+        gpt2's own kernel for up to 16 rows where the CPU has AVX512-VNNI, else
+        FBGEMM) or "bf16" (weight-only). Prompts of more than 32 rows use a bf16 matmul
+        on CPUs with native bf16, whichever this is."""
+        return "int8" if self._packed is not None or self._native is not None else "bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        if self._native is not None and rows <= cpu_kernels.INT8_MAX_ROWS \
+                and x.device.type == "cpu":
+            # decoding: our kernel quantizes each row over its own range, multiplies and
+            # rescales in one call (x is (B, 1, C) or (B, C): the reshape is a view)
+            y = torch.ops.gpt2.int8_linear(
+                x.reshape(rows, self.in_features).float(), self.weight, *self._native)
+            return y.view(*lead, self.out_features).to(x.dtype)  # (..., out)
         if self._packed is not None and x.dim() == 2 and x.size(0) == 1 \
                 and x.dtype == torch.float32 and x.device.type == "cpu":
             # one fp32 row (a decode step): the kernel alone, no reshaping or casting
             # (each of those is a call of its own, and a decode step makes 49 of these)
             return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
-        lead = x.shape[:-1]
-        rows = x.numel() // self.in_features
         many = rows > _INT8PACK_MAX_ROWS and self._bf16_for_many_rows
         if self._packed is not None and x.device.type == "cpu" and not many:
             x2 = x.reshape(-1, self.in_features).float()  # (M, in)
@@ -335,6 +353,8 @@ class Int8Linear(_KernelCopy):
 
     def extra_repr(self) -> str:
         kernel = {"int8": "int8 x int8 (FBGEMM)", "bf16": "int8 weights x bf16"}[self.kernel]
+        if self._native is not None:
+            kernel = "int8 x int8 (gpt2 kernel; FBGEMM for 17-32 rows)"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, per-channel, {kernel}"
@@ -403,14 +423,20 @@ class PackedBF16Linear(_KernelCopy):
         """(Re)build the oneDNN copy of the weight; call after changing `weight` in place
         other than through load_state_dict (which does it itself)."""
         w = self.weight
+        self._packed = self._native = None
         if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
             # the batch-size hint (1) tunes the layout for decoding; any M still works
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        else:
-            self._packed = None
+            # decoding (up to BF16_MAX_ROWS rows): our kernel, on the plain weight
+            self._native = cpu_kernels.bf16_available() or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            rows = x.numel() // self.in_features
+            if self._native and rows <= cpu_kernels.BF16_MAX_ROWS:
+                y = torch.ops.gpt2.bf16_linear(
+                    x.reshape(rows, self.in_features), self.weight, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)  # (..., out)
             if x.numel() == self.in_features:
                 # One row (batch-1 decoding): PyTorch's bf16 matrix-vector product. oneDNN's
                 # AMX kernel streams as fast only once warm, and runs at half speed for the
@@ -424,7 +450,9 @@ class PackedBF16Linear(_KernelCopy):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed"
+        kernel = "; gpt2 kernel for up to 8 rows" if self._native else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bf16 packed{kernel}")  # fmt: skip
 
 
 # -- whole models -------------------------------------------------------------------------

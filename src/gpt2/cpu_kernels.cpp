@@ -1,0 +1,376 @@
+// gpt2's own CPU kernels: the matrix products of a decode step (a few rows times a
+// weight matrix) at the machine's memory bandwidth.
+//
+// Decoding a token on a CPU reads every weight once and does two flops with each, so
+// its speed is the rate at which the weights stream from memory. PyTorch's kernels
+// for one to eight rows of bf16 or int8 weights read them at about half that rate
+// (bench/CPU_NOTES.md); these read them at close to the full rate:
+//
+//   gpt2::bf16_linear(x, weight, bias?)  bf16 rows x bf16 weight (out, in), fp32 sums
+//       (AVX512-BF16 `vdpbf16ps`), bias added in fp32, result rounded to bf16.
+//   gpt2::int8_linear(x, weight, weight_sum, weight_scale, bias?)  fp32 rows, each
+//       quantized on the fly to 8 bits over its own range (asymmetric, as FBGEMM does
+//       for one row), times an int8 weight (out, in) with one scale per output channel
+//       (AVX512-VNNI `vpdpbusd`, exact int32 sums), rescaled to fp32 with the bias.
+//
+// Both keep every row's running sums in registers for a few output channels at once,
+// so each weight is loaded once for all rows, and prefetch the next channels'
+// weights while the current ones are summed: that prefetch is most of the speed
+// (without it the rows stream at 8-16 GB/s, with it at 20-22 on a 22 GB/s machine).
+// The work is split over PyTorch's threads by output channel.
+//
+// Built by `gpt2/cpu_kernels.py` on first use against PyTorch's stable C ABI (no
+// ATen headers: ~2 s to compile); each kernel is compiled for its instruction set
+// with a target attribute and refuses to run on a CPU without it.
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+namespace {
+
+constexpr int kMaxRows = 8;  // rows summed together per pass over the weights
+
+#define GPT2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define GPT2_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define GPT2_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))  // used by both
+
+void check_matrix(const Tensor& t, ScalarType dtype, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == dtype,
+                  "gpt2 CPU kernel: ", name, " must be a contiguous 2-d CPU tensor of the kernel's dtype");
+}
+
+void check_vector(const Tensor& t, ScalarType dtype, int64_t n, const char* name) {
+  STD_TORCH_CHECK(t.is_cpu() && t.dim() == 1 && t.is_contiguous() && t.scalar_type() == dtype &&
+                      t.size(0) == n,
+                  "gpt2 CPU kernel: ", name, " must be a contiguous CPU vector, one per output");
+}
+
+// Channels [o0, o1) of `out` per thread, in whole groups of `group`.
+template <class F>
+void split_channels(int64_t out, int64_t group, const F& f) {
+  const int64_t groups = (out + group - 1) / group;
+  torch::stable::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    f(g0 * group, std::min(g1 * group, out));
+  });
+}
+
+
+// ---- sums across the 16 lanes of 16 registers at once ----------------------------------
+//
+// A tile ends with R x OB registers of 16 partial sums each. Summing each register's
+// lanes on its own costs ~10 dependent shuffles and adds per register; these trees sum
+// 16 registers in 45 operations: lane j of the result is the sum of v[j]'s lanes.
+// Pairs of registers are interleaved and added (32-bit, then 64-bit elements within
+// each 128-bit lane), then 128-bit lanes are exchanged and added twice.
+
+GPT2_VNNI inline __m512i lane_sums16(const __m512i* v) {
+  __m512i a[8], b[4], c[2];
+  for (int k = 0; k < 8; k++)
+    a[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]),
+                            _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; k++)
+    b[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * k], a[2 * k + 1]),
+                            _mm512_unpackhi_epi64(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 2; k++)
+    c[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * k], b[2 * k + 1], 0x88),
+                            _mm512_shuffle_i32x4(b[2 * k], b[2 * k + 1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88),
+                          _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+GPT2_BF16 inline __m512 lane_sums16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; k++)
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; k++) {
+    const __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
+    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int k = 0; k < 2; k++)
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88),
+                       _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// After lane_sums16, lane j of a tile's sums belongs to row j / OB and channel j % OB.
+// lanes_of_channel(OB): each lane's channel, for spreading per-channel values (weight
+// scale, bias) over the lanes with one permute; then row r's OB results are lanes
+// r * OB ... r * OB + OB - 1, moved to the front by a permute by (lane + r * OB).
+GPT2_AVX512 inline __m512i lanes_of_channel(int ob) {
+  alignas(64) int32_t idx[16];
+  for (int j = 0; j < 16; j++) idx[j] = j % ob;
+  return _mm512_load_si512(idx);
+}
+
+GPT2_AVX512 inline __m512i lanes_from(int first) {
+  return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                          _mm512_set1_epi32(first));
+}
+
+// ---- bf16 ----------------------------------------------------------------------------
+
+GPT2_BF16 inline __m512bh load_bf16(const uint16_t* p, int64_t left) {
+  // 32 bf16 values, or the `left` < 32 that remain with zeros after them
+  if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << left) - 1), p);
+}
+
+// y[r, o] = sum_i x[r, i] w[o, i] (+ b[o]) for channels [o0, o1): OB channels at a time
+// against R rows, R * OB accumulators of 16 fp32 partial sums each.
+template <int R, int OB>
+GPT2_BF16 void bf16_channels(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y,
+                             int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  static_assert(R * OB <= 16, "a tile's sums must fit one register");
+  const __m512i by_channel = lanes_of_channel(OB);
+  for (int64_t o = o0; o < o1; o += OB) {
+    const int nb = (int)std::min<int64_t>(OB, o1 - o);
+    __m512 acc[R][OB];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_ps();
+    const uint16_t* wo = w + o * in;
+    for (int64_t i = 0; i < in; i += 32) {
+      const int64_t left = in - i;
+      __m512bh wv[OB];
+      for (int c = 0; c < OB; c++) {
+        // the next group's weights, one cache line each, while this group is summed
+        _mm_prefetch((const char*)(wo + (OB + c) * in + i), _MM_HINT_T0);
+        wv[c] = c < nb ? load_bf16(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
+      }
+      for (int r = 0; r < R; r++) {
+        const __m512bh xv = load_bf16(x + r * in + i, left);
+        for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+      }
+    }
+    __m512 tile[16];  // lane j of the sums: row j / OB, channel j % OB
+    for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_ps();
+    __m512 sums = lane_sums16(tile);
+    const __mmask16 valid = (__mmask16)((1u << nb) - 1);
+    if (b) {  // bf16 -> fp32 is a 16-bit shift
+      const __m512i bias = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, b + o));
+      sums = _mm512_add_ps(sums, _mm512_permutexvar_ps(by_channel, _mm512_castsi512_ps(
+                                                                  _mm512_slli_epi32(bias, 16))));
+    }
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sums);  // to bf16, nearest even
+    for (int r = 0; r < R; r++) {
+      const __m256i first = _mm256_add_epi16(
+          _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm256_set1_epi16((short)(r * OB)));
+      _mm256_mask_storeu_epi16(y + r * out + o, valid, _mm256_permutexvar_epi16(first, rounded));
+    }
+  }
+}
+
+template <int R>
+GPT2_BF16 void bf16_rows(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y,
+                         int64_t in, int64_t out) {
+  constexpr int OB = R <= 2 ? 4 : 2;  // R * OB accumulators within the 32 registers
+  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
+    bf16_channels<R, OB>(x, w, b, y, in, out, o0, o1);
+  });
+}
+
+Tensor bf16_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512bf16"),
+                  "gpt2 CPU kernel bf16_linear: this CPU has no AVX512-BF16");
+  check_matrix(x, ScalarType::BFloat16, "x");
+  check_matrix(weight, ScalarType::BFloat16, "weight");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel bf16_linear: x and weight widths differ");
+  const uint16_t* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::BFloat16, out, "bias");
+    b = (const uint16_t*)bias->const_data_ptr();
+  }
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const auto* xp = (const uint16_t*)x.const_data_ptr();
+  const auto* wp = (const uint16_t*)weight.const_data_ptr();
+  auto* yp = (uint16_t*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
+    const uint16_t* xr = xp + r * in;
+    uint16_t* yr = yp + r * out;
+    switch (n) {
+      case 1: bf16_rows<1>(xr, wp, b, yr, in, out); break;
+      case 2: bf16_rows<2>(xr, wp, b, yr, in, out); break;
+      case 3: bf16_rows<3>(xr, wp, b, yr, in, out); break;
+      case 4: bf16_rows<4>(xr, wp, b, yr, in, out); break;
+      case 5: bf16_rows<5>(xr, wp, b, yr, in, out); break;
+      case 6: bf16_rows<6>(xr, wp, b, yr, in, out); break;
+      case 7: bf16_rows<7>(xr, wp, b, yr, in, out); break;
+      default: bf16_rows<8>(xr, wp, b, yr, in, out); break;
+    }
+  }
+  return y;
+}
+
+// ---- int8 ----------------------------------------------------------------------------
+
+// One row to 8 bits over its own range [lo, hi] (which includes 0): q = round(x / s) + z,
+// clamped to [0, 255], so x ~= s * (q - z). An all-zero row gets s = 1, z = 0.
+GPT2_VNNI void quantize_row(const float* x, int64_t in, uint8_t* q, float* scale, int32_t* zero) {
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
+  for (; i < in; i++) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  float s = (h - l) / 255.0f;
+  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;  // all zeros (or not finite: garbage in)
+  const int32_t z = (int32_t)std::nearbyint(std::min(255.0f, std::max(0.0f, -l / s)));
+  const float inv = 1.0f / s;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(),
+                v255 = _mm512_set1_epi32(255);
+  for (i = 0; i + 16 <= in; i += 16) {
+    // cvtps rounds to nearest even (the default rounding mode)
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv)), vz);
+    v = _mm512_min_epi32(_mm512_max_epi32(v, v0), v255);
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtepi32_epi8(v));
+  }
+  for (; i < in; i++) {
+    const int32_t v = (int32_t)std::nearbyint(x[i] * inv) + z;
+    q[i] = (uint8_t)std::min(255, std::max(0, v));
+  }
+  *scale = s;
+  *zero = z;
+}
+
+GPT2_VNNI inline __m512i load_i8(const void* p, int64_t left) {
+  // 64 bytes, or the `left` < 64 that remain with zeros after them
+  if (left >= 64) return _mm512_loadu_si512(p);
+  return _mm512_maskz_loadu_epi8((__mmask64)((1ull << left) - 1), p);
+}
+
+// y[r, o] = xs[r] ws[o] (sum_i q[r, i] w[o, i] - z[r] wsum[o]) (+ b[o]) for [o0, o1).
+template <int R, int OB>
+GPT2_VNNI void int8_channels(const uint8_t* q, const float* xs, const int32_t* xz, const int8_t* w,
+                             const int32_t* wsum, const float* ws, const float* b, float* y,
+                             int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  static_assert(R * OB <= 16, "a tile's sums must fit one register");
+  const __m512i by_channel = lanes_of_channel(OB);
+  alignas(64) int32_t zero_of_lane[16] = {};
+  alignas(64) float scale_of_lane[16] = {};
+  for (int j = 0; j < R * OB; j++) {
+    zero_of_lane[j] = xz[j / OB];
+    scale_of_lane[j] = xs[j / OB];
+  }
+  const __m512i row_zero = _mm512_load_si512(zero_of_lane);
+  const __m512 row_scale = _mm512_load_ps(scale_of_lane);
+  for (int64_t o = o0; o < o1; o += OB) {
+    const int nb = (int)std::min<int64_t>(OB, o1 - o);
+    __m512i acc[R][OB];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_si512();
+    const int8_t* wo = w + o * in;
+    for (int64_t i = 0; i < in; i += 64) {
+      const int64_t left = in - i;
+      __m512i wv[OB];
+      for (int c = 0; c < OB; c++) {
+        _mm_prefetch((const char*)(wo + (OB + c) * in + i), _MM_HINT_T0);
+        wv[c] = c < nb ? load_i8(wo + c * in + i, left) : _mm512_setzero_si512();
+      }
+      for (int r = 0; r < R; r++) {
+        const __m512i xv = load_i8(q + r * in + i, left);  // u8 (first operand: unsigned)
+        for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv, wv[c]);
+      }
+    }
+    __m512i tile[16];  // lane j of the sums: row j / OB, channel j % OB
+    for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_si512();
+    const __m512i sums = lane_sums16(tile);
+    const __mmask16 valid = (__mmask16)((1u << nb) - 1);
+    const __m512i wsum_c = _mm512_permutexvar_epi32(by_channel, _mm512_maskz_loadu_epi32(valid, wsum + o));
+    const __m512 ws_c = _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, ws + o));
+    const __m512i dot = _mm512_sub_epi32(sums, _mm512_mullo_epi32(row_zero, wsum_c));
+    __m512 yv = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(row_scale, ws_c));
+    if (b) yv = _mm512_add_ps(yv, _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, b + o)));
+    for (int r = 0; r < R; r++)
+      _mm512_mask_storeu_ps(y + r * out + o, valid, _mm512_permutexvar_ps(lanes_from(r * OB), yv));
+  }
+}
+
+template <int R>
+GPT2_VNNI void int8_rows(const uint8_t* q, const float* xs, const int32_t* xz, const int8_t* w,
+                         const int32_t* wsum, const float* ws, const float* b, float* y,
+                         int64_t in, int64_t out) {
+  constexpr int OB = R <= 2 ? 4 : 2;
+  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
+    int8_channels<R, OB>(q, xs, xz, w, wsum, ws, b, y, in, out, o0, o1);
+  });
+}
+
+Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale,
+                   std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
+                  "gpt2 CPU kernel int8_linear: this CPU has no AVX512-VNNI");
+  check_matrix(x, ScalarType::Float, "x");
+  check_matrix(weight, ScalarType::Char, "weight");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel int8_linear: x and weight widths differ");
+  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::Float, out, "bias");
+    b = (const float*)bias->const_data_ptr();
+  }
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  // the quantized rows, as bytes of a scratch tensor (freed with it)
+  Tensor qt = torch::stable::new_empty(x, {rows * in}, ScalarType::Byte);
+  auto* q = (uint8_t*)qt.mutable_data_ptr();
+  const auto* xp = (const float*)x.const_data_ptr();
+  const auto* wp = (const int8_t*)weight.const_data_ptr();
+  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
+  const auto* ws = (const float*)weight_scale.const_data_ptr();
+  auto* yp = (float*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
+    float xs[kMaxRows];
+    int32_t xz[kMaxRows];
+    uint8_t* qr = q + r * in;
+    for (int64_t k = 0; k < n; k++) quantize_row(xp + (r + k) * in, in, qr + k * in, &xs[k], &xz[k]);
+    float* yr = yp + r * out;
+    switch (n) {
+      case 1: int8_rows<1>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 2: int8_rows<2>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 3: int8_rows<3>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 4: int8_rows<4>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 5: int8_rows<5>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 6: int8_rows<6>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      case 7: int8_rows<7>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+      default: int8_rows<8>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(gpt2, m) {
+  m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
+        "Tensor? bias) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
+  m.impl("bf16_linear", TORCH_BOX(&bf16_linear));
+  m.impl("int8_linear", TORCH_BOX(&int8_linear));
+}
