@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,15 +26,20 @@ HAS_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 HAS_VNNI = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)()) and bool(
     getattr(torch.cpu, "_is_avx512_supported", lambda: False)()
 )
+HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 CAN_BUILD = (
     shutil.which("c++") is not None
     and tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10)
     and os.environ.get(cpu_kernels.ENV, "1") != "0"
 )
-needs_bf16 = pytest.mark.skipif(not (HAS_BF16 and CAN_BUILD),
-                                reason="no AVX512-BF16, compiler or PyTorch >= 2.10")  # fmt: skip
-needs_vnni = pytest.mark.skipif(not (HAS_VNNI and CAN_BUILD),
-                                reason="no AVX512-VNNI, compiler or PyTorch >= 2.10")  # fmt: skip
+needs_amx = pytest.mark.skipif(not (HAS_AMX and CAN_BUILD),
+                               reason="no AMX, compiler or PyTorch >= 2.10")  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    """The kernels, built and loaded (the parameters below call torch.ops.gpt2 directly)."""
+    cpu_kernels.load()
 
 
 def test_kernels_build_wherever_they_can_run():
@@ -44,6 +50,7 @@ def test_kernels_build_wherever_they_can_run():
     assert cpu_kernels.load()
     assert cpu_kernels.bf16_available() == HAS_BF16
     assert cpu_kernels.int8_available() == HAS_VNNI
+    assert cpu_kernels.amx_available() == HAS_AMX  # (where Linux allows the tiles)
 
 
 # -- bf16 ----------------------------------------------------------------------------------
@@ -54,15 +61,38 @@ def bf16_reference(x, w, b):
     return ref if b is None else ref + b.double()
 
 
-@needs_bf16
+def amx_bf16(x, w, b):
+    return torch.ops.gpt2.bf16_linear_amx(x, cpu_kernels.amx_layout(w, 2), w.shape[0], b)
+
+
+def amx_int8(x, q, wsum, scale, b):
+    return torch.ops.gpt2.int8_linear_amx(x, cpu_kernels.amx_layout(q, 4), q.shape[0], wsum,
+                                          scale, b)  # fmt: skip
+
+
+def kernels(avx512, amx, avx512_ok):
+    """The kernels of one kind this machine runs, as test parameters."""
+    found = []
+    if avx512_ok and CAN_BUILD:
+        found.append(pytest.param(avx512, id="avx512"))
+    if HAS_AMX and CAN_BUILD:
+        found.append(pytest.param(amx, id="amx"))
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+
+
+BF16_KERNELS = kernels(lambda *args: torch.ops.gpt2.bf16_linear(*args), amx_bf16, HAS_BF16)
+INT8_KERNELS = kernels(lambda *args: torch.ops.gpt2.int8_linear(*args), amx_int8, HAS_VNNI)
+
+
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 100), (5, 1600)])
-def test_bf16_linear_is_the_float64_product_rounded_to_bf16(rows, n_out, n_in):
+@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 96), (5, 1600)])
+def test_bf16_linear_is_the_float64_product_rounded_to_bf16(rows, n_out, n_in, kernel):
     gen = torch.Generator().manual_seed(rows * 1000 + n_out)
     x = torch.randn(rows, n_in, generator=gen).bfloat16()
     w = (torch.randn(n_out, n_in, generator=gen) * 0.05).bfloat16()
     for b in (None, torch.randn(n_out, generator=gen).bfloat16()):
-        y = torch.ops.gpt2.bf16_linear(x, w, b)
+        y = kernel(x, w, b)
         assert y.shape == (rows, n_out) and y.dtype == torch.bfloat16
         ref = bf16_reference(x, w, b)
         # bf16 rounding of the result (2^-9 relative) plus fp32 sums (n_in terms)
@@ -70,30 +100,46 @@ def test_bf16_linear_is_the_float64_product_rounded_to_bf16(rows, n_out, n_in):
         assert ((y.double() - ref).abs() <= bound + 1e-30).all()
 
 
-@needs_bf16
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 12), n_in=st.integers(1, 130), n_out=st.integers(1, 40),
+@given(rows=st.integers(1, 20), n_in=st.integers(1, 130), n_out=st.integers(1, 70),
        seed=st.integers(0, 2**16))  # fmt: skip
-def test_bf16_linear_any_shape(rows, n_in, n_out, seed):
+def test_bf16_linear_any_shape(kernel, rows, n_in, n_out, seed):
+    if kernel is amx_bf16:
+        n_in = 32 * -(-n_in // 32)  # the AMX kernel reads whole 32-wide slices of x
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n_in, generator=gen).bfloat16()
     w = torch.randn(n_out, n_in, generator=gen).bfloat16()
     b = torch.randn(n_out, generator=gen).bfloat16()
-    y = torch.ops.gpt2.bf16_linear(x, w, b)
+    y = kernel(x, w, b)
     ref = bf16_reference(x, w, b)
     bound = 2**-8 * ref.abs() + 1e-6 * n_in * (x.double().abs() @ w.double().abs().T + 1)
     assert ((y.double() - ref).abs() <= bound).all()
 
 
-@needs_bf16
-def test_bf16_linear_rejects_wrong_inputs_with_a_message():
+@pytest.mark.parametrize("kernel", BF16_KERNELS)
+def test_bf16_kernels_reject_wrong_inputs_with_a_message(kernel):
     w = torch.randn(8, 32).bfloat16()
-    with pytest.raises(RuntimeError, match="widths differ"):
-        torch.ops.gpt2.bf16_linear(torch.randn(1, 16).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="width|does not fit"):
+        kernel(torch.randn(1, 64).bfloat16(), w[:, :16].contiguous(), None)
     with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
-        torch.ops.gpt2.bf16_linear(torch.randn(1, 32), w, None)  # fp32 rows
+        kernel(torch.randn(1, 32), w, None)  # fp32 rows
     with pytest.raises(RuntimeError, match="one per output"):
-        torch.ops.gpt2.bf16_linear(torch.randn(1, 32).bfloat16(), w, torch.zeros(7).bfloat16())
+        kernel(torch.randn(1, 32).bfloat16(), w, torch.zeros(7).bfloat16())
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_int8_kernels_reject_wrong_inputs_with_a_message(kernel):
+    q = torch.ones(8, 32, dtype=torch.int8)
+    wsum, scale = q.sum(dim=1, dtype=torch.int32), torch.ones(8)
+    with pytest.raises(RuntimeError, match="width|does not fit"):
+        kernel(torch.randn(1, 16), q, wsum, scale, None) if kernel is not amx_int8 else \
+            torch.ops.gpt2.int8_linear_amx(torch.randn(1, 100), cpu_kernels.amx_layout(q, 4), 8,
+                                           wsum, scale, None)  # fmt: skip
+    with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
+        kernel(torch.randn(1, 32).bfloat16(), q, wsum, scale, None)
+    with pytest.raises(RuntimeError, match="one per output"):
+        kernel(torch.randn(1, 32), q, wsum[:7], scale, None)
 
 
 # -- int8 ----------------------------------------------------------------------------------
@@ -106,8 +152,8 @@ def int8_case(rows, n_out, n_in, gen, *, bias=True):
     return q, q.sum(dim=1, dtype=torch.int32), scale.float(), b
 
 
-def int8_check(x, q, wsum, scale, b):
-    y = torch.ops.gpt2.int8_linear(x, q, wsum, scale, b)
+def int8_check(kernel, x, q, wsum, scale, b):
+    y = kernel(x, q, wsum, scale, b)
     assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == torch.float32
     wd = q.double() * scale.double()[:, None]  # the format's numbers, written out
     ref = x.double() @ wd.T + (0 if b is None else b.double())
@@ -121,35 +167,35 @@ def int8_check(x, q, wsum, scale, b):
     return y, ref
 
 
-@needs_vnni
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 20])
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 20, 64])
 @pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 100), (3, 1600)])
-def test_int8_linear_is_within_its_rounding_of_the_float64_product(rows, n_out, n_in):
+def test_int8_linear_is_within_its_rounding_of_the_float64_product(rows, n_out, n_in, kernel):
     gen = torch.Generator().manual_seed(rows * 1000 + n_out)
     q, wsum, scale, b = int8_case(rows, n_out, n_in, gen)
     x = torch.randn(rows, n_in, generator=gen)
     x[0] *= 1000  # a row far larger than the rest must not cost the others precision
-    y, ref = int8_check(x, q, wsum, scale, b)
+    y, ref = int8_check(kernel, x, q, wsum, scale, b)
     # and the bound is not vacuous: close to the float product
     assert (y.double() - ref).abs().max() <= 0.02 * ref.abs().max()
-    int8_check(x, q, wsum, scale, None)
+    int8_check(kernel, x, q, wsum, scale, None)
 
 
-@needs_vnni
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 20), n_in=st.integers(1, 200), n_out=st.integers(1, 40),
+@given(rows=st.integers(1, 40), n_in=st.integers(1, 200), n_out=st.integers(1, 70),
        seed=st.integers(0, 2**16), positive=st.booleans())  # fmt: skip
-def test_int8_linear_any_shape(rows, n_in, n_out, seed, positive):
+def test_int8_linear_any_shape(kernel, rows, n_in, n_out, seed, positive):
     gen = torch.Generator().manual_seed(seed)
     q, wsum, scale, b = int8_case(rows, n_out, n_in, gen)
     x = torch.randn(rows, n_in, generator=gen) * 3
     if positive:  # a row's range then starts at 0 (after GELU, say): the zero point is 0
         x = x.abs()
-    int8_check(x, q, wsum, scale, b)
+    int8_check(kernel, x, q, wsum, scale, b)
 
 
-@needs_vnni
-def test_int8_linear_extremes():
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_int8_linear_extremes(kernel):
     """All-zero rows give the bias; weights and activations at the ends of their ranges
     cannot overflow the int32 sums (255 * 127 * 6400 fits)."""
     q = torch.full((16, 6400), 127, dtype=torch.int8)
@@ -158,45 +204,76 @@ def test_int8_linear_extremes():
     x = torch.zeros(3, 6400)
     x[1] = 5.0
     x[2] = -5.0
-    int8_check(x, q, wsum, scale, b)
-    assert torch.equal(torch.ops.gpt2.int8_linear(x[:1], q, wsum, scale, b), b[None])
+    int8_check(kernel, x, q, wsum, scale, b)
+    assert torch.equal(kernel(x[:1], q, wsum, scale, b), b[None])
+
+
+@needs_amx
+def test_amx_and_vnni_int8_agree_exactly():
+    """The same quantized rows and integer sums, the same epilogue: bit for bit equal."""
+    gen = torch.Generator().manual_seed(0)
+    q, wsum, scale, b = int8_case(20, 300, 200, gen)
+    x = torch.randn(20, 200, generator=gen)
+    vnni = torch.ops.gpt2.int8_linear(x, q, wsum, scale, b)
+    assert torch.equal(amx_int8(x, q, wsum, scale, b), vnni)
 
 
 # -- the layers use them -------------------------------------------------------------------
 
 
-@needs_vnni
-def test_int8_layer_runs_our_kernel_for_decoding_rows_only(monkeypatch):
+def count_calls(layer):
+    """Make the layer's kernel record the rows of each call."""
+    calls = []
+    kernel = layer._native
+
+    def counting(x, *args):
+        calls.append(x.shape[0])
+        return kernel.op(x, *args)
+
+    layer._native = kernel._replace(op=counting)
+    return calls
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_int8_layer_runs_our_kernel_for_decoding_rows_only(amx, monkeypatch):
+    if not (HAS_AMX if amx else HAS_VNNI) or not CAN_BUILD:
+        pytest.skip("no such kernel here")
+    if not amx:  # what a CPU with VNNI but no AMX runs
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1)
-    assert layer._native is not None and "gpt2 kernel" in repr(layer)
-    calls = []
-    real = torch.ops.gpt2.int8_linear
+    most = 64 if amx else 16
+    assert layer._native.max_rows == most and f"up to {most} rows" in repr(layer)
+    assert (layer._packed is None) == amx  # FBGEMM's copy only for the rows VNNI leaves
+    calls = count_calls(layer)
+    for rows in (1, 8, most, most + 1, 100):
+        x = torch.randn(rows, 1, 64)
+        exact = F.linear(x, layer.weight.float() * layer.weight_scale.float()[:, None],
+                         layer.bias)  # fmt: skip
+        assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert calls == [1, 8, most]
+    x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
+    assert torch.equal(layer(x), layer(x.contiguous()))
 
-    def counting(*args):
-        calls.append(args[0].shape[0])
-        return real(*args)
 
-    monkeypatch.setattr(torch.ops.gpt2, "int8_linear", counting)
-    for rows in (1, 8, 16, 17, 40):
-        layer(torch.randn(rows, 1, 64))
-    assert calls == [1, 8, 16]
-
-
-@needs_bf16
-def test_bf16_layer_runs_our_kernel_for_decoding_rows_only(monkeypatch):
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_layer_runs_our_kernel_for_decoding_rows_only(amx, monkeypatch):
+    if not (HAS_AMX if amx else HAS_BF16) or not CAN_BUILD:
+        pytest.skip("no such kernel here")
+    if not amx:  # what a CPU with AVX512-BF16 but no AMX runs
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     layer = PackedBF16Linear.from_linear(torch.nn.Linear(64, 96))
-    calls = []
-    real = torch.ops.gpt2.bf16_linear
-
-    def counting(*args):
-        calls.append(args[0].shape[0])
-        return real(*args)
-
-    monkeypatch.setattr(torch.ops.gpt2, "bf16_linear", counting)
-    for rows in (1, 4, 8, 9, 40):
-        y = layer(torch.randn(rows, 1, 64).bfloat16())
+    most = 16 if amx else 8
+    assert layer._native.max_rows == most and (layer._packed is None) == amx
+    calls = count_calls(layer)
+    for rows in (1, 4, most, most + 1, 40):
+        x = torch.randn(rows, 1, 64).bfloat16()
+        y = layer(x)
         assert y.shape == (rows, 1, 96)
-    assert calls == [1, 4, 8]
+        exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert (y.float() - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert calls == [1, 4, most]
+    x = torch.randn(64, 5).bfloat16().t()  # (5, 64), not contiguous: copied, same result
+    assert torch.equal(layer(x), layer(x.contiguous()))
 
 
 # -- building ------------------------------------------------------------------------------

@@ -144,9 +144,10 @@ def test_int8_kernel_is_fbgemm_where_available():
 
 
 def test_int8_without_fbgemm_runs_the_weight_only_kernel(monkeypatch):
-    """CPUs without FBGEMM or VNNI (ARM) get the weight-only kernel, with its own accuracy."""
+    """CPUs without FBGEMM or our kernels (ARM) get the weight-only kernel, with its own
+    accuracy."""
     monkeypatch.setattr(quantize, "cpu_supports_int8_gemm", lambda: False)
-    monkeypatch.setattr(quantize.cpu_kernels, "int8_available", lambda: False)
+    monkeypatch.setattr(quantize.cpu_kernels, "kernel_for_int8", lambda *a: None)
     layer = Int8Linear.from_linear(random_linear(64, 32))
     assert layer.kernel == "bf16"
     x = torch.randn(3, 64)

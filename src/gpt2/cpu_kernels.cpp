@@ -28,6 +28,10 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -38,7 +42,12 @@ using torch::headeronly::ScalarType;
 
 namespace {
 
-constexpr int kMaxRows = 8;  // rows summed together per pass over the weights
+constexpr int kMaxRows = 8;  // rows summed together per pass over the weights (AVX-512)
+// How far ahead the weights are prefetched: channel groups (AVX-512 kernels), 2 KB
+// slices (AMX). Measured: 2 groups ~5% faster than 1 at 8 rows, no better at 4 or 8;
+// AMX 4 or 8 slices ~25% faster than 2, and than prefetching one line per slice.
+constexpr int kGroupsAhead = 2;
+constexpr int kSlicesAhead = 4;
 
 #define GPT2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define GPT2_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -146,7 +155,7 @@ GPT2_BF16 void bf16_channels(const uint16_t* x, const uint16_t* w, const uint16_
       __m512bh wv[OB];
       for (int c = 0; c < OB; c++) {
         // the next group's weights, one cache line each, while this group is summed
-        _mm_prefetch((const char*)(wo + (OB + c) * in + i), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
         wv[c] = c < nb ? load_bf16(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
       }
       for (int r = 0; r < R; r++) {
@@ -285,7 +294,7 @@ GPT2_VNNI void int8_channels(const uint8_t* q, const float* xs, const int32_t* x
       const int64_t left = in - i;
       __m512i wv[OB];
       for (int c = 0; c < OB; c++) {
-        _mm_prefetch((const char*)(wo + (OB + c) * in + i), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
         wv[c] = c < nb ? load_i8(wo + c * in + i, left) : _mm512_setzero_si512();
       }
       for (int r = 0; r < R; r++) {
@@ -362,15 +371,221 @@ Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_sca
   return y;
 }
 
+
+// ---- int8 on AMX ---------------------------------------------------------------------
+//
+// At 8 rows the VNNI kernel runs out of arithmetic before memory (8 multiply-adds per
+// weight byte). AMX's tile multiply (`tdpbusd`: a 16 x 64 u8 tile of rows times a
+// 16 x 64 s8 tile of weights, 16K multiply-adds per instruction) does not. The weights
+// must be laid out for it ahead of time (`amx_pack` in cpu_kernels.py): for each pair
+// of 16-channel blocks and each 64-wide slice of the input, the two 1 KB tiles side by
+// side, each 16 rows of (16 channels x 4 consecutive inputs); so one thread reads its
+// channels' weights as one sequential stream.
+
+#define GPT2_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {
+  // Linux hands out AMX's 8 KB of tile state only to a process that asks for it
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+// True where both AMX kernels can run: the CPU has AMX-INT8 and AMX-BF16 and the OS
+// lets this process use the tiles.
+bool amx_ready() {
+  return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+         __builtin_cpu_supports("amx-bf16") && amx_permitted();
+}
+
+// Channel pairs [p0, p1) (32 channels each) against m <= 16 quantized rows.
+GPT2_AMX void amx_pairs(const uint8_t* q, int64_t q_stride, int m, const int8_t* packed,
+                        int64_t k_tiles, const float* xs, const int32_t* xz, const int32_t* wsum,
+                        const float* ws, const float* b, float* y, int64_t out, int64_t p0,
+                        int64_t p1) {
+  TileConfig cfg;
+  cfg.rows[0] = m;  cfg.colsb[0] = 64;   // tmm0: the rows' 64 inputs
+  cfg.rows[1] = 16; cfg.colsb[1] = 64;   // tmm1, tmm2: two weight tiles
+  cfg.rows[2] = 16; cfg.colsb[2] = 64;
+  cfg.rows[3] = m;  cfg.colsb[3] = 64;   // tmm3, tmm4: int32 sums, m x 16 channels
+  cfg.rows[4] = m;  cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t sums[2][16][16];
+  for (int64_t p = p0; p < p1; p++) {
+    const int8_t* wp = packed + p * k_tiles * 2048;
+    _tile_zero(3);
+    _tile_zero(4);
+    for (int64_t k = 0; k < k_tiles; k++) {
+      // the weights a few slices ahead (into the next pair's too: one stream)
+      for (int line = 0; line < 2048; line += 64)
+        _mm_prefetch((const char*)(wp + 2048 * (k + kSlicesAhead) + line), _MM_HINT_T0);
+      _tile_loadd(0, q + 64 * k, q_stride);
+      _tile_loadd(1, wp + 2048 * k, 64);
+      _tile_loadd(2, wp + 2048 * k + 1024, 64);
+      _tile_dpbusd(3, 0, 1);
+      _tile_dpbusd(4, 0, 2);
+    }
+    _tile_stored(3, sums[0], 64);
+    _tile_stored(4, sums[1], 64);
+    for (int h = 0; h < 2; h++) {
+      const int64_t o = p * 32 + h * 16;
+      if (o >= out) break;
+      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+      const __m512i wsum_v = _mm512_maskz_loadu_epi32(valid, wsum + o);
+      const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
+      const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
+      for (int r = 0; r < m; r++) {
+        const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(sums[h][r]),
+                                             _mm512_mullo_epi32(_mm512_set1_epi32(xz[r]), wsum_v));
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(xs[r]), ws_v));
+        if (b) v = _mm512_add_ps(v, b_v);
+        _mm512_mask_storeu_ps(y + r * out + o, valid, v);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// x (rows, in) fp32; packed: amx_pack's layout of an int8 weight (out, in) padded to
+// whole 32-channel pairs and 64-wide input slices.
+Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
+                       Tensor weight_scale, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("amx-int8") && amx_permitted(),
+                  "gpt2 CPU kernel int8_linear_amx: this CPU or OS offers no AMX");
+  check_matrix(x, ScalarType::Float, "x");
+  const int64_t rows = x.size(0), in = x.size(1);
+  const int64_t k_tiles = (in + 63) / 64, pairs = (out + 31) / 32;
+  STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
+                      packed.numel() == pairs * k_tiles * 2048,
+                  "gpt2 CPU kernel int8_linear_amx: the packed weight does not fit x and out");
+  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::Float, out, "bias");
+    b = (const float*)bias->const_data_ptr();
+  }
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const int64_t q_stride = k_tiles * 64;  // rows padded with zeros to whole slices
+  Tensor qt = torch::stable::new_zeros(x, {rows * q_stride}, ScalarType::Byte);
+  auto* q = (uint8_t*)qt.mutable_data_ptr();
+  const auto* xp = (const float*)x.const_data_ptr();
+  std::vector<float> xs(rows);
+  std::vector<int32_t> xz(rows);
+  for (int64_t r = 0; r < rows; r++) quantize_row(xp + r * in, in, q + r * q_stride, &xs[r], &xz[r]);
+  const auto* wp = (const int8_t*)packed.const_data_ptr();
+  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
+  const auto* ws = (const float*)weight_scale.const_data_ptr();
+  auto* yp = (float*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += 16) {
+    const int m = (int)std::min<int64_t>(16, rows - r);
+    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+      amx_pairs(q + r * q_stride, q_stride, m, wp, k_tiles, xs.data() + r, xz.data() + r, wsum, ws,
+                b, yp + r * out, out, p0, p1);
+    });
+  }
+  return y;
+}
+
+#define GPT2_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+// bf16 on AMX (`tdpbf16ps`): the same layout with pairs of inputs instead of quads, so a
+// slice is 32 inputs wide; fp32 sums, bias added in fp32, rounded to bf16.
+GPT2_AMX_BF16 void amx_bf16_pairs(const uint16_t* x, int64_t x_stride, int m, const uint16_t* packed,
+                                  int64_t k_tiles, const uint16_t* b, uint16_t* y, int64_t out,
+                                  int64_t p0, int64_t p1) {
+  TileConfig cfg;
+  cfg.rows[0] = m;  cfg.colsb[0] = 64;
+  cfg.rows[1] = 16; cfg.colsb[1] = 64;
+  cfg.rows[2] = 16; cfg.colsb[2] = 64;
+  cfg.rows[3] = m;  cfg.colsb[3] = 64;
+  cfg.rows[4] = m;  cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float sums[2][16][16];
+  const char* base = (const char*)packed;
+  for (int64_t p = p0; p < p1; p++) {
+    const char* wp = base + p * k_tiles * 2048;
+    _tile_zero(3);
+    _tile_zero(4);
+    for (int64_t k = 0; k < k_tiles; k++) {
+      for (int line = 0; line < 2048; line += 64)
+        _mm_prefetch(wp + 2048 * (k + kSlicesAhead) + line, _MM_HINT_T0);
+      _tile_loadd(0, x + 32 * k, x_stride * 2);
+      _tile_loadd(1, wp + 2048 * k, 64);
+      _tile_loadd(2, wp + 2048 * k + 1024, 64);
+      _tile_dpbf16ps(3, 0, 1);
+      _tile_dpbf16ps(4, 0, 2);
+    }
+    _tile_stored(3, sums[0], 64);
+    _tile_stored(4, sums[1], 64);
+    for (int h = 0; h < 2; h++) {
+      const int64_t o = p * 32 + h * 16;
+      if (o >= out) break;
+      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+      __m512 b_v = _mm512_setzero_ps();
+      if (b) b_v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, b + o)), 16));
+      for (int r = 0; r < m; r++) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(sums[h][r]), b_v);
+        _mm256_mask_storeu_epi16(y + r * out + o, valid, (__m256i)_mm512_cvtneps_pbh(v));
+      }
+    }
+  }
+  _tile_release();
+}
+
+Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("amx-bf16") && amx_permitted(),
+                  "gpt2 CPU kernel bf16_linear_amx: this CPU or OS offers no AMX");
+  check_matrix(x, ScalarType::BFloat16, "x");
+  const int64_t rows = x.size(0), in = x.size(1);
+  const int64_t k_tiles = (in + 31) / 32, pairs = (out + 31) / 32;
+  STD_TORCH_CHECK(in % 32 == 0, "gpt2 CPU kernel bf16_linear_amx: the input width must be a multiple of 32");
+  STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::BFloat16 &&
+                      packed.numel() == pairs * k_tiles * 1024,
+                  "gpt2 CPU kernel bf16_linear_amx: the packed weight does not fit x and out");
+  const uint16_t* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::BFloat16, out, "bias");
+    b = (const uint16_t*)bias->const_data_ptr();
+  }
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const auto* xp = (const uint16_t*)x.const_data_ptr();
+  const auto* wp = (const uint16_t*)packed.const_data_ptr();
+  auto* yp = (uint16_t*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += 16) {
+    const int m = (int)std::min<int64_t>(16, rows - r);
+    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+      amx_bf16_pairs(xp + r * in, in, m, wp, k_tiles, b, yp + r * out, out, p0, p1);
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(gpt2, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("amx_ready() -> bool");
+  m.def("bf16_linear_amx(Tensor x, Tensor packed, int out, Tensor? bias) -> Tensor");
+  m.def("int8_linear_amx(Tensor x, Tensor packed, int out, Tensor weight_sum, "
+        "Tensor weight_scale, Tensor? bias) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(gpt2, CompositeExplicitAutograd, m) {
+  m.impl("amx_ready", TORCH_BOX(&amx_ready));
 }
 
 STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("bf16_linear", TORCH_BOX(&bf16_linear));
   m.impl("int8_linear", TORCH_BOX(&int8_linear));
+  m.impl("int8_linear_amx", TORCH_BOX(&int8_linear_amx));
+  m.impl("bf16_linear_amx", TORCH_BOX(&bf16_linear_amx));
 }

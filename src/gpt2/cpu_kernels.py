@@ -5,31 +5,32 @@ speed is the rate at which the weights stream from memory. PyTorch's bf16
 matrix-vector product and FBGEMM's int8 kernel read the weights at about half the
 machine's bandwidth at one to eight rows (bench/CPU_NOTES.md), which holds bf16
 and int8 decoding well under the speed their fewer bytes allow. `cpu_kernels.cpp`
-holds two kernels that stream at close to the full rate:
+holds kernels that stream at close to the full rate:
 
-  torch.ops.gpt2.bf16_linear(x, weight, bias)    bf16, AVX512-BF16
-  torch.ops.gpt2.int8_linear(x, weight, weight_sum, weight_scale, bias)
-                                                 int8 x int8, AVX512-VNNI
+  torch.ops.gpt2.bf16_linear_amx / int8_linear_amx   Intel AMX tiles, on a copy
+      of the weight laid out for them (`amx_layout`): up to 16 / 64 rows
+  torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
+      on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
 
-`gpt2.quantize.PackedBF16Linear` and `Int8Linear` use them for up to
-`BF16_MAX_ROWS` / `INT8_MAX_ROWS` rows where `bf16_available()` /
-`int8_available()`; more rows (prompts) keep oneDNN's and FBGEMM's kernels, which
-are faster there.
+int8 quantizes each row of activations to 8 bits over its own range inside the
+call, multiplies, and rescales with the weight's per-channel scales.
+`kernel_for_bf16` / `kernel_for_int8` pick the kernel for a weight; they are
+what `gpt2.quantize.PackedBF16Linear` and `Int8Linear` call. More rows than a
+kernel's `max_rows` (prompts) run oneDNN's or FBGEMM's matrix-matrix products.
 
 The source is compiled once per machine, PyTorch version and compiler, with the
 system's C++ compiler (`$CXX`, else `c++`) against PyTorch's stable C ABI, into
-`$GPT2_HOME/kernels` (default `~/.cache/gpt2/kernels`); that takes ~2 s. Where
+`$GPT2_HOME/kernels` (default `~/.cache/gpt2/kernels`); that takes ~10 s. Where
 anything is missing -- not an x86 CPU with those instructions, a PyTorch before
 2.10, no compiler, a failed build -- the layers run PyTorch's kernels, as they did
 before, with one warning saying why if a build was attempted and failed. Set
 `GPT2_CPU_KERNELS=0` to turn them off.
 
     >>> import torch
-    >>> if bf16_available():
-    ...     w = torch.randn(64, 32).bfloat16()
-    ...     x = torch.randn(1, 32).bfloat16()
-    ...     y = torch.ops.gpt2.bf16_linear(x, w, None)
-    ...     assert torch.allclose(y.float(), x.float() @ w.float().T, rtol=1e-2, atol=1e-2)
+    >>> w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
+    >>> kernel = kernel_for_bf16(w, None)
+    >>> if kernel is not None:
+    ...     assert torch.allclose(kernel(x).float(), x.float() @ w.float().T, atol=0.1)
 """
 
 from __future__ import annotations
@@ -42,21 +43,27 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["BF16_MAX_ROWS", "INT8_MAX_ROWS", "bf16_available", "int8_available", "load"]
+__all__ = ["Kernel", "amx_available", "bf16_available", "int8_available", "kernel_for_bf16",
+           "kernel_for_int8", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV = "GPT2_CPU_KERNELS"
 # Up to this many rows per call go through these kernels. More rows make a
-# matrix-matrix product, where oneDNN's AMX kernel (bf16) and FBGEMM (int8) are as
-# fast or faster: measured on the 48 products of a 124M step, bf16 8 rows 10.0-10.4 ms
-# against oneDNN's 8.8-9.2; int8 16 rows 10.2-11.3 against FBGEMM's 10.1-11.9, 24 rows
-# 16.5-16.7 against 14.4-17.9 (bench/CPU_NOTES.md).
+# matrix-matrix product, where oneDNN (bf16) and FBGEMM (int8) block the work better.
+# Measured on the 48 products of a 124M step (bench/CPU_NOTES.md): AVX-512 bf16 at 8
+# rows 10.0-10.4 ms against oneDNN's 8.8-9.2; VNNI int8 at 16 rows about FBGEMM's;
+# AMX reads the weights once per 16 rows, and its 64-row int8 product still beats
+# FBGEMM's, while a 64-row bf16 one is oneDNN's territory.
 BF16_MAX_ROWS = 8
 INT8_MAX_ROWS = 16
+AMX_BF16_MAX_ROWS = 16
+AMX_INT8_MAX_ROWS = 64
 
 _loaded: bool | None = None  # None: not tried yet in this process
 
@@ -69,6 +76,77 @@ def bf16_available() -> bool:
 def int8_available() -> bool:
     """True where `torch.ops.gpt2.int8_linear` can run here (AVX512-VNNI and a build)."""
     return _cpu_has("_is_vnni_supported") and _cpu_has("_is_avx512_supported") and load()
+
+
+def amx_available() -> bool:
+    """True where the AMX kernels can run here (AMX-INT8 and AMX-BF16, the OS allows
+    the tiles, and a build)."""
+    return _cpu_has("_is_amx_tile_supported") and load() and bool(torch.ops.gpt2.amx_ready())
+
+
+class Kernel(NamedTuple):
+    """One weight's product through one of our kernels: `kernel(x)` for x (rows, in),
+    contiguous, rows <= max_rows -> (rows, out)."""
+
+    op: Callable
+    args: tuple  # what follows x in the op's arguments
+    max_rows: int
+    name: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, *self.args)
+
+
+def kernel_for_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    """Our kernel for a bf16 weight (out, in) and bias (out,), or None where none runs."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.is_meta:
+        return None
+    bias = None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
+    out, n_in = weight.shape
+    if n_in % 32 == 0 and amx_available():
+        packed = amx_layout(weight.detach(), 2)
+        return Kernel(torch.ops.gpt2.bf16_linear_amx, (packed, out, bias), AMX_BF16_MAX_ROWS,
+                      "AMX")  # fmt: skip
+    if bf16_available():
+        return Kernel(torch.ops.gpt2.bf16_linear, (weight.detach().contiguous(), bias),
+                      BF16_MAX_ROWS, "AVX512-BF16")  # fmt: skip
+    return None
+
+
+def kernel_for_int8(
+    q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> Kernel | None:
+    """Our kernel for an int8 weight q (out, in) with per-channel scales (out,) and a
+    bias (out,): activations quantized per row on the fly. None where none runs."""
+    if q.dtype != torch.int8 or q.device.type != "cpu" or q.is_meta:
+        return None
+    # each channel's weight sum undoes the activations' zero point; fp32 scales and bias
+    tail = (q.sum(dim=1, dtype=torch.int32), scale.float().contiguous(),
+            None if bias is None else bias.detach().float().contiguous())  # fmt: skip
+    if amx_available():
+        return Kernel(torch.ops.gpt2.int8_linear_amx, (amx_layout(q, 4), q.shape[0], *tail),
+                      AMX_INT8_MAX_ROWS, "AMX")  # fmt: skip
+    if int8_available():
+        return Kernel(torch.ops.gpt2.int8_linear, (q.contiguous(), *tail), INT8_MAX_ROWS,
+                      "AVX512-VNNI")  # fmt: skip
+    return None
+
+
+def amx_layout(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """A weight (out, in) as AMX tiles want it, flat: for each pair of 16-channel blocks
+    and each slice of 16 * group inputs, two 16 x 64-byte tiles side by side, each row of
+    which holds 16 channels x `group` consecutive inputs (group 4 for int8, 2 for bf16).
+    Zero-padded to whole pairs and slices.
+
+    >>> amx_layout(torch.arange(32 * 64, dtype=torch.int32).view(32, 64), 4)[:6].tolist()
+    [0, 1, 2, 3, 64, 65]
+    """
+    out, n_in = weight.shape
+    width = 16 * group
+    pairs, slices = -(-out // 32), -(-n_in // width)
+    w = torch.nn.functional.pad(weight, (0, slices * width - n_in, 0, pairs * 32 - out))
+    w = w.view(pairs, 2, 16, slices, 16, group)  # (pair, half, channel, slice, k, g)
+    return w.permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)  # (pair, slice, half, k, ch, g)
 
 
 def load() -> bool:
@@ -88,7 +166,7 @@ def _load() -> bool:
         return False
     if _torch_version() < (2, 10):  # the stable C ABI's parallel_for and new_empty
         return False
-    if hasattr(torch.ops, "gpt2") and hasattr(torch.ops.gpt2, "bf16_linear"):
+    if hasattr(torch.ops, "gpt2") and hasattr(torch.ops.gpt2, "amx_ready"):
         return True  # already registered in this process
     try:
         library = _build()
@@ -117,9 +195,11 @@ def _command(cxx: str, output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths
 
     lib = Path(torch.__file__).parent / "lib"
-    return [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
-            *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(output),
-            f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]  # fmt: skip
+    # no fused multiply-adds the source did not ask for: each kernel rounds its epilogue
+    # the same way, whichever path a row count takes
+    return [cxx, "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
+            "-fvisibility=hidden", *(f"-I{p}" for p in include_paths()), str(SOURCE),
+            "-o", str(output), f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]  # fmt: skip
 
 
 def _build() -> Path:

@@ -24,9 +24,10 @@ streams them at full speed:
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
          registers): closer to fp32, about half as fast; it is also the path on
-         CPUs without FBGEMM (ARM) and on other devices. Either way, prompts of
-         more than 32 rows widen the int8 weights to bf16 (exactly) and run a bf16
-         matmul where the CPU has native bf16: 2-4x faster there for prefill.
+         CPUs without FBGEMM (ARM) and on other devices. Prompts of more than 64
+         rows (int8) or 32 rows (weight-only) widen the int8 weights to bf16
+         (exactly) and run a bf16 matmul where the CPU has native bf16: faster
+         there for prefill.
 
 Both keep the model's structure, names and hooks; only the Linear modules (and,
 through `model.lm_head`, the tied LM head) change, and with an int8 head the token
@@ -65,6 +66,9 @@ _INT8_KERNEL_K_MULTIPLE = 16
 # Above this many rows the weight-only path widens the weight to bf16 and uses a bf16
 # matmul instead of `_weight_int8pack_mm`, whose time grows with the rows.
 _INT8PACK_MAX_ROWS = 32
+# Likewise for FBGEMM (int8 activations), whose 124M prefill measured 38-49 ms at 64
+# rows against the widened bf16 matmul's 44-62, and slower from 96 rows (53-66 vs 52).
+_FBGEMM_MAX_ROWS = 64
 
 
 # -- capability ---------------------------------------------------------------------------
@@ -130,6 +134,21 @@ def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict hook: the weights changed, so rebuild the kernel's own copy.
     (A module-level function, not a lambda, so that a whole model still pickles.)"""
     module.pack()
+
+
+def _through_kernel(
+    kernel: cpu_kernels.Kernel, x: torch.Tensor, in_features: int, out_features: int
+) -> torch.Tensor | None:
+    """x (..., in) through one of our CPU kernels, or None where it has too many rows."""
+    if x.dim() == 2 and x.size(0) <= kernel.max_rows and x.is_contiguous():
+        # a decode step's (B, C) rows: the kernel alone, no reshaping (each reshape is a
+        # call of its own, and a decode step makes 49 of these)
+        return kernel(x)  # (B, out)
+    rows = x.numel() // in_features
+    if rows > kernel.max_rows:
+        return None
+    y = kernel(x.reshape(rows, in_features).contiguous())  # (rows, out)
+    return y.view(*x.shape[:-1], out_features)  # (..., out)
 
 
 class _KernelCopy(nn.Module):
@@ -262,7 +281,7 @@ class Int8Linear(_KernelCopy):
         self.pack()
 
     def pack(self) -> None:
-        """(Re)build FBGEMM's packed copy of the weight (and bias); call after changing
+        """(Re)build the kernels' copies of the weight (and bias); call after changing
         `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
         self._packed = self._native = None
         w = self.weight
@@ -272,11 +291,11 @@ class Int8Linear(_KernelCopy):
         self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
         if self.activations != "int8" or w.device.type != "cpu" or w.is_meta:
             return
-        if cpu_kernels.int8_available():
-            # decoding (up to INT8_MAX_ROWS rows): our kernel, which needs each output
-            # channel's weight sum (to undo the activations' zero point) and fp32 scales
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            self._native = (w.sum(dim=1, dtype=torch.int32), self.weight_scale.float(), bias)
+        # decoding: our kernel (gpt2.cpu_kernels) where it runs; FBGEMM for the rows
+        # it does not take, unless it takes all that FBGEMM would
+        self._native = cpu_kernels.kernel_for_int8(w, self.weight_scale, self.bias)
+        if self._native is not None and self._native.max_rows >= _FBGEMM_MAX_ROWS:
+            return
         if not cpu_supports_int8_gemm():
             return
         zero = torch.zeros(self.out_features, dtype=torch.long)
@@ -296,27 +315,28 @@ class Int8Linear(_KernelCopy):
     @property
     def kernel(self) -> str:
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
-        gpt2's own kernel for up to 16 rows where the CPU has AVX512-VNNI, else
-        FBGEMM) or "bf16" (weight-only). Prompts of more than 32 rows use a bf16 matmul
-        on CPUs with native bf16, whichever this is."""
+        gpt2's own kernel where the CPU has AMX or AVX512-VNNI, else FBGEMM) or "bf16"
+        (weight-only). Prompts of more than 64 (int8) or 32 rows (weight-only) use a
+        bf16 matmul on CPUs with native bf16."""
         return "int8" if self._packed is not None or self._native is not None else "bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        rows = x.numel() // self.in_features
-        if self._native is not None and rows <= cpu_kernels.INT8_MAX_ROWS \
-                and x.device.type == "cpu":
+        if self._native is not None and x.device.type == "cpu":
             # decoding: our kernel quantizes each row over its own range, multiplies and
-            # rescales in one call (x is (B, 1, C) or (B, C): the reshape is a view)
-            y = torch.ops.gpt2.int8_linear(
-                x.reshape(rows, self.in_features).float(), self.weight, *self._native)
-            return y.view(*lead, self.out_features).to(x.dtype)  # (..., out)
+            # rescales in one call
+            x32 = x if x.dtype == torch.float32 else x.float()
+            y = _through_kernel(self._native, x32, self.in_features, self.out_features)
+            if y is not None:
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self._packed is not None and x.dim() == 2 and x.size(0) == 1 \
                 and x.dtype == torch.float32 and x.device.type == "cpu":
             # one fp32 row (a decode step): the kernel alone, no reshaping or casting
             # (each of those is a call of its own, and a decode step makes 49 of these)
             return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
-        many = rows > _INT8PACK_MAX_ROWS and self._bf16_for_many_rows
+        lead = x.shape[:-1]
+        rows = x.numel() // self.in_features
+        most = _INT8PACK_MAX_ROWS if self.kernel == "bf16" else _FBGEMM_MAX_ROWS
+        many = rows > most and self._bf16_for_many_rows
         if self._packed is not None and x.device.type == "cpu" and not many:
             x2 = x.reshape(-1, self.in_features).float()  # (M, in)
             if x2.shape[0] == 1:  # one row: the kernel's per-tensor scale is that row's own
@@ -354,7 +374,8 @@ class Int8Linear(_KernelCopy):
     def extra_repr(self) -> str:
         kernel = {"int8": "int8 x int8 (FBGEMM)", "bf16": "int8 weights x bf16"}[self.kernel]
         if self._native is not None:
-            kernel = "int8 x int8 (gpt2 kernel; FBGEMM for 17-32 rows)"
+            kernel = (f"int8 x int8 (gpt2 {self._native.name} kernel up to "
+                      f"{self._native.max_rows} rows)")  # fmt: skip
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, per-channel, {kernel}"
@@ -420,27 +441,30 @@ class PackedBF16Linear(_KernelCopy):
         return cls(linear.weight, linear.bias)
 
     def pack(self) -> None:
-        """(Re)build the oneDNN copy of the weight; call after changing `weight` in place
-        other than through load_state_dict (which does it itself)."""
+        """(Re)build the kernels' copies of the weight; call after changing `weight` in
+        place other than through load_state_dict (which does it itself)."""
         w = self.weight
         self._packed = self._native = None
         if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
-            # the batch-size hint (1) tunes the layout for decoding; any M still works
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            # decoding (up to BF16_MAX_ROWS rows): our kernel, on the plain weight
-            self._native = cpu_kernels.bf16_available() or None
+            # decoding: our kernel (gpt2.cpu_kernels) where it runs
+            self._native = cpu_kernels.kernel_for_bf16(w, self.bias)
+            if self._native is None or self._native.name != "AMX":
+                # more rows: oneDNN on its own layout (the batch-size hint 1 tunes it for
+                # few rows; any still work). Beside the AMX kernel's copy, prompts run
+                # plain F.linear instead, which measured as fast (16-256 rows)
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            y = _through_kernel(self._native, x, self.in_features, self.out_features)
+            if y is not None:
+                return y
         if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-            rows = x.numel() // self.in_features
-            if self._native and rows <= cpu_kernels.BF16_MAX_ROWS:
-                y = torch.ops.gpt2.bf16_linear(
-                    x.reshape(rows, self.in_features), self.weight, self.bias)
-                return y.view(*x.shape[:-1], self.out_features)  # (..., out)
             if x.numel() == self.in_features:
-                # One row (batch-1 decoding): PyTorch's bf16 matrix-vector product. oneDNN's
-                # AMX kernel streams as fast only once warm, and runs at half speed for the
-                # first second or so after other work (measured: 28 vs 55-60 tokens/s).
+                # One row (batch-1 decoding) without our kernel: PyTorch's bf16
+                # matrix-vector product. oneDNN's AMX kernel streams as fast only once
+                # warm, and runs at half speed for the first second or so after other
+                # work (measured: 28 vs 55-60 tokens/s).
                 v = x.reshape(self.in_features)
                 y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(
                     self.bias, self.weight, v)  # fmt: skip
@@ -450,9 +474,11 @@ class PackedBF16Linear(_KernelCopy):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        kernel = "; gpt2 kernel for up to 8 rows" if self._native else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bf16 packed{kernel}")  # fmt: skip
+        kernels = [f"gpt2 {self._native.name} kernel up to {self._native.max_rows} rows"
+                   ] if self._native is not None else []  # fmt: skip
+        kernels += ["oneDNN packed"] if self._packed is not None else []
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bf16"
+                + "".join(f", {k}" for k in kernels))  # fmt: skip
 
 
 # -- whole models -------------------------------------------------------------------------
