@@ -126,7 +126,8 @@ def ct2_engine(folder: Path, new: int, compute_type: str, work: Path):
 
 @torch.inference_mode()
 def quality(checkpoint: str, text_file: Path, window: int = 128) -> dict:
-    """Top-1 agreement and mean KL(fp32 || variant) of next-token distributions on a text."""
+    """Top-1 agreement and mean KL(fp32 || variant) of next-token distributions on a text,
+    each variant fed as decoding feeds it (see `_as_decoded`)."""
     import torch.nn.functional as F
 
     from gpt2.model import GPT2
@@ -149,7 +150,7 @@ def quality(checkpoint: str, text_file: Path, window: int = 128) -> dict:
     out = {"positions": idx.numel(), "fp32_nll": -ref.gather(
         -1, idx[:, 1:, None]).mean().item()}  # fmt: skip
     for name, build in variants.items():
-        logp = F.log_softmax(build()(idx).float(), dim=-1)
+        logp = F.log_softmax(_as_decoded(build(), idx).float(), dim=-1)
         kl = (ref.exp() * (ref - logp)).sum(-1).mean().item()
         top1 = (logp.argmax(-1) == ref.argmax(-1)).float().mean().item()
         nll = -logp.gather(-1, idx[:, 1:, None]).mean().item()
@@ -157,6 +158,20 @@ def quality(checkpoint: str, text_file: Path, window: int = 128) -> dict:
         print(f"{name:18s} top-1 agreement {top1:.4f}  mean KL {kl:.2e} nats  "
               f"(nll {nll:.4f} vs fp32 {out['fp32_nll']:.4f})")
     return out
+
+
+def _as_decoded(model, idx: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Logits (rows, T, V) for idx (rows, T), fed one row and `chunk` positions at a time
+    through the cache, so that every product sees as few rows as decoding gives it and
+    runs the kernels decoding runs (a whole (rows, T) batch would take the prompt path).
+    Each row of activations is quantized on its own, so this is the decode path's
+    arithmetic exactly."""
+    out = []
+    for row in idx:
+        cache = model.new_cache(1, max_len=idx.size(1))
+        out.append(torch.cat([model(row[None, i:i + chunk], cache=cache)
+                              for i in range(0, idx.size(1), chunk)], dim=1))  # fmt: skip
+    return torch.cat(out)  # (rows, T, V)
 
 
 # -- the machine ------------------------------------------------------------------------------

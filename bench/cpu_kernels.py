@@ -137,6 +137,48 @@ def kernels(rows: int) -> dict:
         lambda w, x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 64, w[1]),
         torch.bfloat16,
     )
+    out.update(our_kernels(each))
+    return out
+
+
+def our_kernels(each) -> dict:
+    """gpt2's own kernels (gpt2.cpu_kernels), each that this machine runs."""
+    from gpt2 import cpu_kernels as ck
+
+    def call(kernel, x):
+        return kernel(x)
+
+    def int8_tail(w):
+        q, scale = _quantize_rows(w)
+        return q, (q.sum(dim=1, dtype=torch.int32), scale.float(), None)
+
+    def vnni(w):
+        q, tail = int8_tail(w)
+        return ck.Kernel(torch.ops.gpt2.int8_linear, (q, *tail), ck.INT8_MAX_ROWS, "VNNI")
+
+    def amx_int8(w):
+        q, tail = int8_tail(w)
+        return ck.Kernel(torch.ops.gpt2.int8_linear_amx, (ck.amx_layout(q, 4), q.shape[0], *tail),
+                         ck.AMX_INT8_MAX_ROWS, "AMX")  # fmt: skip
+
+    def avx512_bf16(w):
+        return ck.Kernel(torch.ops.gpt2.bf16_linear, (w.bfloat16(), None), ck.BF16_MAX_ROWS,
+                         "AVX512-BF16")  # fmt: skip
+
+    def amx_bf16(w):
+        w = w.bfloat16()
+        return ck.Kernel(torch.ops.gpt2.bf16_linear_amx, (ck.amx_layout(w, 2), w.shape[0], None),
+                         ck.AMX_BF16_MAX_ROWS, "AMX")  # fmt: skip
+
+    out = {}
+    if ck.bf16_available():
+        out["bf16 gpt2 AVX512-BF16"] = (2, each(avx512_bf16), call, torch.bfloat16)
+    if ck.amx_available():
+        out["bf16 gpt2 AMX"] = (2, each(amx_bf16), call, torch.bfloat16)
+    if ck.int8_available():  # both quantize each row of x inside the call
+        out["int8 gpt2 AVX512-VNNI"] = (1, each(vnni), call, torch.float32)
+    if ck.amx_available():
+        out["int8 gpt2 AMX"] = (1, each(amx_int8), call, torch.float32)
     return out
 
 

@@ -195,8 +195,12 @@ def test_quantize_int8_writes_int8_weights_that_load_without_requantizing(
     ours = GPT2.from_pretrained(dst)
     idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (ours(idx) - ckpt.model(idx).logits).abs().max().item()
+        diff = (ours(idx) - ckpt.model(idx).logits).abs()
         spread = ckpt.model(idx).logits.std().item()
-    assert diff < 0.1 * spread  # int8 rounding of every projection, not a wrong weight
+    # int8 rounding of every projection and activation row, not a wrong weight (which
+    # would be of the order of the spread itself). Over 30 inputs the mean error measured
+    # 2.0-2.1% of the spread and the largest single logit error up to 22%, so the test
+    # bounds the mean, not the worst logit.
+    assert diff.mean() < 0.05 * spread
     assert run_cli("convert", ckpt.folder, tmp_path / "x", "--quantize", "int8",
                    "--dtype", "bf16").code == 1
