@@ -218,6 +218,27 @@ def test_amx_and_vnni_int8_agree_exactly():
     assert torch.equal(amx_int8(x, q, wsum, scale, b), vnni)
 
 
+@pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
+                                   "int8_linear_amx"])  # fmt: skip
+def test_ops_are_well_formed_for_torch_compile(which):
+    """Schema, the shapes registered for tracing (torch.compile, the meta device) and
+    what the op really returns agree (PyTorch's own checker)."""
+    needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI}.get(which, HAS_AMX)
+    if not (needs and CAN_BUILD):
+        pytest.skip("no such kernel here")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=gen)
+    w, x, b = q.bfloat16(), torch.randn(3, 64), torch.randn(40)
+    tail = (q.sum(dim=1, dtype=torch.int32), torch.rand(40), b)
+    args = {
+        "bf16_linear": (x.bfloat16(), w, b.bfloat16()),
+        "bf16_linear_amx": (x.bfloat16(), cpu_kernels.amx_layout(w, 2), 40, None),
+        "int8_linear": (x, q, *tail),
+        "int8_linear_amx": (x, cpu_kernels.amx_layout(q, 4), 40, *tail),
+    }[which]
+    torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
+
+
 # -- the layers use them -------------------------------------------------------------------
 
 

@@ -12,15 +12,18 @@
 //       quantized on the fly to 8 bits over its own range (asymmetric, as FBGEMM does
 //       for one row), times an int8 weight (out, in) with one scale per output channel
 //       (AVX512-VNNI `vpdpbusd`, exact int32 sums), rescaled to fp32 with the bias.
+//   gpt2::bf16_linear_amx / gpt2::int8_linear_amx  the same products on Intel AMX
+//       tiles, over a copy of the weight laid out for them (see "AMX" below).
+//   gpt2::amx_ready()  whether this CPU and OS run the AMX kernels.
 //
-// Both keep every row's running sums in registers for a few output channels at once,
-// so each weight is loaded once for all rows, and prefetch the next channels'
-// weights while the current ones are summed: that prefetch is most of the speed
-// (without it the rows stream at 8-16 GB/s, with it at 20-22 on a 22 GB/s machine).
-// The work is split over PyTorch's threads by output channel.
+// The AVX-512 kernels keep every row's running sums in registers for a few output
+// channels at once, so each weight is loaded once for all rows, and prefetch the
+// next channels' weights while the current ones are summed: that prefetch is most of
+// the speed (without it the rows stream at 8-16 GB/s, with it at 20-22 on a 22 GB/s
+// machine). The work is split over PyTorch's threads by output channel.
 //
 // Built by `gpt2/cpu_kernels.py` on first use against PyTorch's stable C ABI (no
-// ATen headers: ~2 s to compile); each kernel is compiled for its instruction set
+// ATen headers: ~10 s to compile); each kernel is compiled for its instruction set
 // with a target attribute and refuses to run on a CPU without it.
 
 #include <immintrin.h>
@@ -372,7 +375,7 @@ Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_sca
 }
 
 
-// ---- int8 on AMX ---------------------------------------------------------------------
+// ---- AMX: int8 and bf16 ---------------------------------------------------------------------
 //
 // At 8 rows the VNNI kernel runs out of arithmetic before memory (8 multiply-adds per
 // weight byte). AMX's tile multiply (`tdpbusd`: a 16 x 64 u8 tile of rows times a

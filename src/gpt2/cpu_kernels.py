@@ -171,12 +171,27 @@ def _load() -> bool:
     try:
         library = _build()
         torch.ops.load_library(str(library))
+        _register_shapes()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"gpt2: could not build its CPU kernels ({_first_line(e)}); "
                       f"using PyTorch's, which are slower for decoding. Set {ENV}=0 to "
                       f"silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
         return False
     return True
+
+
+def _register_shapes() -> None:
+    """What each op returns, without running it: torch.compile traces with these."""
+
+    def rows_by(x, out):
+        return x.new_empty(x.shape[0], out)
+
+    torch.library.register_fake("gpt2::bf16_linear")(lambda x, w, b: rows_by(x, w.shape[0]))
+    torch.library.register_fake("gpt2::int8_linear")(
+        lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
+    torch.library.register_fake("gpt2::bf16_linear_amx")(lambda x, p, out, b: rows_by(x, out))
+    torch.library.register_fake("gpt2::int8_linear_amx")(
+        lambda x, p, out, wsum, s, b: rows_by(x, out))
 
 
 def _torch_version() -> tuple[int, int]:
@@ -218,7 +233,7 @@ def _build() -> Path:
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
-    print("gpt2: building its CPU kernels (once, a few seconds)...", file=sys.stderr)
+    print("gpt2: building its CPU kernels (once per machine, ~10 s)...", file=sys.stderr)
     # compile to a private name, then rename: another process never sees half a file
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)

@@ -7,20 +7,20 @@ past that is fewer bytes per weight, with a matrix-vector kernel that actually
 streams them at full speed:
 
   bf16   `prepare_bf16(model)`: 2 bytes per weight. Every Linear is replaced by
-         `PackedBF16Linear`: for up to 8 rows (decoding) gpt2's own AVX512-BF16
-         kernel (`gpt2.cpu_kernels`), which streams the plain weight at close to
-         the memory bandwidth; for more rows oneDNN on a weight reordered once into
-         its blocked layout (`mkldnn._reorder_linear_weight`, AVX512-BF16/AMX).
-         Without our kernel, one row runs PyTorch's bf16 matrix-vector product.
+         `PackedBF16Linear`. For the few rows of a decode step it runs gpt2's own
+         kernel (`gpt2.cpu_kernels`: Intel AMX tiles, up to 16 rows, or AVX512-BF16,
+         up to 8), which streams the weights at close to the memory bandwidth; for
+         more rows (prompts) oneDNN's matmul, on a weight reordered once into its
+         blocked layout where the CPU has no AMX.
   int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
          output channel. Every Linear becomes `Int8Linear`, an int8 x int8 product:
          each *row* of the input is quantized to 8 bits over its own range on the
          fly, as CTranslate2's int8 does, so a row's precision depends on its own
-         values, not on its neighbours'. For up to 16 rows (decoding) it runs
-         gpt2's own AVX512-VNNI kernel (`gpt2.cpu_kernels`: quantize, multiply
-         and rescale in one call, streaming the weights at close to the memory
-         bandwidth), for more rows or without VNNI FBGEMM's GEMM
-         (`torch.ops.quantized.linear_dynamic`). Memory traffic is a quarter of fp32's.
+         values, not on its neighbours'. For a decode step's rows it runs gpt2's
+         own kernel (AMX up to 64 rows, or AVX512-VNNI up to 16: quantize, multiply
+         and rescale in one call, at close to the memory bandwidth); for more rows,
+         or without either, FBGEMM's GEMM (`torch.ops.quantized.linear_dynamic`).
+         Memory traffic is a quarter of fp32's.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
          registers): closer to fp32, about half as fast; it is also the path on
@@ -412,11 +412,13 @@ class Int8Embedding(nn.Module):
 
 
 class PackedBF16Linear(_KernelCopy):
-    """A bf16 Linear whose weight oneDNN has reordered once into its blocked layout.
+    """A bf16 Linear with a private copy of its weight laid out for a fast kernel: our
+    AMX kernel's tiles (`gpt2.cpu_kernels`), or oneDNN's blocked layout beside our
+    AVX512-BF16 kernel on CPUs without AMX.
 
     `weight` (out, in) stays a plain bf16 buffer, for state_dict and saving; the
-    packed copy is a private attribute, rebuilt on load. On a CPU without native
-    bf16, or on any other device, it runs plain `F.linear`.
+    copy is a private attribute, rebuilt on load. On a CPU without native bf16, or
+    on any other device, it runs plain `F.linear`.
 
     >>> layer = PackedBF16Linear.from_linear(nn.Linear(64, 32))
     >>> layer(torch.randn(2, 5, 64, dtype=torch.bfloat16)).shape
