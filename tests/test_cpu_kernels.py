@@ -326,7 +326,25 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
     if not CAN_BUILD or not (HAS_BF16 or HAS_VNNI):
         return  # the kernels were never tried here: nothing to warn about
     count, message = done.stdout.strip().split(" ", 1)
-    assert count == "1" and "could not build its CPU kernels" in message
+    assert count == "1" and "could not build gpt2's CPU kernels" in message
+
+
+def test_the_command_line_says_so_in_one_line(tmp_path, hf_checkpoint):
+    """`gpt2 generate --quantize int8` without a compiler: one warning line, then the text."""
+    if not CAN_BUILD or not (HAS_BF16 or HAS_VNNI):
+        pytest.skip("the kernels are never tried here")
+    ckpt = hf_checkpoint(n_vocab=50257, n_embd=32, n_head=2, n_ctx=64, std=0.3)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt2", "generate", "Hello", "--model", str(ckpt.folder),
+         "--quantize", "int8", "-n", "3", "-t", "0"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CXX": str(tmp_path / "no-such-compiler"),
+             "GPT2_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("gpt2: warning: could not build")
+    assert "Traceback" not in done.stderr and done.stdout.startswith("Hello")
 
 
 def test_turned_off_by_the_environment(tmp_path):

@@ -1,8 +1,8 @@
 """The `gpt2` command line: parse, call one function, print.
 
 Subcommands live in `gpt2.commands`, one module each; this file only finds
-them, builds the parser and turns `GPT2Error` into a one-line message and a
-non-zero exit status.
+them, builds the parser, turns `GPT2Error` into a one-line message and a
+non-zero exit status, and prints warnings as one line each.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
 from gpt2 import commands
 from gpt2.errors import GPT2Error
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one line each, without Python's source excerpt."""
+    print(f"gpt2: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args._run(args) or 0)
     except GPT2Error as e:
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -173,9 +173,9 @@ def _load() -> bool:
         torch.ops.load_library(str(library))
         _register_shapes()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"gpt2: could not build its CPU kernels ({_first_line(e)}); "
-                      f"using PyTorch's, which are slower for decoding. Set {ENV}=0 to "
-                      f"silence this.", RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(f"could not build gpt2's CPU kernels ({_first_line(e)}); using "
+                      f"PyTorch's, which are slower for decoding. Set {ENV}=0 to silence "
+                      f"this.", RuntimeWarning, stacklevel=2)  # fmt: skip
         return False
     return True
 
