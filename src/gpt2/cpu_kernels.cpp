@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -76,6 +77,22 @@ void split_channels(int64_t out, int64_t group, const F& f) {
   });
 }
 
+
+// f(std::integral_constant<int, n>) for 1 <= n <= kMaxRows: each row count has its own
+// compiled tile, with its sums in registers.
+template <class F>
+void with_rows(int64_t n, const F& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, kMaxRows>{}); break;
+  }
+}
 
 // ---- sums across the 16 lanes of 16 registers at once ----------------------------------
 //
@@ -214,16 +231,9 @@ Tensor bf16_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
     const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
     const uint16_t* xr = xp + r * in;
     uint16_t* yr = yp + r * out;
-    switch (n) {
-      case 1: bf16_rows<1>(xr, wp, b, yr, in, out); break;
-      case 2: bf16_rows<2>(xr, wp, b, yr, in, out); break;
-      case 3: bf16_rows<3>(xr, wp, b, yr, in, out); break;
-      case 4: bf16_rows<4>(xr, wp, b, yr, in, out); break;
-      case 5: bf16_rows<5>(xr, wp, b, yr, in, out); break;
-      case 6: bf16_rows<6>(xr, wp, b, yr, in, out); break;
-      case 7: bf16_rows<7>(xr, wp, b, yr, in, out); break;
-      default: bf16_rows<8>(xr, wp, b, yr, in, out); break;
-    }
+    with_rows(n, [&](auto rows_now) {
+      bf16_rows<decltype(rows_now)::value>(xr, wp, b, yr, in, out);
+    });
   }
   return y;
 }
@@ -360,16 +370,9 @@ Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_sca
     uint8_t* qr = q + r * in;
     for (int64_t k = 0; k < n; k++) quantize_row(xp + (r + k) * in, in, qr + k * in, &xs[k], &xz[k]);
     float* yr = yp + r * out;
-    switch (n) {
-      case 1: int8_rows<1>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 2: int8_rows<2>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 3: int8_rows<3>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 4: int8_rows<4>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 5: int8_rows<5>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 6: int8_rows<6>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      case 7: int8_rows<7>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-      default: int8_rows<8>(qr, xs, xz, wp, wsum, ws, b, yr, in, out); break;
-    }
+    with_rows(n, [&](auto rows_now) {
+      int8_rows<decltype(rows_now)::value>(qr, xs, xz, wp, wsum, ws, b, yr, in, out);
+    });
   }
   return y;
 }
@@ -393,6 +396,18 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// This thread's tiles for m rows: tmm0 the rows' 64 bytes of input, tmm1 and tmm2 two
+// weight tiles (16 x 64 bytes), tmm3 and tmm4 the sums (m rows x 16 channels of 4 bytes).
+__attribute__((target("amx-tile"))) void configure_tiles(int m) {
+  TileConfig cfg;
+  const uint8_t rows[5] = {(uint8_t)m, 16, 16, (uint8_t)m, (uint8_t)m};
+  for (int t = 0; t < 5; t++) {
+    cfg.rows[t] = rows[t];
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
 bool amx_permitted() {
   // Linux hands out AMX's 8 KB of tile state only to a process that asks for it
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
@@ -412,13 +427,7 @@ GPT2_AMX void amx_pairs(const uint8_t* q, int64_t q_stride, int m, const int8_t*
                         int64_t k_tiles, const float* xs, const int32_t* xz, const int32_t* wsum,
                         const float* ws, const float* b, float* y, int64_t out, int64_t p0,
                         int64_t p1) {
-  TileConfig cfg;
-  cfg.rows[0] = m;  cfg.colsb[0] = 64;   // tmm0: the rows' 64 inputs
-  cfg.rows[1] = 16; cfg.colsb[1] = 64;   // tmm1, tmm2: two weight tiles
-  cfg.rows[2] = 16; cfg.colsb[2] = 64;
-  cfg.rows[3] = m;  cfg.colsb[3] = 64;   // tmm3, tmm4: int32 sums, m x 16 channels
-  cfg.rows[4] = m;  cfg.colsb[4] = 64;
-  _tile_loadconfig(&cfg);
+  configure_tiles(m);
   alignas(64) int32_t sums[2][16][16];
   for (int64_t p = p0; p < p1; p++) {
     const int8_t* wp = packed + p * k_tiles * 2048;
@@ -503,13 +512,7 @@ Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
 GPT2_AMX_BF16 void amx_bf16_pairs(const uint16_t* x, int64_t x_stride, int m, const uint16_t* packed,
                                   int64_t k_tiles, const uint16_t* b, uint16_t* y, int64_t out,
                                   int64_t p0, int64_t p1) {
-  TileConfig cfg;
-  cfg.rows[0] = m;  cfg.colsb[0] = 64;
-  cfg.rows[1] = 16; cfg.colsb[1] = 64;
-  cfg.rows[2] = 16; cfg.colsb[2] = 64;
-  cfg.rows[3] = m;  cfg.colsb[3] = 64;
-  cfg.rows[4] = m;  cfg.colsb[4] = 64;
-  _tile_loadconfig(&cfg);
+  configure_tiles(m);
   alignas(64) float sums[2][16][16];
   const char* base = (const char*)packed;
   for (int64_t p = p0; p < p1; p++) {
