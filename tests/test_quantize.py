@@ -66,14 +66,16 @@ def int8_reference(layer: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, to
     The weights are the format's numbers written out (q * scale). The layer then rounds
     the activations: to bf16 (weight-only: 2^-8 relative per activation), or to 8 bits
     over each row's range (int8: at most half a step of 2 * max|x_row| / 255 per
-    activation), and each such error is multiplied by |w| and summed.
+    activation; 7 bits on CPUs without VNNI), and each such error is multiplied by |w|
+    and summed.
     """
     w = layer.weight.float() * layer.weight_scale.float()[:, None]  # (out, in)
     x = x.float()
     bias = None if layer.bias is None else layer.bias.float()
     exact = F.linear(x, w, bias)
     if layer.kernel == "int8":
-        step = 2 * x.abs().amax(dim=-1, keepdim=True) / 255  # (..., 1)
+        levels = 2**layer.activation_bits - 1  # 255, or 127 on CPUs without VNNI
+        step = 2 * x.abs().amax(dim=-1, keepdim=True) / levels  # (..., 1)
         bound = (step / 2) * w.abs().sum(dim=1)  # (..., out)
     else:
         bound = 2 ** -8 * F.linear(x.abs(), w.abs())

