@@ -70,7 +70,7 @@ ENDOFTEXT = "<|endoftext|>"
 #   \s+                      whitespace at the end of the text or before a non-space
 # What counts as a letter or digit is the installed `regex` module's Unicode version:
 # characters assigned after the version tiktoken's engine knows (2026 `regex` releases
-# follow Unicode 17) may split differently there. GPT-2's training text had none.
+# follow Unicode 17) may split differently there; they were assigned years after GPT-2.
 GPT2_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
