@@ -51,8 +51,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Kernel", "amx_available", "bf16_available", "int8_available", "kernel_for_bf16",
-           "kernel_for_int8", "load"]
+__all__ = ["Kernel", "amx_available", "amx_layout", "bf16_available", "int8_available",
+           "kernel_for_bf16", "kernel_for_int8", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV = "GPT2_CPU_KERNELS"
