@@ -47,7 +47,7 @@ using torch::headeronly::ScalarType;
 
 namespace {
 
-constexpr int kMaxRows = 8;  // rows summed together per pass over the weights (AVX-512)
+constexpr int kMaxRows = 8;  // rows summed together per pass over the weights (AVX-512, AVX2)
 // How far ahead the weights are prefetched: channel groups (AVX-512 kernels), 2 KB
 // slices (AMX). Measured: 2 groups ~5% faster than 1 at 8 rows, no better at 4 or 8;
 // AMX 4 or 8 slices ~25% faster than 2, and than prefetching one line per slice.
@@ -77,7 +77,6 @@ void split_channels(int64_t out, int64_t group, const F& f) {
     f(g0 * group, std::min(g1 * group, out));
   });
 }
-
 
 // f(std::integral_constant<int, n>) for 1 <= n <= kMaxRows: each row count has its own
 // compiled tile, with its sums in registers.
