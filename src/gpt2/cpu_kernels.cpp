@@ -339,14 +339,22 @@ GPT2_VNNI void int8_rows(const uint8_t* q, const float* xs, const int32_t* xz, c
   });
 }
 
-Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale,
-                   std::optional<Tensor> bias) {
-  STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
-                  "gpt2 CPU kernel int8_linear: this CPU has no AVX512-VNNI");
+// What every int8 op takes besides its weight: fp32 rows x (rows, in) and, per output
+// channel, the weight's sum and scale and the bias (optional); checked, with the
+// result (rows, out) allocated.
+struct Int8Call {
+  int64_t rows, in, out;
+  const float* x;
+  const int32_t* wsum;
+  const float* ws;
+  const float* b;  // nullptr: no bias
+  Tensor y;
+  float* yp;
+};
+
+Int8Call int8_call(const Tensor& x, int64_t out, const Tensor& weight_sum,
+                   const Tensor& weight_scale, const std::optional<Tensor>& bias) {
   check_matrix(x, ScalarType::Float, "x");
-  check_matrix(weight, ScalarType::Char, "weight");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel int8_linear: x and weight widths differ");
   check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
   check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
   const float* b = nullptr;
@@ -354,29 +362,49 @@ Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_sca
     check_vector(*bias, ScalarType::Float, out, "bias");
     b = (const float*)bias->const_data_ptr();
   }
+  const int64_t rows = x.size(0);
   Tensor y = torch::stable::new_empty(x, {rows, out});
-  // the quantized rows, as bytes of a scratch tensor (freed with it)
-  Tensor qt = torch::stable::new_empty(x, {rows * in}, ScalarType::Byte);
-  auto* q = (uint8_t*)qt.mutable_data_ptr();
-  const auto* xp = (const float*)x.const_data_ptr();
-  const auto* wp = (const int8_t*)weight.const_data_ptr();
-  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
-  const auto* ws = (const float*)weight_scale.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    float xs[kMaxRows];
-    int32_t xz[kMaxRows];
-    uint8_t* qr = q + r * in;
-    for (int64_t k = 0; k < n; k++) quantize_row(xp + (r + k) * in, in, qr + k * in, &xs[k], &xz[k]);
-    float* yr = yp + r * out;
-    with_rows(n, [&](auto rows_now) {
-      int8_rows<decltype(rows_now)::value>(qr, xs, xz, wp, wsum, ws, b, yr, in, out);
-    });
-  }
-  return y;
+  return {rows, x.size(1), out, (const float*)x.const_data_ptr(),
+          (const int32_t*)weight_sum.const_data_ptr(), (const float*)weight_scale.const_data_ptr(),
+          b, y, (float*)y.mutable_data_ptr()};
 }
 
+// The plain-weight int8 ops (AVX-512, AVX2): blocks of up to kMaxRows rows, each row
+// quantized by quantize(row, in, q, &scale, &zero), then run(rows as an
+// integral_constant, the block's arguments for the kernel's *_rows<R>).
+template <class Quantize, class Run>
+Tensor int8_in_row_blocks(const Tensor& x, const Tensor& weight, const Tensor& weight_sum,
+                          const Tensor& weight_scale, const std::optional<Tensor>& bias,
+                          Quantize quantize, Run run) {
+  check_matrix(weight, ScalarType::Char, "weight");
+  Int8Call c = int8_call(x, weight.size(0), weight_sum, weight_scale, bias);
+  STD_TORCH_CHECK(weight.size(1) == c.in, "gpt2 CPU kernel: x and weight widths differ");
+  // the quantized rows, as bytes of a scratch tensor (freed with it)
+  Tensor qt = torch::stable::new_empty(x, {c.rows * c.in}, ScalarType::Byte);
+  auto* q = (uint8_t*)qt.mutable_data_ptr();
+  const auto* wp = (const int8_t*)weight.const_data_ptr();
+  for (int64_t r = 0; r < c.rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, c.rows - r);
+    float xs[kMaxRows];
+    int32_t xz[kMaxRows];
+    uint8_t* qr = q + r * c.in;
+    for (int64_t k = 0; k < n; k++) quantize(c.x + (r + k) * c.in, c.in, qr + k * c.in, &xs[k], &xz[k]);
+    with_rows(n, [&](auto rows_now) {
+      run(rows_now, qr, xs, xz, wp, c.wsum, c.ws, c.b, c.yp + r * c.out, c.in, c.out);
+    });
+  }
+  return c.y;
+}
+
+Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale,
+                   std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
+                  "gpt2 CPU kernel int8_linear: this CPU has no AVX512-VNNI");
+  return int8_in_row_blocks(x, weight, weight_sum, weight_scale, bias, quantize_row,
+                            [](auto rows_now, auto... args) {
+                              int8_rows<decltype(rows_now)::value>(args...);
+                            });
+}
 
 // ---- int8 on AVX2: CPUs without AVX-512 (most laptops) -----------------------------------
 //
@@ -500,37 +528,10 @@ Tensor int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weigh
                         std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
                   "gpt2 CPU kernel int8_linear_avx2: this CPU has no AVX2");
-  check_matrix(x, ScalarType::Float, "x");
-  check_matrix(weight, ScalarType::Char, "weight");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel int8_linear_avx2: x and weight widths differ");
-  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
-  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
-  Tensor y = torch::stable::new_empty(x, {rows, out});
-  Tensor qt = torch::stable::new_empty(x, {rows * in}, ScalarType::Byte);
-  auto* q = (uint8_t*)qt.mutable_data_ptr();
-  const auto* xp = (const float*)x.const_data_ptr();
-  const auto* wp = (const int8_t*)weight.const_data_ptr();
-  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
-  const auto* ws = (const float*)weight_scale.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    float xs[kMaxRows];
-    int32_t xz[kMaxRows];
-    uint8_t* qr = q + r * in;
-    for (int64_t k = 0; k < n; k++) quantize_row7(xp + (r + k) * in, in, qr + k * in, &xs[k], &xz[k]);
-    float* yr = yp + r * out;
-    with_rows(n, [&](auto rows_now) {
-      int8_avx2_rows<decltype(rows_now)::value>(qr, xs, xz, wp, wsum, ws, b, yr, in, out);
-    });
-  }
-  return y;
+  return int8_in_row_blocks(x, weight, weight_sum, weight_scale, bias, quantize_row7,
+                            [](auto rows_now, auto... args) {
+                              int8_avx2_rows<decltype(rows_now)::value>(args...);
+                            });
 }
 
 // ---- AMX: int8 and bf16 ---------------------------------------------------------------------
@@ -625,39 +626,27 @@ Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
                        Tensor weight_scale, std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("amx-int8") && amx_permitted(),
                   "gpt2 CPU kernel int8_linear_amx: this CPU or OS offers no AMX");
-  check_matrix(x, ScalarType::Float, "x");
-  const int64_t rows = x.size(0), in = x.size(1);
+  Int8Call c = int8_call(x, out, weight_sum, weight_scale, bias);
+  const int64_t rows = c.rows, in = c.in;
   const int64_t k_tiles = (in + 63) / 64, pairs = (out + 31) / 32;
   STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
                       packed.numel() == pairs * k_tiles * 2048,
                   "gpt2 CPU kernel int8_linear_amx: the packed weight does not fit x and out");
-  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
-  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
-  Tensor y = torch::stable::new_empty(x, {rows, out});
   const int64_t q_stride = k_tiles * 64;  // rows padded with zeros to whole slices
   Tensor qt = torch::stable::new_zeros(x, {rows * q_stride}, ScalarType::Byte);
   auto* q = (uint8_t*)qt.mutable_data_ptr();
-  const auto* xp = (const float*)x.const_data_ptr();
   std::vector<float> xs(rows);
   std::vector<int32_t> xz(rows);
-  for (int64_t r = 0; r < rows; r++) quantize_row(xp + r * in, in, q + r * q_stride, &xs[r], &xz[r]);
+  for (int64_t r = 0; r < rows; r++) quantize_row(c.x + r * in, in, q + r * q_stride, &xs[r], &xz[r]);
   const auto* wp = (const int8_t*)packed.const_data_ptr();
-  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
-  const auto* ws = (const float*)weight_scale.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
   for (int64_t r = 0; r < rows; r += 16) {
     const int m = (int)std::min<int64_t>(16, rows - r);
     torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-      amx_pairs(q + r * q_stride, q_stride, m, wp, k_tiles, xs.data() + r, xz.data() + r, wsum, ws,
-                b, yp + r * out, out, p0, p1);
+      amx_pairs(q + r * q_stride, q_stride, m, wp, k_tiles, xs.data() + r, xz.data() + r, c.wsum,
+                c.ws, c.b, c.yp + r * out, out, p0, p1);
     });
   }
-  return y;
+  return c.y;
 }
 
 #define GPT2_AMX_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
