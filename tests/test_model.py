@@ -230,25 +230,39 @@ def test_config_rejects_impossible_geometry():
 # -- the oneDNN copies used for batched CPU decoding ----------------------------------
 
 
-def test_few_row_products_equal_transformers(tiny):
-    """2-16 rows per product on a CPU read oneDNN-packed copies of the weights."""
+@pytest.mark.parametrize("our_kernel", [True, False])
+def test_few_row_products_equal_transformers(tiny, our_kernel, monkeypatch):
+    """2-16 rows per product on a CPU run our fp32 kernel (2-8 rows, AVX-512) or read
+    oneDNN-packed copies of the weights."""
+    from gpt2 import cpu_kernels
+
+    if our_kernel and not cpu_kernels.fp32_available():
+        pytest.skip("no AVX-512 or no kernel build here")
+    if not our_kernel:
+        monkeypatch.setattr(cpu_kernels, "fp32_available", lambda: False)
     model, hf = tiny
+    gpt2.model._CPU_PACKED.clear()
     idx = random_ids(128, (6, 1), seed=3)  # 6 rows of one token: the batched decode shape
     assert model.h[0].attn.c_attn.weight.dtype == torch.float32
     with torch.no_grad():
         ours = model(idx)
     assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
-    if torch.backends.mkldnn.is_available():
-        assert id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED  # the path ran
+    if torch.backends.mkldnn.is_available():  # which path ran
+        assert (id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED) != our_kernel
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
-def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change):
+def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change, monkeypatch):
+    from gpt2 import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "fp32_available", lambda: False)  # oneDNN's path
     ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=1)
     model = GPT2.from_pretrained(ckpt.folder).eval()
     idx = random_ids(128, (4, 1), seed=5)
     with torch.no_grad():
         model(idx)  # makes the packed copies
+    if torch.backends.mkldnn.is_available():
+        assert id(model.h[0].mlp.c_fc.weight) in gpt2.model._CPU_PACKED
     if change == "optimizer step":
         opt = torch.optim.AdamW(model.parameters(), lr=0.1)
         F.cross_entropy(model(random_ids(128, (2, 8))).flatten(0, 1),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gpt2.traced_step as traced_step
+from gpt2 import cpu_kernels
 from gpt2.generate import generate_batch
 from gpt2.model import GPT2
 from gpt2.quantize import cpu_supports_bf16, prepare_bf16, quantize_model
@@ -65,8 +66,9 @@ def test_replayed_step_logits_match_transformers(pair, batch):
         theirs = hf(seq).logits[:, -1]
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert cache.length == 5 + 8
-    if batch == 1:  # fp32 with several rows uses oneDNN's packed weights, which TorchScript
-        assert recording(model, batch) is not None  # cannot hold: plain step there
+    if batch == 1 or cpu_kernels.fp32_available():  # else fp32 with several rows uses
+        assert recording(model, batch) is not None  # oneDNN's packed weights, which
+        # TorchScript cannot hold: plain step there
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int8-weight-only", "bf16"])
@@ -86,8 +88,10 @@ def test_generate_same_tokens_with_and_without_the_recording(pair, hf_checkpoint
         assert torch.equal(model.generate(prompt, max_new_tokens=new, temperature=0.0), expected)
     sampled = dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
     assert torch.equal(model.generate(prompt, **sampled), plain_generate(model, prompt, **sampled))
-    if quantize == "int8" or batch == 1:  # FBGEMM's packed weights trace at any batch
-        assert recording(model, batch) is not None  # size; oneDNN's (2-16 rows) do not
+    if quantize == "int8" or batch == 1 or (quantize is None and cpu_kernels.fp32_available()):
+        # FBGEMM's packed weights trace at any batch size, our fp32 kernel too; oneDNN's
+        # packed fp32 weights (2-16 rows where ours does not run) do not
+        assert recording(model, batch) is not None
 
 
 def test_a_weight_changed_in_place_makes_a_new_recording(hf_checkpoint):

@@ -13,6 +13,8 @@ holds kernels that stream at close to the full rate:
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
+  torch.ops.gpt2.fp32_linear                         fp32 on AVX-512: 2-16 rows, for
+      `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
@@ -51,8 +53,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Kernel", "amx_available", "amx_layout", "bf16_available", "int8_available",
-           "kernel_for_bf16", "kernel_for_int8", "load"]
+__all__ = ["Kernel", "amx_available", "amx_layout", "bf16_available", "fp32_available",
+           "int8_available", "kernel_for_bf16", "kernel_for_int8", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV = "GPT2_CPU_KERNELS"
@@ -67,13 +69,25 @@ INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 AMX_BF16_MAX_ROWS = 16
 AMX_INT8_MAX_ROWS = 64
+# fp32 at 2-8 rows: 1.2-1.35x oneDNN's product on its packed copy of the weight; at 16
+# (two passes over the weight) the same speed, without the copy.
+FP32_MAX_ROWS = 8
 
 _loaded: bool | None = None  # None: not tried yet in this process
+_fp32: bool | None = None
 
 
 def bf16_available() -> bool:
     """True where `torch.ops.gpt2.bf16_linear` can run here (AVX512-BF16 and a build)."""
     return _cpu_has("_is_avx512_bf16_supported") and load()
+
+
+def fp32_available() -> bool:
+    """True where `torch.ops.gpt2.fp32_linear` can run here (AVX-512 and a build)."""
+    global _fp32
+    if _fp32 is None:  # asked once per product: remembered
+        _fp32 = _cpu_has("_is_avx512_supported") and load()
+    return _fp32
 
 
 def int8_available() -> bool:
@@ -192,7 +206,8 @@ def _register_shapes() -> None:
     def rows_by(x, out):
         return x.new_empty(x.shape[0], out)
 
-    torch.library.register_fake("gpt2::bf16_linear")(lambda x, w, b: rows_by(x, w.shape[0]))
+    for name in ("gpt2::bf16_linear", "gpt2::fp32_linear"):
+        torch.library.register_fake(name)(lambda x, w, b: rows_by(x, w.shape[0]))
     for name in ("gpt2::int8_linear", "gpt2::int8_linear_avx2"):
         torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
     torch.library.register_fake("gpt2::bf16_linear_amx")(lambda x, p, out, b: rows_by(x, out))
