@@ -13,7 +13,7 @@ holds kernels that stream at close to the full rate:
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
-  torch.ops.gpt2.fp32_linear                         fp32 on AVX-512: 2-16 rows, for
+  torch.ops.gpt2.fp32_linear                         fp32 on AVX-512: 2-8 rows, for
       `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
@@ -69,8 +69,10 @@ INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 AMX_BF16_MAX_ROWS = 16
 AMX_INT8_MAX_ROWS = 64
-# fp32 at 2-8 rows: 1.2-1.35x oneDNN's product on its packed copy of the weight; at 16
-# (two passes over the weight) the same speed, without the copy.
+# fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
+# the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:
+# MKL's matrix-vector product is as fast, and needs no build.
+FP32_MIN_ROWS = 2
 FP32_MAX_ROWS = 8
 
 _loaded: bool | None = None  # None: not tried yet in this process
