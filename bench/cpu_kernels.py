@@ -170,7 +170,12 @@ def our_kernels(each) -> dict:
         return ck.Kernel(torch.ops.gpt2.bf16_linear_amx, (ck.amx_layout(w, 2), w.shape[0], None),
                          ck.AMX_BF16_MAX_ROWS, "AMX")  # fmt: skip
 
+    def avx512_fp32(w):
+        return ck.Kernel(torch.ops.gpt2.fp32_linear, (w, None), ck.FP32_MAX_ROWS, "AVX-512")
+
     out = {}
+    if ck.fp32_available():
+        out["fp32 gpt2 AVX-512"] = (4, each(avx512_fp32), call, torch.float32)
     if ck.bf16_available():
         out["bf16 gpt2 AVX512-BF16"] = (2, each(avx512_bf16), call, torch.bfloat16)
     if ck.amx_available():
