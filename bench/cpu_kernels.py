@@ -170,12 +170,16 @@ def our_kernels(each) -> dict:
         return ck.Kernel(torch.ops.gpt2.bf16_linear_amx, (ck.amx_layout(w, 2), w.shape[0], None),
                          ck.AMX_BF16_MAX_ROWS, "AMX")  # fmt: skip
 
-    def avx512_fp32(w):
-        return ck.Kernel(torch.ops.gpt2.fp32_linear, (w, None), ck.FP32_MAX_ROWS, "AVX-512")
+    def fp32(op):
+        return lambda w: ck.Kernel(op, (w, None), ck.FP32_MAX_ROWS, "fp32")
 
     out = {}
-    if ck.fp32_available():
-        out["fp32 gpt2 AVX-512"] = (4, each(avx512_fp32), call, torch.float32)
+    if ck.fp32_op() is not None:
+        if torch.cpu._is_avx512_supported():
+            out["fp32 gpt2 AVX-512"] = (4, each(fp32(torch.ops.gpt2.fp32_linear)), call,
+                                        torch.float32)  # fmt: skip
+        out["fp32 gpt2 AVX2"] = (4, each(fp32(torch.ops.gpt2.fp32_linear_avx2)), call,
+                                 torch.float32)  # fmt: skip
     if ck.bf16_available():
         out["bf16 gpt2 AVX512-BF16"] = (2, each(avx512_bf16), call, torch.bfloat16)
     if ck.amx_available():

@@ -54,7 +54,6 @@ def test_kernels_build_wherever_they_can_run():
     assert cpu_kernels.bf16_available() == HAS_BF16
     assert cpu_kernels.int8_available() == HAS_VNNI
     assert cpu_kernels.amx_available() == HAS_AMX  # (where Linux allows the tiles)
-    assert cpu_kernels.fp32_available() == HAS_AVX512
 
 
 # -- bf16 ----------------------------------------------------------------------------------
@@ -154,12 +153,20 @@ def test_int8_kernels_reject_wrong_inputs_with_a_message(kernel):
 
 # -- fp32 ----------------------------------------------------------------------------------
 
-needs_fp32 = pytest.mark.skipif(not (HAS_AVX512 and CAN_BUILD),
-                                reason="no AVX-512, compiler or PyTorch >= 2.10")  # fmt: skip
+def gpt2_op(name):
+    """torch.ops.gpt2.<name>, looked up when called (the kernels load in a fixture)."""
+    return lambda *args: getattr(torch.ops.gpt2, name)(*args)
 
 
-def fp32_check(x, w, b):
-    y = torch.ops.gpt2.fp32_linear(x, w, b)
+FP32_KERNELS = [
+    pytest.param(gpt2_op(name), id=name)
+    for name, runs in (("fp32_linear", HAS_AVX512), ("fp32_linear_avx2", HAS_AVX2))
+    if runs and CAN_BUILD
+] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+
+
+def fp32_check(kernel, x, w, b):
+    y = kernel(x, w, b)
     assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == torch.float32
     ref = x.double() @ w.double().T + (0 if b is None else b.double())
     # fp32 sums in any order: at most (terms + 1) units of 2^-24 of the sum of |terms|
@@ -169,60 +176,59 @@ def fp32_check(x, w, b):
     return err
 
 
-@needs_fp32
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 17])
 @pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 100), (5, 1600)])
-def test_fp32_linear_is_the_float64_product_to_fp32_rounding(rows, n_out, n_in):
+def test_fp32_linear_is_the_float64_product_to_fp32_rounding(rows, n_out, n_in, kernel):
     gen = torch.Generator().manual_seed(rows * 1000 + n_out)
     x = torch.randn(rows, n_in, generator=gen)
     w = torch.randn(n_out, n_in, generator=gen) * 0.05
     for b in (None, torch.randn(n_out, generator=gen)):
-        err = fp32_check(x, w, b)
+        err = fp32_check(kernel, x, w, b)
         # and as close as PyTorch's own fp32 product (MKL), not merely within the bound
         theirs = (F.linear(x, w, b).double() - (x.double() @ w.double().T
                                                 + (0 if b is None else b.double()))).abs()
         assert err.max() <= 4 * theirs.max() + 1e-6
 
 
-@needs_fp32
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 20), n_in=st.integers(1, 130), n_out=st.integers(1, 70),
        bias=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
-def test_fp32_linear_any_shape(rows, n_in, n_out, bias, seed):
+def test_fp32_linear_any_shape(kernel, rows, n_in, n_out, bias, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, n_in, generator=gen) * 10
     w = torch.randn(n_out, n_in, generator=gen)
-    fp32_check(x, w, torch.randn(n_out, generator=gen) if bias else None)
+    fp32_check(kernel, x, w, torch.randn(n_out, generator=gen) if bias else None)
 
 
-@needs_fp32
-def test_fp32_kernel_rejects_wrong_inputs_with_a_message():
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
+def test_fp32_kernels_reject_wrong_inputs_with_a_message(kernel):
     w = torch.randn(8, 32)
     with pytest.raises(RuntimeError, match="widths differ"):
-        torch.ops.gpt2.fp32_linear(torch.randn(1, 64), w, None)
+        kernel(torch.randn(1, 64), w, None)
     with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
-        torch.ops.gpt2.fp32_linear(torch.randn(1, 32).bfloat16(), w, None)
+        kernel(torch.randn(1, 32).bfloat16(), w, None)
     with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
-        torch.ops.gpt2.fp32_linear(torch.randn(32, 2).t(), w, None)
+        kernel(torch.randn(32, 2).t(), w, None)
     with pytest.raises(RuntimeError, match="one per output"):
-        torch.ops.gpt2.fp32_linear(torch.randn(1, 32), w, torch.zeros(7))
+        kernel(torch.randn(1, 32), w, torch.zeros(7))
 
 
-@needs_fp32
-def test_fp32_products_of_2_to_8_rows_run_our_kernel(monkeypatch):
+@pytest.mark.parametrize("kernel", FP32_KERNELS)
+def test_fp32_products_of_2_to_8_rows_run_our_kernel(kernel, monkeypatch):
     """`gpt2.model._matmul_t` (every nn.Linear and the tied head while decoding on a CPU):
     our kernel for 2-8 rows, MKL for one, oneDNN's packed copy for 9-16; each within
     fp32 rounding of the float64 product."""
     import gpt2.model
 
     calls = []
-    op = torch.ops.gpt2.fp32_linear
 
     def counting(x, w, b):
         calls.append(x.shape[0])
-        return op(x, w, b)
+        return kernel(x, w, b)
 
-    monkeypatch.setattr(torch.ops.gpt2, "fp32_linear", counting)
+    monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: counting)
     w, b = torch.randn(96, 64), torch.randn(96)
     with torch.no_grad():
         for rows in (1, 2, 5, 8, 9, 16):
@@ -230,7 +236,8 @@ def test_fp32_products_of_2_to_8_rows_run_our_kernel(monkeypatch):
             y = gpt2.model._matmul_t(x, w, b)
             ref = x.double() @ w.double().T + b.double()
             assert y.shape == (rows, 1, 96) and (y - ref).abs().max() <= 1e-5
-        assert id(w) in gpt2.model._CPU_PACKED  # 9 and 16 rows
+        if torch.backends.mkldnn.is_available():
+            assert id(w) in gpt2.model._CPU_PACKED  # 9 and 16 rows
     assert calls == [2, 5, 8]
     product = gpt2.model._matmul_t
     x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
@@ -239,6 +246,14 @@ def test_fp32_products_of_2_to_8_rows_run_our_kernel(monkeypatch):
     with torch.enable_grad():  # training: autograd's products, not ours
         product(torch.randn(4, 64), w.requires_grad_(), b)
     assert calls == [2, 5, 8, 5, 5]
+
+
+def test_fp32_op_is_the_best_kernel_this_cpu_runs():
+    op = cpu_kernels.fp32_op()
+    if not CAN_BUILD or not (HAS_AVX512 or HAS_AVX2):
+        assert op is None
+    else:
+        assert op is (torch.ops.gpt2.fp32_linear if HAS_AVX512 else torch.ops.gpt2.fp32_linear_avx2)
 
 
 # -- int8 ----------------------------------------------------------------------------------
@@ -321,12 +336,13 @@ def test_amx_and_vnni_int8_agree_exactly():
 
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
-                                   "fp32_linear"])  # fmt: skip
+                                   "fp32_linear", "fp32_linear_avx2"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
-             "fp32_linear": HAS_AVX512}.get(which, HAS_AMX)  # fmt: skip
+             "fp32_linear": HAS_AVX512,
+             "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
     gen = torch.Generator().manual_seed(0)
@@ -340,6 +356,7 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "int8_linear_avx2": (x, q, *tail),
         "int8_linear_amx": (x, cpu_kernels.amx_layout(q, 4), 40, *tail),
         "fp32_linear": (x, q.float(), b),
+        "fp32_linear_avx2": (x, q.float(), b),
     }[which]
     torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
 

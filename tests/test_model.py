@@ -236,10 +236,10 @@ def test_few_row_products_equal_transformers(tiny, our_kernel, monkeypatch):
     oneDNN-packed copies of the weights."""
     from gpt2 import cpu_kernels
 
-    if our_kernel and not cpu_kernels.fp32_available():
+    if our_kernel and cpu_kernels.fp32_op() is None:
         pytest.skip("no AVX-512 or no kernel build here")
     if not our_kernel:
-        monkeypatch.setattr(cpu_kernels, "fp32_available", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: None)
     model, hf = tiny
     gpt2.model._CPU_PACKED.clear()
     idx = random_ids(128, (6, 1), seed=3)  # 6 rows of one token: the batched decode shape
@@ -255,7 +255,7 @@ def test_few_row_products_equal_transformers(tiny, our_kernel, monkeypatch):
 def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change, monkeypatch):
     from gpt2 import cpu_kernels
 
-    monkeypatch.setattr(cpu_kernels, "fp32_available", lambda: False)  # oneDNN's path
+    monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: None)  # oneDNN's path
     ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=1)
     model = GPT2.from_pretrained(ckpt.folder).eval()
     idx = random_ids(128, (4, 1), seed=5)

@@ -66,8 +66,8 @@ def test_replayed_step_logits_match_transformers(pair, batch):
         theirs = hf(seq).logits[:, -1]
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     assert cache.length == 5 + 8
-    if batch == 1 or cpu_kernels.fp32_available():  # else fp32 with several rows uses
-        assert recording(model, batch) is not None  # oneDNN's packed weights, which
+    if batch == 1 or cpu_kernels.fp32_op() is not None:  # else fp32 with several rows
+        assert recording(model, batch) is not None  # uses oneDNN's packed weights, which
         # TorchScript cannot hold: plain step there
 
 
@@ -88,7 +88,8 @@ def test_generate_same_tokens_with_and_without_the_recording(pair, hf_checkpoint
         assert torch.equal(model.generate(prompt, max_new_tokens=new, temperature=0.0), expected)
     sampled = dict(max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
     assert torch.equal(model.generate(prompt, **sampled), plain_generate(model, prompt, **sampled))
-    if quantize == "int8" or batch == 1 or (quantize is None and cpu_kernels.fp32_available()):
+    ours_fp32 = quantize is None and cpu_kernels.fp32_op() is not None
+    if quantize == "int8" or batch == 1 or ours_fp32:
         # FBGEMM's packed weights trace at any batch size, our fp32 kernel too; oneDNN's
         # packed fp32 weights (2-16 rows where ours does not run) do not
         assert recording(model, batch) is not None

@@ -294,10 +294,11 @@ GPT2_AVX512 void fp32_rows(const float* x, const float* w, const float* b, float
   });
 }
 
-Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
-  STD_TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl"),
-                  "gpt2 CPU kernel fp32_linear: this CPU has no AVX-512");
+// fp32 rows (rows, in) x weight (out, in) (+ bias) through run(rows as an
+// integral_constant, the block's arguments for a *_rows<R>), kMaxRows rows at a time.
+template <class Run>
+Tensor fp32_in_row_blocks(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          Run run) {
   check_matrix(x, ScalarType::Float, "x");
   check_matrix(weight, ScalarType::Float, "weight");
   const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
@@ -313,11 +314,18 @@ Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   auto* yp = (float*)y.mutable_data_ptr();
   for (int64_t r = 0; r < rows; r += kMaxRows) {
     const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    with_rows(n, [&](auto rows_now) {
-      fp32_rows<decltype(rows_now)::value>(xp + r * in, wp, b, yp + r * out, in, out);
-    });
+    with_rows(n, [&](auto rows_now) { run(rows_now, xp + r * in, wp, b, yp + r * out, in, out); });
   }
   return y;
+}
+
+Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl"),
+                  "gpt2 CPU kernel fp32_linear: this CPU has no AVX-512");
+  return fp32_in_row_blocks(x, weight, bias, [](auto rows_now, auto... args) {
+    fp32_rows<decltype(rows_now)::value>(args...);
+  });
 }
 
 // ---- int8 ----------------------------------------------------------------------------
@@ -616,6 +624,69 @@ Tensor int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weigh
                             });
 }
 
+// ---- fp32 on AVX2 ---------------------------------------------------------------------
+//
+// `fp32_linear` for CPUs without AVX-512: 8-wide fused multiply-adds, 16 ymm registers
+// (so fewer channels per tile), each tile's sums added across lanes one by one.
+
+GPT2_AVX2 inline __m256 load_f32_8(const float* p, int64_t left) {
+  // 8 floats, or the `left` < 8 that remain with zeros after them
+  if (left >= 8) return _mm256_loadu_ps(p);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), lanes));
+}
+
+GPT2_AVX2 inline float lane_sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R, int OB>
+GPT2_AVX2 void fp32_avx2_channels(const float* x, const float* w, const float* b, float* y,
+                                  int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; o += OB) {
+    const int nb = (int)std::min<int64_t>(OB, o1 - o);
+    __m256 acc[R][OB];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < OB; c++) acc[r][c] = _mm256_setzero_ps();
+    const float* wo = w + o * in;
+    for (int64_t i = 0; i < in; i += 8) {
+      const int64_t left = in - i;
+      __m256 wv[OB];
+      for (int c = 0; c < OB; c++) {
+        if ((i & 15) == 0) _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        wv[c] = c < nb ? load_f32_8(wo + c * in + i, left) : _mm256_setzero_ps();
+      }
+      for (int r = 0; r < R; r++) {
+        const __m256 xv = load_f32_8(x + r * in + i, left);
+        for (int c = 0; c < OB; c++) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+      }
+    }
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < nb; c++) y[r * out + o + c] = lane_sum8(acc[r][c]) + (b ? b[o + c] : 0.0f);
+  }
+}
+
+template <int R>
+void fp32_avx2_rows(const float* x, const float* w, const float* b, float* y, int64_t in,
+                    int64_t out) {
+  // R * OB accumulators + OB weights + a row within the 16 registers
+  constexpr int OB = R <= 2 ? 4 : R == 3 ? 3 : R == 4 ? 2 : 1;
+  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
+    fp32_avx2_channels<R, OB>(x, w, b, y, in, out, o0, o1);
+  });
+}
+
+Tensor fp32_linear_avx2(Tensor x, Tensor weight, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                  "gpt2 CPU kernel fp32_linear_avx2: this CPU has no AVX2");
+  return fp32_in_row_blocks(x, weight, bias, [](auto rows_now, auto... args) {
+    fp32_avx2_rows<decltype(rows_now)::value>(args...);
+  });
+}
+
 // ---- AMX: int8 and bf16 ---------------------------------------------------------------------
 //
 // At 8 rows the VNNI kernel runs out of arithmetic before memory (8 multiply-adds per
@@ -804,6 +875,7 @@ Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tenso
 STABLE_TORCH_LIBRARY(gpt2, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("fp32_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("fp32_linear_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
         "Tensor? bias) -> Tensor");
   m.def("int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
@@ -821,6 +893,7 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CompositeExplicitAutograd, m) {
 STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("bf16_linear", TORCH_BOX(&bf16_linear));
   m.impl("fp32_linear", TORCH_BOX(&fp32_linear));
+  m.impl("fp32_linear_avx2", TORCH_BOX(&fp32_linear_avx2));
   m.impl("int8_linear", TORCH_BOX(&int8_linear));
   m.impl("int8_linear_avx2", TORCH_BOX(&int8_linear_avx2));
   m.impl("int8_linear_amx", TORCH_BOX(&int8_linear_amx));

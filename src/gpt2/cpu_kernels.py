@@ -13,8 +13,8 @@ holds kernels that stream at close to the full rate:
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
-  torch.ops.gpt2.fp32_linear                         fp32 on AVX-512: 2-8 rows, for
-      `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
+  torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
+      for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Kernel", "amx_available", "amx_layout", "bf16_available", "fp32_available",
+__all__ = ["Kernel", "amx_available", "amx_layout", "bf16_available", "fp32_op",
            "int8_available", "kernel_for_bf16", "kernel_for_int8", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -76,7 +76,7 @@ FP32_MIN_ROWS = 2
 FP32_MAX_ROWS = 8
 
 _loaded: bool | None = None  # None: not tried yet in this process
-_fp32: bool | None = None
+_fp32: Callable | bool | None = None  # fp32_op(): None not asked yet, False none
 
 
 def bf16_available() -> bool:
@@ -84,12 +84,18 @@ def bf16_available() -> bool:
     return _cpu_has("_is_avx512_bf16_supported") and load()
 
 
-def fp32_available() -> bool:
-    """True where `torch.ops.gpt2.fp32_linear` can run here (AVX-512 and a build)."""
+def fp32_op() -> Callable | None:
+    """The fp32 product for 2-8 rows this CPU runs, op(x, weight, bias?) -> x @ weight.T
+    (+ bias): `torch.ops.gpt2.fp32_linear` (AVX-512) or `fp32_linear_avx2`; None where
+    neither runs or the kernels cannot be built."""
     global _fp32
     if _fp32 is None:  # asked once per product: remembered
-        _fp32 = _cpu_has("_is_avx512_supported") and load()
-    return _fp32
+        _fp32 = False
+        if _cpu_has("_is_avx512_supported") and load():
+            _fp32 = torch.ops.gpt2.fp32_linear
+        elif _cpu_has("_is_avx2_supported") and load():
+            _fp32 = torch.ops.gpt2.fp32_linear_avx2
+    return _fp32 or None
 
 
 def int8_available() -> bool:
@@ -208,7 +214,7 @@ def _register_shapes() -> None:
     def rows_by(x, out):
         return x.new_empty(x.shape[0], out)
 
-    for name in ("gpt2::bf16_linear", "gpt2::fp32_linear"):
+    for name in ("gpt2::bf16_linear", "gpt2::fp32_linear", "gpt2::fp32_linear_avx2"):
         torch.library.register_fake(name)(lambda x, w, b: rows_by(x, w.shape[0]))
     for name in ("gpt2::int8_linear", "gpt2::int8_linear_avx2"):
         torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))

@@ -469,7 +469,7 @@ def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Ten
 
 
 # Batched decoding on a CPU (2-16 rows per product) runs gpt2's own fp32 kernel for 2-8
-# rows on AVX-512 CPUs (gpt2.cpu_kernels). Otherwise it reads the weights from a copy that
+# rows on x86 CPUs (gpt2.cpu_kernels). Otherwise it reads the weights from a copy that
 # oneDNN has reordered once into its blocked layout: MKL's GEMM would re-pack each weight
 # on every call, which halves its speed for few rows (measured here: 10 vs 16-20 GB/s).
 # The copy costs as much memory again as the fp32 weights it mirrors; set this to False
@@ -482,7 +482,7 @@ def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
     For one row on a CPU (decoding) this computes (weight @ x.T).T instead: MKL then
     streams the weight rows as stored (its matrix-vector kernel runs at the machine's
-    bandwidth). For 2-8 rows it runs our fp32 kernel (`gpt2.cpu_kernels`, AVX-512), and
+    bandwidth). For 2-8 rows it runs our fp32 kernel (`gpt2.cpu_kernels`, AVX-512/AVX2), and
     for the other rows up to 16 the oneDNN copy of the weight (`_cpu_packed`). Same
     numbers up to rounding either way.
     """
@@ -492,9 +492,9 @@ def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         return F.linear(x, weight, bias)
     fp32 = weight.dtype == torch.float32
     few = cpu_kernels.FP32_MIN_ROWS <= rows <= cpu_kernels.FP32_MAX_ROWS
-    if few and fp32 and cpu_kernels.fp32_available():
-        y = torch.ops.gpt2.fp32_linear(x.reshape(rows, x.size(-1)).contiguous(),
-                                       weight.contiguous(), bias)  # fmt: skip
+    ours = cpu_kernels.fp32_op() if few and fp32 else None
+    if ours is not None:
+        y = ours(x.reshape(rows, x.size(-1)).contiguous(), weight.contiguous(), bias)
         return y.view(*x.shape[:-1], weight.size(0))  # (..., out)
     if rows > 1 and PACK_WEIGHTS_FOR_CPU_BATCHES and fp32:
         packed = _cpu_packed(weight)
