@@ -455,6 +455,34 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
     assert count == "1" and "could not build gpt2's CPU kernels" in message
 
 
+def test_a_failed_build_is_not_reported_for_fp32_batches(tmp_path):
+    """fp32 decoding gains little from the kernels: falling back is silent there, and
+    the first bf16/int8 layer after it still gets the one warning."""
+    done = run_fresh(
+        """
+        import warnings, torch
+        import gpt2.model
+        from gpt2 import cpu_kernels
+        from gpt2.quantize import Int8Linear
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            w, x = torch.randn(8, 16), torch.randn(4, 16)
+            with torch.no_grad():
+                y = gpt2.model._matmul_t(x, w)
+            assert torch.allclose(y, x @ w.T, atol=1e-5) and cpu_kernels.fp32_op() is None
+            print(len(caught), end=" ")
+            Int8Linear.from_weight(torch.randn(8, 16))
+        print(len(caught), caught[-1].message if caught else "")
+        """,
+        CXX=str(tmp_path / "no-such-compiler"), GPT2_HOME=str(tmp_path / "home"),
+    )
+    assert done.returncode == 0, done.stderr
+    if not CAN_BUILD or not (HAS_BF16 or HAS_VNNI):
+        return  # the kernels were never tried here: nothing to warn about
+    before, after, message = done.stdout.strip().split(" ", 2)
+    assert (before, after) == ("0", "1") and "could not build gpt2's CPU kernels" in message
+
+
 def test_the_command_line_says_so_in_one_line(tmp_path, hf_checkpoint):
     """`gpt2 generate --quantize int8` without a compiler: one warning line, then the text."""
     if not CAN_BUILD or not (HAS_BF16 or HAS_VNNI):

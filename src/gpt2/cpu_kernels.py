@@ -27,8 +27,8 @@ system's C++ compiler (`$CXX`, else `c++`) against PyTorch's stable C ABI, into
 `$GPT2_HOME/kernels` (default `~/.cache/gpt2/kernels`); that takes ~10 s. Where
 anything is missing -- not an x86 CPU with those instructions, a PyTorch before
 2.10, no compiler, a failed build -- the layers run PyTorch's kernels, as they did
-before, with one warning saying why if a build was attempted and failed. Set
-`GPT2_CPU_KERNELS=0` to turn them off.
+before, with one warning saying why if a build was attempted and failed (for bf16
+and int8 layers; fp32 falls back quietly). Set `GPT2_CPU_KERNELS=0` to turn them off.
 
     >>> import torch
     >>> w, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32).bfloat16()
@@ -71,11 +71,12 @@ AMX_BF16_MAX_ROWS = 16
 AMX_INT8_MAX_ROWS = 64
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
 # the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:
-# MKL's matrix-vector product is as fast, and needs no build.
+# MKL's matrix-vector product is as fast.
 FP32_MIN_ROWS = 2
 FP32_MAX_ROWS = 8
 
 _loaded: bool | None = None  # None: not tried yet in this process
+_failure: str | None = None  # why the build failed, until a warning has said so
 _fp32: Callable | bool | None = None  # fp32_op(): None not asked yet, False none
 
 
@@ -91,9 +92,9 @@ def fp32_op() -> Callable | None:
     global _fp32
     if _fp32 is None:  # asked once per product: remembered
         _fp32 = False
-        if _cpu_has("_is_avx512_supported") and load():
+        if _cpu_has("_is_avx512_supported") and load(warn=False):
             _fp32 = torch.ops.gpt2.fp32_linear
-        elif _cpu_has("_is_avx2_supported") and load():
+        elif _cpu_has("_is_avx2_supported") and load(warn=False):
             _fp32 = torch.ops.gpt2.fp32_linear_avx2
     return _fp32 or None
 
@@ -177,11 +178,20 @@ def amx_layout(weight: torch.Tensor, group: int) -> torch.Tensor:
     return w.permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)  # (pair, slice, half, k, ch, g)
 
 
-def load() -> bool:
-    """Build (once per machine) and load the kernels; False where they cannot be had."""
-    global _loaded
+def load(*, warn: bool = True) -> bool:
+    """Build (once per machine) and load the kernels; False where they cannot be had.
+
+    If a build was tried and failed, the first call with `warn` says why, once per
+    process. `fp32_op` passes warn=False: without the kernels, an fp32 model decodes
+    batches a little slower (and with a copy of its weights), and the default fp32
+    path should not greet every run without a compiler with a warning.
+    """
+    global _loaded, _failure
     if _loaded is None:
-        _loaded = _load()
+        _loaded, _failure = _load()
+    if warn and _failure is not None:
+        warnings.warn(_failure, RuntimeWarning, stacklevel=2)
+        _failure = None
     return _loaded
 
 
@@ -189,23 +199,23 @@ def _cpu_has(name: str) -> bool:
     return bool(getattr(torch.cpu, name, lambda: False)())
 
 
-def _load() -> bool:
+def _load() -> tuple[bool, str | None]:
+    """(loaded, why a build failed or None)."""
     if os.environ.get(ENV, "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return False, None
     if _torch_version() < (2, 10):  # the stable C ABI's parallel_for and new_empty
-        return False
+        return False, None
     if hasattr(torch.ops, "gpt2") and hasattr(torch.ops.gpt2, "amx_ready"):
-        return True  # already registered in this process
+        return True, None  # already registered in this process
     try:
         library = _build()
         torch.ops.load_library(str(library))
         _register_shapes()
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"could not build gpt2's CPU kernels ({_first_line(e)}); using "
-                      f"PyTorch's, which are slower for decoding. Set {ENV}=0 to silence "
-                      f"this.", RuntimeWarning, stacklevel=2)  # fmt: skip
-        return False
-    return True
+        return False, (f"could not build gpt2's CPU kernels ({_first_line(e)}); using "
+                       f"PyTorch's, which are slower for decoding. Set {ENV}=0 to silence "
+                       "this.")  # fmt: skip
+    return True, None
 
 
 def _register_shapes() -> None:
