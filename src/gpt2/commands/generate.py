@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from gpt2.commands._common import load_model, read_text_arg
     from gpt2.errors import GPT2Error
     from gpt2.generate import SamplingOptions
@@ -83,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     prompt = None if args.interactive and args.prompt == "" else read_text_arg(args.prompt,
                                                                                "prompt")
     model, tokenizer = load_model(args)
+    weight = model.wte.weight
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        from gpt2 import cpu_kernels
+
+        cpu_kernels.fp32_op()  # a first build happens now, not inside the timed decode
     if prompt is not None:
         _sample(model, tokenizer, prompt, args)
     if args.interactive:
