@@ -190,6 +190,34 @@ def test_int8_model_logits_close_to_fp32(hf_checkpoint, method, tolerance):
     assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, None])
+def test_int8_model_decoding_through_its_cache_close_to_fp32(hf_checkpoint, kv_dtype,
+                                                             monkeypatch, tmp_path):  # fmt: skip
+    """An int8 model keeps its KV cache in bf16 on CPUs with native bf16 (also when
+    loaded from a saved int8 checkpoint); fed through that cache a few positions at a
+    time, as decoding feeds it, its logits stay as close to transformers' as above."""
+    monkeypatch.setattr(quantize, "INT8_KV_CACHE_DTYPE", kv_dtype)
+    ckpt = hf_checkpoint()
+    idx = torch.randint(0, ckpt.config.n_vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = hf_logits(ckpt.model, idx)  # (2, 12, V) fp32
+    model = quantize_model(GPT2.from_pretrained(ckpt.folder), "int8")
+    save_quantized(model, tmp_path / "int8")
+    expected = kv_dtype if kv_dtype and quantize.cpu_supports_bf16() else torch.float32
+    for m in (model, load_quantized(tmp_path / "int8")):
+        cache = m.new_cache(2, max_len=12)
+        assert cache.k.dtype == cache.v.dtype == expected
+        with torch.no_grad():
+            out = torch.cat([m(idx[:, i:i + 3], cache=cache) for i in range(0, 12, 3)], dim=1)
+        assert out.dtype == torch.float32
+        err = (out - ref).abs()
+        assert err.max().item() <= 0.3 * ref.std().item(), err.max().item()
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 2 * err.amax(-1)
+        assert clear.sum().item() >= 8
+        assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert GPT2.from_pretrained(ckpt.folder).new_cache(1).k.dtype == torch.float32
+
+
 def test_int8_lm_head_is_quantized_and_used(hf_checkpoint):
     """Needs GPT2.lm_head (see gpt2.quantize): the head is a third of 124M's bytes."""
     ckpt = hf_checkpoint()

@@ -142,13 +142,13 @@ def _block(block, x, k_cache, v_cache, pos, visible, *, project, attend) -> torc
     attn, mlp = block.attn, block.mlp
     nh, hs = attn.n_head, attn.head_size
     qkv = project(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
-    q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
+    q, k, v = qkv.to(k_cache.dtype).view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
     k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
     v_cache.index_copy_(2, pos, v)
     # Attend over every slot; the mask hides the ones not yet written, so shapes
     # never change (a growing slice would need a new graph per length).
     y = attend(q, k_cache, v_cache, visible)  # (B, nh, [1,] hs)
-    x = x + project(attn.c_proj, y.reshape(B, C))  # (B, C)
+    x = x + project(attn.c_proj, y.reshape(B, C).to(x.dtype))  # (B, C)
     h = F.gelu(project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
     return x + project(mlp.c_proj, h)  # (B, C)
 

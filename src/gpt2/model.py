@@ -123,6 +123,7 @@ class CausalSelfAttention(nn.Module):
         v = tap(f"{name}.v", v.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
+            q = q.to(k.dtype)  # (an int8 model's cache is bf16: gpt2.quantize)
         dropout_p = self.dropout if self.training else 0.0
 
         if self.impl == "math" or wants(f"{name}.pattern"):
@@ -143,7 +144,7 @@ class CausalSelfAttention(nn.Module):
             if mask is None:
                 mask = _causal_mask(T, k.size(2), x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = tap(f"{name}.z", y)  # (B, nh, T, hs)
+        y = tap(f"{name}.z", y.to(x.dtype))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return _dropout(self.resid_dropout, _project(self.c_proj, y))
 
@@ -209,6 +210,9 @@ class GPT2(nn.Module):
         # A module replacing the tied head `x @ wte.T` (an int8 or packed-bf16 copy of wte,
         # set by gpt2.quantize); None: the head is wte itself.
         self.lm_head: nn.Module | None = None
+        # The KV cache's dtype where it differs from the activations' (bf16 for an int8
+        # model on a CPU, set by gpt2.quantize); None: the activations' dtype.
+        self.kv_cache_dtype: torch.dtype | None = None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -369,13 +373,14 @@ class GPT2(nn.Module):
         return total
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and activation dtype."""
+        """An empty KV cache on this model's device, in its activations' dtype or its
+        `kv_cache_dtype`."""
         p = self.ln_f.weight  # (wte may hold int8 rows in a quantized model)
         return KVCache(
             self.config,
             batch_size=batch_size,
             max_len=max_len or self.config.n_ctx,
-            dtype=p.dtype,
+            dtype=self.kv_cache_dtype or p.dtype,
             device=p.device,
         )
 

@@ -69,6 +69,13 @@ _INT8PACK_MAX_ROWS = 32
 # Likewise for FBGEMM (int8 activations), whose 124M prefill measured 38-49 ms at 64
 # rows against the widened bf16 matmul's 44-62, and slower from 96 rows (53-66 vs 52).
 _FBGEMM_MAX_ROWS = 64
+# An int8 model keeps its KV cache in bf16 where the CPU has native bf16: at long
+# contexts a batch's keys and values are more bytes per step than the int8 weights
+# (batch 8, 300 positions: 141 MB in fp32 against ~125 MB of weights), and bf16 halves
+# them. Measured (bench/CPU_NOTES.md): batch 8, 300 new tokens 1.23-1.29x, batch 1,
+# 500 tokens 1.08x; on the `gpt2 demo` model the mean KL to fp32 went from 5.44e-5 to
+# 5.52e-5 (the int8 products' error dwarfs bf16's). None keeps the activations' dtype.
+INT8_KV_CACHE_DTYPE: torch.dtype | None = torch.bfloat16
 
 
 # -- capability ---------------------------------------------------------------------------
@@ -523,7 +530,8 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
     so a third of the bytes read per token. `wte` then becomes an `Int8Embedding`
     reading the head's int8 rows, so the lookup and the head use the same numbers,
     as a reloaded checkpoint does, and the float embedding table is freed.
-    Activations, LayerNorms, attention and the KV cache keep the model's dtype.
+    Activations, LayerNorms and attention keep the model's dtype; the KV cache is
+    `INT8_KV_CACHE_DTYPE` (bf16) on CPUs with native bf16.
 
     >>> from gpt2.config import GPT2Config
     >>> from gpt2.model import GPT2
@@ -544,7 +552,14 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
     if head:
         _attach_int8_head(model, *quantize_weight_int8(model.wte.weight), activations)
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
+    model.kv_cache_dtype = _int8_kv_cache_dtype(model)
     return model
+
+
+def _int8_kv_cache_dtype(model: nn.Module) -> torch.dtype | None:
+    """`INT8_KV_CACHE_DTYPE` for an int8 model on a CPU with native bf16, else None."""
+    on_cpu = model.ln_f.weight.device.type in ("cpu", "meta")
+    return INT8_KV_CACHE_DTYPE if on_cpu and cpu_supports_bf16() else None
 
 
 def _activations_for(method: str) -> str:
@@ -756,6 +771,7 @@ def model_from_quantized_state(
     if head:
         model.wte.dtype = act_dtype
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
+    model.kv_cache_dtype = _int8_kv_cache_dtype(model)
     return model.eval()
 
 
