@@ -495,7 +495,7 @@ def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled() or _compiling():
         # (torch.compile lowers the product itself, and cannot follow _cpu_packed's cache)
         return F.linear(x, weight, bias)
-    fp32 = weight.dtype == torch.float32
+    fp32 = weight.dtype == x.dtype == torch.float32
     few = cpu_kernels.FP32_MIN_ROWS <= rows <= cpu_kernels.FP32_MAX_ROWS
     ours = cpu_kernels.fp32_op() if few and fp32 else None
     if ours is not None:
