@@ -8,7 +8,8 @@ Sections (each one's failure is recorded in the JSON and the next one runs):
     decode   124M, batch 1 and 32, bf16 weights, greedy: transformers generate (fp32
              and bf16) vs our normal cached path (gpt2.generate) vs the fixed-shape
              step run eagerly vs the step as a CUDA graph, plain and compiled; checks
-             that the greedy tokens are identical between our paths; the bound a
+             that the greedy tokens are identical between our paths (where they part,
+             how far apart the two tokens' logits were, beside bf16's spacing); the bound a
              step that only read the weights once would reach (at the bandwidth a
              large device-to-device copy gets), with each path's share of it
     train    124M, batch 16 x 1024, bf16 autocast, fused AdamW, TF32: one optimizer
@@ -138,6 +139,23 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
     return None if diff.numel() == 0 else int(diff[0])
 
 
+def divergence(model: GPT2, ref: torch.Tensor, got: torch.Tensor, prompt: int) -> dict:
+    """Where greedy tokens `got` (B, N) first part from `ref`, and how close a call it was:
+    the reference model's own logits for the two tokens there (recomputed without a cache)
+    and the spacing of bf16 numbers at their size. A gap of a few spacings is a near-tie
+    that any other summation order may flip; a larger one would point at a bug."""
+    at = first_mismatch(ref, got)
+    if at is None:
+        return {"identical": True}
+    row = int((ref[:, at] != got[:, at]).nonzero()[0])
+    with torch.inference_mode():
+        logits = model(ref[row:row + 1, :at])[0, -1].float()  # (V,) what both chose from
+    a, b = float(logits[ref[row, at]]), float(logits[got[row, at]])
+    size = max(abs(a), abs(b), 1e-30)
+    return {"identical": False, "first_mismatch_at_new_token": at - prompt, "row": row,
+            "logit_gap": abs(a - b), "bf16_spacing_there": 2.0 ** (math.floor(math.log2(size)) - 7)}
+
+
 def table(title: str, rows: list[tuple[str, float | None, str]], unit: str) -> None:
     base = next((v for _, v, _ in rows if v), None)
     print(f"\n{title}")
@@ -226,9 +244,7 @@ def decode_variants(model: GPT2, batch: int, prompt: int, new: int, *, device, r
         res["ours_graph"] = {"skipped": "no CUDA device"}
     ref = tokens.get("ours_cached_eager")
     res["greedy_identical"] = {
-        name: {"identical": first_mismatch(ref, t) is None,
-               "first_mismatch_at_new_token": (None if first_mismatch(ref, t) is None
-                                               else first_mismatch(ref, t) - prompt)}
+        name: divergence(model, ref, t, prompt)
         for name, t in tokens.items() if ref is not None and name != "ours_cached_eager"
     }
     if "ours_graph" in tokens and "ours_static_eager" in tokens:

@@ -43,6 +43,33 @@ def test_gpu_bench_dry_run_writes_every_section(tmp_path):
         share = res["ours_static_eager"]["share_of_bound"]
         assert share == res["ours_static_eager"]["tokens_per_s"] / bound["tokens_per_s"]
         assert "share_of_bound" not in res["hf_generate_fp32"]  # fp32 weights: not our bound
+        for name, same in res["greedy_identical"].items():
+            assert same["identical"] or same["logit_gap"] >= 0, (name, same)
+
+
+def test_gpu_bench_says_how_close_a_call_a_greedy_divergence_was(hf_checkpoint, monkeypatch):
+    """gpu.py's `divergence`: where two greedy runs part, and the gap between the two
+    tokens' logits there (oracle: transformers' logits on the same weights)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+
+    ckpt = hf_checkpoint()
+    model = GPT2.from_pretrained(ckpt.folder).eval()
+    idx = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(idx, max_new_tokens=6, temperature=0.0)  # (2, 10)
+    assert gpu.divergence(model, ref, ref.clone(), 4) == {"identical": True}
+    with torch.no_grad():
+        logits = ckpt.model(ref[1:, :7]).logits[0, -1]  # (V,): what new token 3 was chosen from
+    top2 = logits.topk(2)
+    assert int(top2.indices[0]) == int(ref[1, 7])
+    got = ref.clone()
+    got[1, 7] = top2.indices[1]  # row 1 takes the runner-up at new token 3
+    result = gpu.divergence(model, ref, got, 4)
+    assert result["first_mismatch_at_new_token"] == 3 and result["row"] == 1
+    gap = float(top2.values[0] - top2.values[1])
+    assert abs(result["logit_gap"] - gap) <= 1e-4
+    size = float(top2.values[0].abs().max(top2.values[1].abs()))
+    assert size / 256 < result["bf16_spacing_there"] <= size / 128  # 8 significant bits
 
 
 def test_full_width_loss_equals_the_trainers(monkeypatch):
