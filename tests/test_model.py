@@ -230,25 +230,30 @@ def test_config_rejects_impossible_geometry():
 # -- the oneDNN copies used for batched CPU decoding ----------------------------------
 
 
-@pytest.mark.parametrize("our_kernel", [True, False])
-def test_few_row_products_equal_transformers(tiny, our_kernel, monkeypatch):
-    """2-16 rows per product on a CPU run our fp32 kernel (2-8 rows, AVX-512) or read
-    oneDNN-packed copies of the weights."""
+@pytest.mark.parametrize("kernel", ["fp32_linear", "fp32_linear_avx2", None])
+@pytest.mark.parametrize("rows", [6, 12])
+def test_few_row_products_equal_transformers(tiny, kernel, rows, monkeypatch):
+    """2-16 rows per product on a CPU run our fp32 kernel (2-8 rows: AVX-512, or AVX2
+    without it) or read oneDNN-packed copies of the weights."""
     from gpt2 import cpu_kernels
 
-    if our_kernel and cpu_kernels.fp32_op() is None:
-        pytest.skip("no AVX-512 or no kernel build here")
-    if not our_kernel:
+    if kernel is not None:
+        cpus = {"fp32_linear": "_is_avx512_supported", "fp32_linear_avx2": "_is_avx2_supported"}
+        if cpu_kernels.fp32_op() is None or not getattr(torch.cpu, cpus[kernel])():
+            pytest.skip("no such kernel here")
+        monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: getattr(torch.ops.gpt2, kernel))
+    else:
         monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: None)
     model, hf = tiny
     gpt2.model._CPU_PACKED.clear()
-    idx = random_ids(128, (6, 1), seed=3)  # 6 rows of one token: the batched decode shape
+    idx = random_ids(128, (rows, 1), seed=3)  # rows of one token: the batched decode shape
     assert model.h[0].attn.c_attn.weight.dtype == torch.float32
     with torch.no_grad():
         ours = model(idx)
     assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
     if torch.backends.mkldnn.is_available():  # which path ran
-        assert (id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED) != our_kernel
+        ours_ran = kernel is not None and rows <= cpu_kernels.FP32_MAX_ROWS
+        assert (id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED) != ours_ran
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
