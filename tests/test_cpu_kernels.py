@@ -256,6 +256,56 @@ def test_fp32_op_is_the_best_kernel_this_cpu_runs():
         assert op is (torch.ops.gpt2.fp32_linear if HAS_AVX512 else torch.ops.gpt2.fp32_linear_avx2)
 
 
+# -- greedy argmax -------------------------------------------------------------------------
+
+needs_avx512 = pytest.mark.skipif(not (HAS_AVX512 and CAN_BUILD),
+                                  reason="no AVX-512, compiler or PyTorch >= 2.10")  # fmt: skip
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 3e38, -3e38, 1e-45]
+
+
+@needs_avx512
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 9), n=st.integers(1, 100), seed=st.integers(0, 2**16),
+       ties=st.booleans(), specials=st.integers(0, 6))  # fmt: skip
+def test_argmax_rows_is_torch_argmax(rows, n, seed, ties, specials):
+    """The first index of the largest value, NaN counting as largest, -0.0 equal to 0.0:
+    exactly torch.argmax, ties, infinities and NaN included."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen)
+    if ties:  # few distinct values: many equal maxima
+        x = x.mul(2).round()
+    for _ in range(specials):
+        r, i, k = (int(torch.randint(m, (1,), generator=gen)) for m in (rows, n, len(SPECIAL)))
+        x[r, i] = SPECIAL[k]
+    assert torch.equal(torch.ops.gpt2.argmax_rows(x), x.argmax(dim=-1))
+
+
+@needs_avx512
+@pytest.mark.parametrize("at", [0, 1, 15, 16, 50239, 50255, 50256])
+def test_argmax_rows_of_vocabulary_width(at):
+    x = torch.randn(3, 50257, generator=torch.Generator().manual_seed(at))
+    x[0, at] = 100.0
+    x[1, at] = x[1, -1] = x[1, 7] = 100.0  # three equal maxima: the first wins
+    x[2] = -float("inf")
+    assert torch.equal(torch.ops.gpt2.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.ops.gpt2.argmax_rows(x)[0] == at
+
+
+def test_greedy_argmax_takes_any_logits():
+    """gpt2.cpu_kernels.argmax: our kernel where it applies, torch.argmax elsewhere."""
+    x = torch.randn(4, 300)
+    for logits in (x, x.bfloat16(), x.t().contiguous().t(), x[:, ::2], x[:1]):
+        assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
+
+
+@needs_avx512
+def test_argmax_rows_rejects_wrong_inputs_with_a_message():
+    with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
+        torch.ops.gpt2.argmax_rows(torch.randn(5))
+    with pytest.raises(RuntimeError, match="1 to 2"):
+        torch.ops.gpt2.argmax_rows(torch.randn(3, 0))
+
+
 # -- int8 ----------------------------------------------------------------------------------
 
 
@@ -336,12 +386,13 @@ def test_amx_and_vnni_int8_agree_exactly():
 
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
-                                   "fp32_linear", "fp32_linear_avx2"])  # fmt: skip
+                                   "fp32_linear", "fp32_linear_avx2",
+                                   "argmax_rows"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
-             "fp32_linear": HAS_AVX512,
+             "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512,
              "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
@@ -357,6 +408,7 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "int8_linear_amx": (x, cpu_kernels.amx_layout(q, 4), 40, *tail),
         "fp32_linear": (x, q.float(), b),
         "fp32_linear_avx2": (x, q.float(), b),
+        "argmax_rows": (x,),
     }[which]
     torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
 

@@ -687,6 +687,50 @@ Tensor fp32_linear_avx2(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   });
 }
 
+// ---- greedy decoding: the index of each row's largest logit --------------------------
+//
+// PyTorch's argmax reads a 50,257-wide row at ~0.8 GB/s on these machines (60 us per
+// row; 4% of an int8 decode step at batch 8). Same answer as torch.argmax: the first
+// index of the largest value, NaN counting as the largest.
+
+GPT2_AVX512 int64_t row_argmax(const float* x, int64_t n) {
+  __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 best = _mm512_set1_ps(-INFINITY);
+  __m512i at = lane;  // per lane: the index of its largest value so far (the first one)
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+    nan |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+    const __mmask16 larger = _mm512_mask_cmp_ps_mask(valid, v, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, larger, v);
+    at = _mm512_mask_mov_epi32(at, larger, lane);
+    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
+  }
+  if (nan)
+    for (int64_t i = 0; i < n; i++)
+      if (std::isnan(x[i])) return i;
+  // the lanes holding the largest value; of those, the first index
+  const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(top, at);
+}
+
+Tensor argmax_rows(Tensor x) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl"),
+                  "gpt2 CPU kernel argmax_rows: this CPU has no AVX-512");
+  check_matrix(x, ScalarType::Float, "x");
+  const int64_t rows = x.size(0), n = x.size(1);
+  STD_TORCH_CHECK(n > 0 && n < (int64_t{1} << 31), "gpt2 CPU kernel argmax_rows: rows must hold 1 to 2^31 - 1 values");
+  Tensor y = torch::stable::new_empty(x, {rows}, ScalarType::Long);
+  const auto* xp = (const float*)x.const_data_ptr();
+  auto* yp = (int64_t*)y.mutable_data_ptr();
+  torch::stable::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) yp[r] = row_argmax(xp + r * n, n);
+  });
+  return y;
+}
+
 // ---- AMX: int8 and bf16 ---------------------------------------------------------------------
 //
 // At 8 rows the VNNI kernel runs out of arithmetic before memory (8 multiply-adds per
@@ -880,6 +924,7 @@ STABLE_TORCH_LIBRARY(gpt2, m) {
         "Tensor? bias) -> Tensor");
   m.def("int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("amx_ready() -> bool");
   m.def("bf16_linear_amx(Tensor x, Tensor packed, int out, Tensor? bias) -> Tensor");
   m.def("int8_linear_amx(Tensor x, Tensor packed, int out, Tensor weight_sum, "
@@ -893,6 +938,7 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CompositeExplicitAutograd, m) {
 STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("bf16_linear", TORCH_BOX(&bf16_linear));
   m.impl("fp32_linear", TORCH_BOX(&fp32_linear));
+  m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
   m.impl("fp32_linear_avx2", TORCH_BOX(&fp32_linear_avx2));
   m.impl("int8_linear", TORCH_BOX(&int8_linear));
   m.impl("int8_linear_avx2", TORCH_BOX(&int8_linear_avx2));
