@@ -56,7 +56,12 @@ constexpr int kSlicesAhead = 4;
 
 #define GPT2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define GPT2_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define GPT2_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))  // used by both
+#define GPT2_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))  // shared helpers, fp32
+
+bool has_avx512() {  // what GPT2_AVX512 code needs
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
 
 void check_matrix(const Tensor& t, ScalarType dtype, const char* name) {
   STD_TORCH_CHECK(t.is_cpu() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == dtype,
@@ -211,31 +216,39 @@ GPT2_BF16 void bf16_rows(const uint16_t* x, const uint16_t* w, const uint16_t* b
   });
 }
 
+// Rows x (rows, in) times weight (out, in) (+ bias), both of one element type E (float,
+// or uint16_t holding bf16), through run(rows as an integral_constant, the block's
+// arguments for a *_rows<R>), kMaxRows rows at a time: checked, result allocated.
+template <class E, class Run>
+Tensor dense_in_row_blocks(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                           ScalarType dtype, Run run) {
+  check_matrix(x, dtype, "x");
+  check_matrix(weight, dtype, "weight");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel: x and weight widths differ");
+  const E* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, dtype, out, "bias");
+    b = (const E*)bias->const_data_ptr();
+  }
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const auto* xp = (const E*)x.const_data_ptr();
+  const auto* wp = (const E*)weight.const_data_ptr();
+  auto* yp = (E*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
+    with_rows(n, [&](auto rows_now) { run(rows_now, xp + r * in, wp, b, yp + r * out, in, out); });
+  }
+  return y;
+}
+
 Tensor bf16_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("avx512bf16"),
                   "gpt2 CPU kernel bf16_linear: this CPU has no AVX512-BF16");
-  check_matrix(x, ScalarType::BFloat16, "x");
-  check_matrix(weight, ScalarType::BFloat16, "weight");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel bf16_linear: x and weight widths differ");
-  const uint16_t* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::BFloat16, out, "bias");
-    b = (const uint16_t*)bias->const_data_ptr();
-  }
-  Tensor y = torch::stable::new_empty(x, {rows, out});
-  const auto* xp = (const uint16_t*)x.const_data_ptr();
-  const auto* wp = (const uint16_t*)weight.const_data_ptr();
-  auto* yp = (uint16_t*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    const uint16_t* xr = xp + r * in;
-    uint16_t* yr = yp + r * out;
-    with_rows(n, [&](auto rows_now) {
-      bf16_rows<decltype(rows_now)::value>(xr, wp, b, yr, in, out);
-    });
-  }
-  return y;
+  return dense_in_row_blocks<uint16_t>(x, weight, bias, ScalarType::BFloat16,
+                                       [](auto rows_now, auto... args) {
+                                         bf16_rows<decltype(rows_now)::value>(args...);
+                                       });
 }
 
 // ---- fp32 ----------------------------------------------------------------------------
@@ -288,42 +301,15 @@ template <int R>
 GPT2_AVX512 void fp32_rows(const float* x, const float* w, const float* b, float* y, int64_t in,
                            int64_t out) {
   // R * OB accumulators, OB weights and a row within the 32 registers
-  constexpr int OB = R == 1 ? 8 : R == 2 ? 8 : R <= 4 ? 4 : 2;
+  constexpr int OB = R <= 2 ? 8 : R <= 4 ? 4 : 2;
   split_channels(out, OB, [&](int64_t o0, int64_t o1) {
     fp32_channels<R, OB>(x, w, b, y, in, out, o0, o1);
   });
 }
 
-// fp32 rows (rows, in) x weight (out, in) (+ bias) through run(rows as an
-// integral_constant, the block's arguments for a *_rows<R>), kMaxRows rows at a time.
-template <class Run>
-Tensor fp32_in_row_blocks(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                          Run run) {
-  check_matrix(x, ScalarType::Float, "x");
-  check_matrix(weight, ScalarType::Float, "weight");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel fp32_linear: x and weight widths differ");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
-  Tensor y = torch::stable::new_empty(x, {rows, out});
-  const auto* xp = (const float*)x.const_data_ptr();
-  const auto* wp = (const float*)weight.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    with_rows(n, [&](auto rows_now) { run(rows_now, xp + r * in, wp, b, yp + r * out, in, out); });
-  }
-  return y;
-}
-
 Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
-  STD_TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl"),
-                  "gpt2 CPU kernel fp32_linear: this CPU has no AVX-512");
-  return fp32_in_row_blocks(x, weight, bias, [](auto rows_now, auto... args) {
+  STD_TORCH_CHECK(has_avx512(), "gpt2 CPU kernel fp32_linear: this CPU has no AVX-512");
+  return dense_in_row_blocks<float>(x, weight, bias, ScalarType::Float, [](auto rows_now, auto... args) {
     fp32_rows<decltype(rows_now)::value>(args...);
   });
 }
@@ -682,7 +668,7 @@ void fp32_avx2_rows(const float* x, const float* w, const float* b, float* y, in
 Tensor fp32_linear_avx2(Tensor x, Tensor weight, std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
                   "gpt2 CPU kernel fp32_linear_avx2: this CPU has no AVX2");
-  return fp32_in_row_blocks(x, weight, bias, [](auto rows_now, auto... args) {
+  return dense_in_row_blocks<float>(x, weight, bias, ScalarType::Float, [](auto rows_now, auto... args) {
     fp32_avx2_rows<decltype(rows_now)::value>(args...);
   });
 }
@@ -716,9 +702,7 @@ GPT2_AVX512 int64_t row_argmax(const float* x, int64_t n) {
 }
 
 Tensor argmax_rows(Tensor x) {
-  STD_TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl"),
-                  "gpt2 CPU kernel argmax_rows: this CPU has no AVX-512");
+  STD_TORCH_CHECK(has_avx512(), "gpt2 CPU kernel argmax_rows: this CPU has no AVX-512");
   check_matrix(x, ScalarType::Float, "x");
   const int64_t rows = x.size(0), n = x.size(1);
   STD_TORCH_CHECK(n > 0 && n < (int64_t{1} << 31), "gpt2 CPU kernel argmax_rows: rows must hold 1 to 2^31 - 1 values");
