@@ -322,7 +322,7 @@ class Int8Linear(_KernelCopy):
     @property
     def kernel(self) -> str:
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
-        gpt2's own kernel where the CPU has AMX or AVX512-VNNI, else FBGEMM) or "bf16"
+        gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
         (weight-only). Prompts of more than 64 (int8) or 32 rows (weight-only) use a
         bf16 matmul on CPUs with native bf16."""
         return "int8" if self._packed is not None or self._native is not None else "bf16"
