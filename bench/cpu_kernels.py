@@ -17,6 +17,10 @@ in the same process, only the products it calls, with the same inputs: the
 difference is what everything else costs (Python, small ops, attention). The
 warm-up decodes 160 steps, so `generate` runs its recorded step
 (gpt2.traced_step) where one applies; `--plain` measures the plain loop.
+
+Part 3 times the step's other two kernels of ours against PyTorch's, same inputs,
+interleaved: the MLP's GELU (rows x 3,072, fp32 and bf16) and greedy decoding's
+argmax (rows x 50,257).
 """
 
 from __future__ import annotations
@@ -282,6 +286,42 @@ def step_budget(precision: str, rows: int, new: int, repeats: int) -> dict:
             "products_ms_per_step": p, "rest_ms_per_step": d - p}  # fmt: skip
 
 
+# -- part 3: GELU and argmax ---------------------------------------------------------------
+
+
+def measure_small_ops(rows: int, repeats: int) -> list[dict]:
+    from gpt2 import cpu_kernels
+
+    if not cpu_kernels.load(warn=False):
+        print("  our kernels are not built here: nothing to compare")
+        return []
+    gen = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 3072, generator=gen) * 2
+    logits = torch.randn(rows, 50257, generator=gen)
+    hb = h.bfloat16()
+    cases = [
+        ("GELU fp32", lambda: F.gelu(h, approximate="tanh"), lambda: cpu_kernels.gelu(h)),
+        ("GELU bf16", lambda: F.gelu(hb, approximate="tanh"), lambda: cpu_kernels.gelu(hb)),
+        ("argmax", lambda: logits.argmax(dim=-1), lambda: cpu_kernels.argmax(logits)),
+    ]
+    out = []
+    for name, theirs, ours in cases:
+        times = {"pytorch": [], "ours": []}
+        for _ in range(repeats):
+            for who, fn in (("pytorch", theirs), ("ours", ours)):
+                for _ in range(20):  # warm
+                    fn()
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                times[who].append((time.perf_counter() - t) / 200 * 1e6)
+        med = {who: statistics.median(v) for who, v in times.items()}
+        print(f"  {name:10s} {rows:3d} row(s): PyTorch {med['pytorch']:7.1f} us, ours "
+              f"{med['ours']:7.1f} us ({med['pytorch'] / med['ours']:.2f}x)")  # fmt: skip
+        out.append({"op": name, "rows": rows, "pytorch_us": med["pytorch"], "ours_us": med["ours"]})
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,8", help="rows per product (batch), comma-separated")
@@ -300,11 +340,14 @@ def main() -> int:
     print(f"{torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s "
           f"(torch {torch.__version__})")  # fmt: skip
     result = {"threads": torch.get_num_threads(), "read_bandwidth_gbs": bandwidth,
-              "kernels": [], "budget": []}  # fmt: skip
+              "kernels": [], "small_ops": [], "budget": []}  # fmt: skip
     for rows in (int(r) for r in args.rows.split(",")):
         print(f"\nthe 48 block products of 124M, {rows} row(s): "
               f"{'cold':>20s} {'hot (after a cold run)':>29s}")  # fmt: skip
         result["kernels"] += measure_kernels(rows, args.repeats)
+    print("\none call of the step's other kernels (medians, interleaved):")
+    for rows in (int(r) for r in args.rows.split(",")):
+        result["small_ops"] += measure_small_ops(rows, args.repeats)
     if args.plain:
         import gpt2.traced_step
 

@@ -306,6 +306,119 @@ def test_argmax_rows_rejects_wrong_inputs_with_a_message():
         torch.ops.gpt2.argmax_rows(torch.randn(3, 0))
 
 
+# -- GELU ----------------------------------------------------------------------------------
+
+
+def gelu_float64(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU in float64 as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the
+    same function as 0.5 x (1 + tanh u) (checked against mpmath below), without the
+    cancellation of 1 + tanh u that leaves PyTorch's own float64 GELU wrong below -7."""
+    xd = x.double()
+    return xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd**3))
+
+
+def gelu_bound(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """How far the kernel may be from `ref`: fp32 rounding of x + 0.044715 x^3 and of
+    z = -2u moves exp(z) by ~3|z| units of 2^-24, plus the exp series and the division
+    (4 units); results below 2^-120, where 1 + exp(z) overflows fp32, may come out 0."""
+    xd = x.double()
+    z = (2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd**3)).abs()
+    return (3 * z + 4) * 2.0**-24 * ref.abs() + 2.0**-120
+
+
+def test_the_float64_gelu_oracle_is_the_exact_function():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 400  # 1 + tanh(u) cancels in mpmath too: enough digits to see e^-600
+    for v in [-20.0, -9.0, -7.1, -5.0, -3.3, -0.3, 0.0, 1e-30, 0.7, 3.0, 12.0]:
+        x = mpmath.mpf(v)
+        u = mpmath.sqrt(2 / mpmath.pi) * (x + mpmath.mpf("0.044715") * x**3)
+        exact = float(x * (1 + mpmath.tanh(u)) / 2)
+        ours = gelu_float64(torch.tensor([v], dtype=torch.float64)).item()
+        assert ours == pytest.approx(exact, rel=1e-12, abs=1e-300)
+
+
+def gelu_inputs(seed: int) -> torch.Tensor:
+    """Every magnitude (random fp32 bit patterns), a fine grid where GELU bends, typical
+    activations, and the specials."""
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**31), 2**31, (300_000,), dtype=torch.int64, generator=gen)
+    return torch.cat([bits.to(torch.int32).view(torch.float32), torch.linspace(-12, 12, 200_001),
+                      torch.randn(100_000, generator=gen) * 4, torch.tensor(SPECIAL)])  # fmt: skip
+
+
+@needs_avx512
+def test_gelu_tanh_is_the_exact_function_to_fp32_rounding():
+    x = gelu_inputs(0)
+    y, ref = torch.ops.gpt2.gelu_tanh(x), gelu_float64(x)
+    finite = ref.isfinite()
+    assert ((y.double() - ref).abs() <= gelu_bound(x, ref))[finite].all()
+    # infinities and NaN, the signs of zeros and overflowing x^3: as PyTorch's GELU gives them
+    expected = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(y[~finite], expected[~finite], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(y[y == 0].signbit(), x[y == 0].signbit())
+
+
+@needs_avx512
+def test_gelu_tanh_is_closer_to_the_function_than_pytorchs_for_negative_x():
+    """The reason it computes x / (1 + exp(-2u)): PyTorch's fp32 1 + tanh(u) cancels."""
+    x = torch.linspace(-6, -2, 40_001)
+    ref = gelu_float64(x)
+    ours = (torch.ops.gpt2.gelu_tanh(x).double() - ref).abs() / ref.abs()
+    theirs = (F.gelu(x, approximate="tanh").double() - ref).abs() / ref.abs()
+    assert ours.max() < 1e-5 < 0.1 < theirs.max()
+    assert ours.mean() < theirs.mean() / 100
+
+
+@needs_avx512
+@pytest.mark.skipif(not HAS_BF16, reason="no AVX512-BF16")
+def test_gelu_tanh_of_every_bf16_value_is_the_exact_function_rounded_to_bf16():
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    y, ref = torch.ops.gpt2.gelu_tanh(x), gelu_float64(x)
+    finite = ref.isfinite()
+    half_step = 2.0**-8 * ref.abs()  # bf16 keeps 8 significant bits
+    assert ((y.double() - ref).abs() <= gelu_bound(x, ref) + half_step)[finite].all()
+    # the fp32 kernel's value rounded to nearest (even) bf16, except that the rounding
+    # instruction flushes subnormal values (below 2^-126) to zero
+    fp32 = torch.ops.gpt2.gelu_tanh(x.float())
+    normal = ~(fp32.abs() < 2.0**-126)
+    torch.testing.assert_close(y[normal], fp32[normal].bfloat16(), rtol=0, atol=0, equal_nan=True)
+    assert (y[~normal] == 0).all()
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 3072), (2, 5, 1600), (8191,),
+                                   (8192,), (8193,), (3, 8192 + 7), (0,), (0, 3072)])  # fmt: skip
+def test_gelu_tanh_of_any_shape(shape):
+    """Every element once, whole 16-lane vectors or not, one thread's chunk or several."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 3
+    y, ref = torch.ops.gpt2.gelu_tanh(x), gelu_float64(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert ((y.double() - ref).abs() <= gelu_bound(x, ref)).all()
+
+
+def test_gelu_takes_any_tensor_and_leaves_autograd_to_pytorch():
+    """gpt2.cpu_kernels.gelu: our kernel for inference on fp32/bf16 CPU tensors, F.gelu
+    for everything else; the same function either way."""
+    x = torch.randn(4, 300) * 3
+    for t in (x, x.bfloat16(), x.half(), x.double(), x.t(), x[:, ::2]):
+        ref = gelu_float64(t)
+        tol = 2.0**-8 if t.dtype in (torch.bfloat16, torch.half) else 1e-5
+        assert t.shape == cpu_kernels.gelu(t).shape
+        torch.testing.assert_close(cpu_kernels.gelu(t).double(), ref, rtol=tol, atol=1e-6)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    cpu_kernels.gelu(ours).sum().backward()
+    F.gelu(theirs, approximate="tanh").sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)
+
+
+@needs_avx512
+def test_gelu_tanh_rejects_wrong_inputs_with_a_message():
+    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16 CPU tensor"):
+        torch.ops.gpt2.gelu_tanh(torch.randn(4, 6).t())
+    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16 CPU tensor"):
+        torch.ops.gpt2.gelu_tanh(torch.arange(5))
+
+
 # -- int8 ----------------------------------------------------------------------------------
 
 
@@ -387,12 +500,12 @@ def test_amx_and_vnni_int8_agree_exactly():
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
                                    "fp32_linear", "fp32_linear_avx2",
-                                   "argmax_rows"])  # fmt: skip
+                                   "argmax_rows", "gelu_tanh"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
-             "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512,
+             "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512, "gelu_tanh": HAS_AVX512,
              "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
@@ -409,11 +522,38 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "fp32_linear": (x, q.float(), b),
         "fp32_linear_avx2": (x, q.float(), b),
         "argmax_rows": (x,),
+        "gelu_tanh": (torch.randn(2, 3, 37),),
     }[which]
     torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
 
 
 # -- the layers use them -------------------------------------------------------------------
+
+
+def ops_run(fn) -> list[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_runs_our_gelu_for_inference_and_pytorchs_for_training(dtype):
+    from gpt2.config import GPT2Config
+    from gpt2.model import GPT2
+
+    if dtype == torch.bfloat16 and not HAS_BF16:
+        pytest.skip("no AVX512-BF16")
+    model = GPT2(GPT2Config(n_layer=3, n_embd=32, n_head=2, n_vocab=50, n_ctx=16)).to(dtype)
+    idx = torch.randint(50, (2, 7))
+    with torch.inference_mode():
+        names = ops_run(lambda: model(idx))
+    assert names.count("gpt2::gelu_tanh") == 3 and "aten::gelu" not in names
+    names = ops_run(lambda: model(idx)[0].sum().backward())
+    assert names.count("aten::gelu") == 3 and "gpt2::gelu_tanh" not in names
+
 
 
 def count_calls(layer):

@@ -16,6 +16,7 @@ holds kernels that stream at close to the full rate:
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
       for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
   torch.ops.gpt2.argmax_rows                         greedy decoding's argmax (`argmax`)
+  torch.ops.gpt2.gelu_tanh                           GPT-2's GELU, fp32 or bf16 (`gelu`)
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
@@ -55,7 +56,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["Kernel", "amx_available", "amx_layout", "argmax", "bf16_available", "fp32_op",
-           "int8_available", "kernel_for_bf16", "kernel_for_int8", "load"]
+           "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV = "GPT2_CPU_KERNELS"
@@ -80,6 +81,7 @@ _loaded: bool | None = None  # None: not tried yet in this process
 _failure: str | None = None  # why the build failed, until a warning has said so
 _fp32: Callable | bool | None = None  # fp32_op(): None not asked yet, False none
 _argmax: bool | None = None
+_gelu: dict[torch.dtype, bool] = {}  # gelu(): whether the kernel runs, per dtype
 
 
 def bf16_available() -> bool:
@@ -113,6 +115,24 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
             and logits.device.type == "cpu" and logits.size(1) > 0):  # fmt: skip
         return torch.ops.gpt2.argmax_rows(logits.contiguous())
     return logits.argmax(dim=-1)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's activation, `F.gelu(x, approximate="tanh")`. fp32 (AVX-512) and bf16
+    (AVX512-BF16) CPU tensors that autograd does not track go through
+    `torch.ops.gpt2.gelu_tanh`: 2-4x PyTorch's speed and closer to the exact function
+    (it computes x / (1 + exp(-2u)); PyTorch's 1 + tanh(u) cancels for negative x, to
+    no correct digits below x = -5). Anything else goes through F.gelu."""
+    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+        runs = _gelu.get(x.dtype)
+        if runs is None:  # asked once per layer and step: remembered
+            runs = _gelu[x.dtype] = (
+                (x.dtype == torch.float32 and _cpu_has("_is_avx512_supported")
+                 or x.dtype == torch.bfloat16 and _cpu_has("_is_avx512_bf16_supported"))
+                and load(warn=False))  # fmt: skip
+        if runs:
+            return torch.ops.gpt2.gelu_tanh(x.contiguous())
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 def int8_available() -> bool:
@@ -246,6 +266,7 @@ def _register_shapes() -> None:
         torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
     torch.library.register_fake("gpt2::argmax_rows")(
         lambda x: x.new_empty(x.shape[0], dtype=torch.long))
+    torch.library.register_fake("gpt2::gelu_tanh")(torch.empty_like)
     torch.library.register_fake("gpt2::bf16_linear_amx")(lambda x, p, out, b: rows_by(x, out))
     torch.library.register_fake("gpt2::int8_linear_amx")(
         lambda x, p, out, wsum, s, b: rows_by(x, out))

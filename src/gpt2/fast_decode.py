@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
 from gpt2.generate import (
     SamplingOptions,
@@ -149,7 +150,7 @@ def _block(block, x, k_cache, v_cache, pos, visible, *, project, attend) -> torc
     # never change (a growing slice would need a new graph per length).
     y = attend(q, k_cache, v_cache, visible)  # (B, nh, [1,] hs)
     x = x + project(attn.c_proj, y.reshape(B, C).to(x.dtype))  # (B, C)
-    h = F.gelu(project(mlp.c_fc, block.ln_2(x)), approximate="tanh")  # (B, 4C)
+    h = cpu_kernels.gelu(project(mlp.c_fc, block.ln_2(x)))  # (B, 4C): F.gelu, tanh form
     return x + project(mlp.c_proj, h)  # (B, C)
 
 
