@@ -177,6 +177,19 @@ def our_kernels(each) -> dict:
     def fp32(op):
         return lambda w: ck.Kernel(op, (w, None), ck.FP32_MAX_ROWS, "fp32")
 
+    def int8wo(amx):
+        def make(w):
+            q, scale = _quantize_rows(w)
+            bias = torch.zeros(q.shape[0])
+            if amx:
+                return ck.Kernel(torch.ops.gpt2.int8wo_linear_amx,
+                                 (ck.amx_layout(q, 2), q.shape[0], scale.float(), bias),
+                                 ck.AMX_INT8WO_MAX_ROWS, "AMX")  # fmt: skip
+            return ck.Kernel(torch.ops.gpt2.int8wo_linear, (q, scale.float(), bias),
+                             ck.INT8WO_MAX_ROWS, "AVX512-BF16")  # fmt: skip
+
+        return make
+
     out = {}
     if ck.fp32_op() is not None:
         if torch.cpu._is_avx512_supported():
@@ -192,6 +205,10 @@ def our_kernels(each) -> dict:
         out["int8 gpt2 AVX512-VNNI"] = (1, each(vnni), call, torch.float32)
     if ck.amx_available():
         out["int8 gpt2 AMX"] = (1, each(amx_int8), call, torch.float32)
+    if ck.bf16_available():  # both round each row of x to bf16 inside the call
+        out["int8 weight-only gpt2 AVX512-BF16"] = (1, each(int8wo(False)), call, torch.float32)
+    if ck.amx_available():
+        out["int8 weight-only gpt2 AMX"] = (1, each(int8wo(True)), call, torch.float32)
     return out
 
 

@@ -93,6 +93,13 @@ if HAS_AVX2 and CAN_BUILD:
     INT8_KERNELS.append(pytest.param(avx2_int8, id="avx2"))
 
 
+def amx_int8wo(x, q, scale, b):
+    return torch.ops.gpt2.int8wo_linear_amx(x, cpu_kernels.amx_layout(q, 2), q.shape[0], scale, b)
+
+
+INT8WO_KERNELS = kernels(lambda *args: torch.ops.gpt2.int8wo_linear(*args), amx_int8wo, HAS_BF16)
+
+
 @pytest.mark.parametrize("kernel", BF16_KERNELS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 17])
 @pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 96), (5, 1600)])
@@ -306,6 +313,70 @@ def test_argmax_rows_rejects_wrong_inputs_with_a_message():
         torch.ops.gpt2.argmax_rows(torch.randn(3, 0))
 
 
+# -- int8 weights x bf16 rows ("int8-weight-only") ---------------------------------------
+
+
+def int8wo_check(kernel, x, q, scale, b):
+    """The kernel against float64: the rows rounded to bf16 (as x.bfloat16()), times the
+    int8 weight, times the scales, plus the bias; fp32 sums in any order (at most
+    terms + 2 units of 2^-24 of the sum of |terms|)."""
+    y = kernel(x, q, scale, b)
+    assert y.shape == (x.shape[0], q.shape[0]) and y.dtype == torch.float32
+    xb, s = x.bfloat16().double(), scale.double()
+    ref = (xb @ q.double().T) * s + (0 if b is None else b.double())
+    size = (xb.abs() @ q.double().abs().T) * s + (0 if b is None else b.double().abs())
+    err = (y.double() - ref).abs()
+    assert (err <= (x.shape[1] + 2) * 2**-24 * size + 1e-38).all(), (err / size).max()
+    return err, ref
+
+
+def int8wo_case(rows, n_out, n_in, gen):
+    q = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, generator=gen)
+    return (torch.randn(rows, n_in, generator=gen), q, torch.rand(n_out, generator=gen) * 0.01,
+            torch.randn(n_out, generator=gen))  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", INT8WO_KERNELS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 96), (5, 1600)])
+def test_int8wo_linear_is_the_float64_product_of_bf16_rows(rows, n_out, n_in, kernel):
+    x, q, scale, b = int8wo_case(rows, n_out, n_in, torch.Generator().manual_seed(rows + n_out))
+    int8wo_check(kernel, x, q, scale, b)
+    # closer to its exact product than PyTorch's kernel for this is to its own (which
+    # rounds the product to bf16); both with bf16 scales, as checkpoints store them
+    scale = scale.bfloat16()
+    exact = (x.bfloat16().double() @ q.double().T) * scale.double()
+    ours, _ = int8wo_check(kernel, x, q, scale.float(), None)
+    theirs = torch._weight_int8pack_mm(x.bfloat16(), q, scale).double()
+    assert ours.max() * 100 < (theirs - exact).abs().max()
+
+
+@pytest.mark.parametrize("kernel", INT8WO_KERNELS)
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 20), k=st.integers(1, 6), n_out=st.integers(1, 70),
+       bias=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
+def test_int8wo_linear_any_shape(kernel, rows, k, n_out, bias, seed):
+    """Any rows and outputs; inputs in multiples of 32 (AMX's slices: every width in GPT-2)
+    and, for the AVX-512 kernel, any width."""
+    gen = torch.Generator().manual_seed(seed)
+    n_in = 32 * k if kernel is amx_int8wo or seed % 2 else 32 * k - seed % 31
+    x, q, scale, b = int8wo_case(rows, n_out, n_in, gen)
+    int8wo_check(kernel, x * 10, q, scale, b if bias else None)
+
+
+@pytest.mark.parametrize("kernel", INT8WO_KERNELS)
+def test_int8wo_kernels_reject_wrong_inputs_with_a_message(kernel):
+    q, s = torch.ones(8, 32, dtype=torch.int8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="widths differ|does not fit"):
+        kernel(torch.randn(1, 64), q, s, None)
+    with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
+        kernel(torch.randn(1, 32).bfloat16(), q, s, None)
+    with pytest.raises(RuntimeError, match="one per output"):
+        kernel(torch.randn(1, 32), q, s[:7], None)
+    with pytest.raises(RuntimeError, match="one per output"):
+        kernel(torch.randn(1, 32), q, s, torch.zeros(8, dtype=torch.float64))
+
+
 # -- GELU ----------------------------------------------------------------------------------
 
 
@@ -500,12 +571,14 @@ def test_amx_and_vnni_int8_agree_exactly():
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
                                    "fp32_linear", "fp32_linear_avx2",
-                                   "argmax_rows", "gelu_tanh"])  # fmt: skip
+                                   "argmax_rows", "gelu_tanh", "int8wo_linear",
+                                   "int8wo_linear_amx"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
              "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512, "gelu_tanh": HAS_AVX512,
+             "int8wo_linear": HAS_BF16,
              "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
@@ -523,6 +596,8 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "fp32_linear_avx2": (x, q.float(), b),
         "argmax_rows": (x,),
         "gelu_tanh": (torch.randn(2, 3, 37),),
+        "int8wo_linear": (x, q, tail[1], b),
+        "int8wo_linear_amx": (x, cpu_kernels.amx_layout(q, 2), 40, tail[1], b),
     }[which]
     torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
 
@@ -589,6 +664,29 @@ def test_int8_layer_runs_our_kernel_for_decoding_rows_only(cpu, monkeypatch):
         exact = F.linear(x, layer.weight.float() * layer.weight_scale.float()[:, None],
                          layer.bias)  # fmt: skip
         assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
+    assert calls == [1, 8, most]
+    x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
+    assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_int8_weight_only_layer_runs_our_kernel_for_decoding_rows_only(amx, monkeypatch):
+    if not (HAS_AMX if amx else HAS_BF16) or not CAN_BUILD:
+        pytest.skip("no such kernel here")
+    if not amx:  # what a CPU with AVX512-BF16 but no AMX runs
+        monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1,
+                                   activations="bf16")  # fmt: skip
+    most = 128 if amx else 8
+    assert layer.kernel == "bf16" and layer.activation_bits is None
+    assert layer._native.max_rows == most and f"bf16 (gpt2 {'AMX' if amx else 'AVX512-BF16'}" \
+        f" kernel up to {most} rows)" in repr(layer)
+    calls = count_calls(layer)
+    w = layer.weight.double() * layer.weight_scale.double()[:, None]
+    for rows in (1, 8, most, most + 1, 200):
+        x = torch.randn(rows, 1, 64)
+        exact = x.bfloat16().double() @ w.T + layer.bias.double()
+        assert (layer(x).double() - exact).abs().max() <= 0.01 * exact.abs().max()
     assert calls == [1, 8, most]
     x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
     assert torch.equal(layer(x), layer(x.contiguous()))

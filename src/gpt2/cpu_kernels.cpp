@@ -12,9 +12,11 @@
 //       quantized on the fly to 8 bits over its own range (asymmetric, as FBGEMM does
 //       for one row), times an int8 weight (out, in) with one scale per output channel
 //       (AVX512-VNNI `vpdpbusd`, exact int32 sums), rescaled to fp32 with the bias.
-//   gpt2::bf16_linear_amx / gpt2::int8_linear_amx  the same products on Intel AMX
+//   gpt2::bf16_linear_amx / int8_linear_amx / int8wo_linear_amx  the same products on Intel AMX
 //       tiles, over a copy of the weight laid out for them (see "AMX" below).
 //   gpt2::int8_linear_avx2  int8 on CPUs with AVX2 only (7-bit activations).
+//   gpt2::int8wo_linear(x, weight, weight_scale, bias?)  int8 weights x bf16 rows (the
+//       "int8-weight-only" method), AVX512-BF16, fp32 sums and result.
 //   gpt2::fp32_linear / fp32_linear_avx2  fp32 rows x fp32 weight, 2-8 rows (AVX-512 / AVX2 FMA).
 //   gpt2::argmax_rows, gpt2::gelu_tanh  greedy decoding's argmax; GPT-2's activation.
 //   gpt2::amx_ready()  whether this CPU and OS run the AMX kernels.
@@ -251,6 +253,108 @@ Tensor bf16_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
                                        [](auto rows_now, auto... args) {
                                          bf16_rows<decltype(rows_now)::value>(args...);
                                        });
+}
+
+// ---- int8 weights x bf16 activations ("int8-weight-only") -----------------------------
+//
+// Each fp32 row rounded to bf16 (nearest even, as x.to(torch.bfloat16)), the int8 weight
+// widened to bf16 in registers (exact: every int8 is a bf16), fp32 sums (`vdpbf16ps`),
+// then each channel's scale and the bias in fp32. Half the bytes of the bf16 kernel's
+// weights for five more instructions per 32 weights. PyTorch's kernel for this
+// (_weight_int8pack_mm) reads them at a third of the bandwidth (bench/CPU_NOTES.md).
+
+GPT2_BF16 inline __m512bh load_int8_as_bf16(const int8_t* p, int64_t left) {
+  // 32 int8 weights, or the `left` < 32 that remain with zeros after them
+  const __m256i v = left >= 32 ? _mm256_loadu_si256((const __m256i*)p)
+                               : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  // an int8 is exact in bf16, which is the high half of its fp32 bits: lo's, then hi's
+  // (one permute; vcvtne2ps2bf16 made the kernels ~30% slower)
+  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
+}
+
+// y[r, o] = ws[o] sum_i x[r, i] w[o, i] (+ b[o]) for channels [o0, o1), x in bf16: the
+// bf16 kernel's tiles (bf16_channels) with int8 weights and an fp32 result.
+template <int R, int OB>
+GPT2_BF16 void int8wo_channels(const uint16_t* x, const int8_t* w, const float* ws, const float* b,
+                               float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  static_assert(R * OB <= 16, "a tile's sums must fit one register");
+  const __m512i by_channel = lanes_of_channel(OB);
+  for (int64_t o = o0; o < o1; o += OB) {
+    const int nb = (int)std::min<int64_t>(OB, o1 - o);
+    __m512 acc[R][OB];
+    for (int r = 0; r < R; r++)
+      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_ps();
+    const int8_t* wo = w + o * in;
+    for (int64_t i = 0; i < in; i += 32) {
+      const int64_t left = in - i;
+      __m512bh wv[OB];
+      for (int c = 0; c < OB; c++) {
+        if ((i & 63) == 0) _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        wv[c] = c < nb ? load_int8_as_bf16(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
+      }
+      for (int r = 0; r < R; r++) {
+        const __m512bh xv = load_bf16(x + r * in + i, left);
+        for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+      }
+    }
+    __m512 tile[16];  // lane j of the sums: row j / OB, channel j % OB
+    for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_ps();
+    const __mmask16 valid = (__mmask16)((1u << nb) - 1);
+    __m512 yv = _mm512_mul_ps(lane_sums16(tile),
+                              _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, ws + o)));
+    if (b) yv = _mm512_add_ps(yv, _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, b + o)));
+    for (int r = 0; r < R; r++)
+      _mm512_mask_storeu_ps(y + r * out + o, valid, _mm512_permutexvar_ps(lanes_from(r * OB), yv));
+  }
+}
+
+template <int R>
+GPT2_BF16 void int8wo_rows(const uint16_t* x, const int8_t* w, const float* ws, const float* b,
+                           float* y, int64_t in, int64_t out) {
+  constexpr int OB = R <= 2 ? 4 : 2;  // as bf16_rows
+  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
+    int8wo_channels<R, OB>(x, w, ws, b, y, in, out, o0, o1);
+  });
+}
+
+GPT2_BF16 void round_to_bf16(const float* x, uint16_t* xb, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(xb + i, valid, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(valid, x + i)));
+  }
+}
+
+// x (rows, in) fp32, weight (out, in) int8, weight_scale (out,) fp32, bias (out,) fp32.
+Tensor int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512bf16"),
+                  "gpt2 CPU kernel int8wo_linear: this CPU has no AVX512-BF16");
+  check_matrix(x, ScalarType::Float, "x");
+  check_matrix(weight, ScalarType::Char, "weight");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel: x and weight widths differ");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::Float, out, "bias");
+    b = (const float*)bias->const_data_ptr();
+  }
+  std::vector<uint16_t> xb(rows * in);
+  round_to_bf16((const float*)x.const_data_ptr(), xb.data(), rows * in);
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const auto* wp = (const int8_t*)weight.const_data_ptr();
+  const auto* ws = (const float*)weight_scale.const_data_ptr();
+  auto* yp = (float*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
+    with_rows(n, [&](auto rows_now) {
+      int8wo_rows<decltype(rows_now)::value>(xb.data() + r * in, wp, ws, b, yp + r * out, in, out);
+    });
+  }
+  return y;
 }
 
 // ---- fp32 ----------------------------------------------------------------------------
@@ -968,6 +1072,82 @@ Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tenso
   return y;
 }
 
+// int8-weight-only on AMX: the int8 weight in the bf16 kernel's tile order, one byte per
+// weight (`amx_layout(q, 2)`: 1 KB per pair of channel blocks and 32 inputs); each slice
+// widened to two bf16 tiles in a buffer of this thread's (two, used in turn, so that
+// widening the next slice need not wait for the tile loads of this one), then
+// `tdpbf16ps` as above; fp32 sums times each channel's scale, plus the bias.
+GPT2_AMX_BF16 void amx_int8wo_pairs(const uint16_t* x, int64_t x_stride, int m, const int8_t* packed,
+                                    int64_t k_tiles, const float* ws, const float* b, float* y,
+                                    int64_t out, int64_t p0, int64_t p1) {
+  configure_tiles(m);
+  alignas(64) float sums[2][16][16];
+  alignas(64) uint16_t wide[2][1024];  // [turn][two 16 x 32 bf16 tiles]
+  for (int64_t p = p0; p < p1; p++) {
+    const int8_t* wp = packed + p * k_tiles * 1024;
+    _tile_zero(3);
+    _tile_zero(4);
+    for (int64_t k = 0; k < k_tiles; k++) {
+      for (int line = 0; line < 1024; line += 64)  // as many bytes ahead as the bf16 kernel
+        _mm_prefetch((const char*)(wp + 1024 * (k + 2 * kSlicesAhead) + line), _MM_HINT_T0);
+      uint16_t* wk = wide[k & 1];
+      for (int j = 0; j < 1024; j += 32)
+        _mm512_store_si512(wk + j, (__m512i)load_int8_as_bf16(wp + 1024 * k + j, 32));
+      _tile_loadd(0, x + 32 * k, x_stride * 2);
+      _tile_loadd(1, wk, 64);
+      _tile_loadd(2, wk + 512, 64);
+      _tile_dpbf16ps(3, 0, 1);
+      _tile_dpbf16ps(4, 0, 2);
+    }
+    _tile_stored(3, sums[0], 64);
+    _tile_stored(4, sums[1], 64);
+    for (int h = 0; h < 2; h++) {
+      const int64_t o = p * 32 + h * 16;
+      if (o >= out) break;
+      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+      const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
+      const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
+      for (int r = 0; r < m; r++)
+        _mm512_mask_storeu_ps(y + r * out + o, valid,
+                              _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(sums[h][r]), ws_v), b_v));
+    }
+  }
+  _tile_release();
+}
+
+// x (rows, in) fp32, in a multiple of 32; packed: amx_layout(q, 2) of an int8 weight (out, in).
+Tensor int8wo_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_scale,
+                         std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("amx-bf16") && amx_permitted(),
+                  "gpt2 CPU kernel int8wo_linear_amx: this CPU or OS offers no AMX");
+  check_matrix(x, ScalarType::Float, "x");
+  const int64_t rows = x.size(0), in = x.size(1);
+  const int64_t k_tiles = (in + 31) / 32, pairs = (out + 31) / 32;
+  STD_TORCH_CHECK(in % 32 == 0, "gpt2 CPU kernel int8wo_linear_amx: the input width must be a multiple of 32");
+  STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
+                      packed.numel() == pairs * k_tiles * 1024,
+                  "gpt2 CPU kernel int8wo_linear_amx: the packed weight does not fit x and out");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::Float, out, "bias");
+    b = (const float*)bias->const_data_ptr();
+  }
+  std::vector<uint16_t> xb(rows * in);
+  round_to_bf16((const float*)x.const_data_ptr(), xb.data(), rows * in);
+  Tensor y = torch::stable::new_empty(x, {rows, out});
+  const auto* wp = (const int8_t*)packed.const_data_ptr();
+  const auto* ws = (const float*)weight_scale.const_data_ptr();
+  auto* yp = (float*)y.mutable_data_ptr();
+  for (int64_t r = 0; r < rows; r += 16) {
+    const int m = (int)std::min<int64_t>(16, rows - r);
+    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+      amx_int8wo_pairs(xb.data() + r * in, in, m, wp, k_tiles, ws, b, yp + r * out, out, p0, p1);
+    });
+  }
+  return y;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(gpt2, m) {
@@ -980,6 +1160,8 @@ STABLE_TORCH_LIBRARY(gpt2, m) {
         "Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
+  m.def("int8wo_linear_amx(Tensor x, Tensor packed, int out, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("amx_ready() -> bool");
   m.def("bf16_linear_amx(Tensor x, Tensor packed, int out, Tensor? bias) -> Tensor");
   m.def("int8_linear_amx(Tensor x, Tensor packed, int out, Tensor weight_sum, "
@@ -995,6 +1177,8 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("fp32_linear", TORCH_BOX(&fp32_linear));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
   m.impl("gelu_tanh", TORCH_BOX(&gelu_tanh));
+  m.impl("int8wo_linear", TORCH_BOX(&int8wo_linear));
+  m.impl("int8wo_linear_amx", TORCH_BOX(&int8wo_linear_amx));
   m.impl("fp32_linear_avx2", TORCH_BOX(&fp32_linear_avx2));
   m.impl("int8_linear", TORCH_BOX(&int8_linear));
   m.impl("int8_linear_avx2", TORCH_BOX(&int8_linear_avx2));

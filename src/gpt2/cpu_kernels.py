@@ -9,10 +9,14 @@ holds kernels that stream at close to the full rate:
 
   torch.ops.gpt2.bf16_linear_amx / int8_linear_amx   Intel AMX tiles, on a copy
       of the weight laid out for them (`amx_layout`): up to 16 / 64 rows
+  torch.ops.gpt2.int8wo_linear_amx                   the same for int8 weights x bf16
+      rows ("int8-weight-only"): up to 128 rows
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
+  torch.ops.gpt2.int8wo_linear                       the same on AVX512-BF16, where
+      the CPU has no AMX: up to 8 rows
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
       for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
   torch.ops.gpt2.argmax_rows                         greedy decoding's argmax (`argmax`)
@@ -20,8 +24,9 @@ holds kernels that stream at close to the full rate:
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
-`kernel_for_bf16` / `kernel_for_int8` pick the kernel for a weight; they are
-what `gpt2.quantize.PackedBF16Linear` and `Int8Linear` call. More rows than a
+`kernel_for_bf16` / `kernel_for_int8` / `kernel_for_int8_weight_only` pick the
+kernel for a weight; they are what `gpt2.quantize.PackedBF16Linear` and
+`Int8Linear` call. More rows than a
 kernel's `max_rows` (prompts) run oneDNN's or FBGEMM's matrix-matrix products.
 
 The source is compiled once per machine, PyTorch version and compiler, with the
@@ -56,7 +61,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["Kernel", "amx_available", "amx_layout", "argmax", "bf16_available", "fp32_op",
-           "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8", "load"]
+           "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8",
+           "kernel_for_int8_weight_only", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 ENV = "GPT2_CPU_KERNELS"
@@ -69,6 +75,11 @@ ENV = "GPT2_CPU_KERNELS"
 BF16_MAX_ROWS = 8
 INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
+# int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
+# its arithmetic from 4); AMX 1.5-3.2x at 1-8, and 2.2x widening the weight to bf16 for
+# oneDNN at 128 rows (bench/CPU_NOTES.md)
+INT8WO_MAX_ROWS = 8
+AMX_INT8WO_MAX_ROWS = 128
 AMX_BF16_MAX_ROWS = 16
 AMX_INT8_MAX_ROWS = 64
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
@@ -197,6 +208,25 @@ def kernel_for_int8(
     return None
 
 
+def kernel_for_int8_weight_only(
+    q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> Kernel | None:
+    """Our kernel for an int8 weight q (out, in) with per-channel scales (out,) and a
+    bias (out,) times activations rounded to bf16 (the "int8-weight-only" method):
+    fp32 rows in, fp32 out. None where none runs."""
+    if q.dtype != torch.int8 or q.device.type != "cpu" or q.is_meta:
+        return None
+    bias = None if bias is None else bias.detach().float().contiguous()
+    tail = (scale.float().contiguous(), bias)
+    if q.shape[1] % 32 == 0 and amx_available():
+        return Kernel(torch.ops.gpt2.int8wo_linear_amx, (amx_layout(q, 2), q.shape[0], *tail),
+                      AMX_INT8WO_MAX_ROWS, "AMX")  # fmt: skip
+    if bf16_available():
+        return Kernel(torch.ops.gpt2.int8wo_linear, (q.contiguous(), *tail), INT8WO_MAX_ROWS,
+                      "AVX512-BF16")  # fmt: skip
+    return None
+
+
 def amx_layout(weight: torch.Tensor, group: int) -> torch.Tensor:
     """A weight (out, in) as AMX tiles want it, flat: for each pair of 16-channel blocks
     and each slice of 16 * group inputs, two 16 x 64-byte tiles side by side, each row of
@@ -267,6 +297,8 @@ def _register_shapes() -> None:
     torch.library.register_fake("gpt2::argmax_rows")(
         lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     torch.library.register_fake("gpt2::gelu_tanh")(torch.empty_like)
+    torch.library.register_fake("gpt2::int8wo_linear")(lambda x, w, s, b: rows_by(x, w.shape[0]))
+    torch.library.register_fake("gpt2::int8wo_linear_amx")(lambda x, p, out, s, b: rows_by(x, out))
     torch.library.register_fake("gpt2::bf16_linear_amx")(lambda x, p, out, b: rows_by(x, out))
     torch.library.register_fake("gpt2::int8_linear_amx")(
         lambda x, p, out, wsum, s, b: rows_by(x, out))

@@ -22,10 +22,12 @@ streams them at full speed:
          or without either, FBGEMM's GEMM (`torch.ops.quantized.linear_dynamic`).
          Memory traffic is a quarter of fp32's.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
-         instead (`torch._weight_int8pack_mm`, which widens int8 to bf16 in
-         registers): closer to fp32, about half as fast; it is also the path on
-         CPUs without FBGEMM (ARM) and on other devices. Prompts of more than 64
-         rows (int8) or 32 rows (weight-only) widen the int8 weights to bf16
+         instead: each row rounded to bf16 times the int8 weights widened to bf16
+         in registers, fp32 sums (gpt2's own kernel: AMX up to 128 rows, or
+         AVX512-BF16 up to 8; elsewhere `torch._weight_int8pack_mm`): closer to
+         fp32, ~65-80% of int8's speed; it is also the path on CPUs without FBGEMM
+         (ARM) and on other devices. Prompts of more rows than the kernels take
+         (64 int8, 32 for `_weight_int8pack_mm`) widen the int8 weights to bf16
          (exactly) and run a bf16 matmul where the CPU has native bf16: faster
          there for prefill.
 
@@ -296,7 +298,10 @@ class Int8Linear(_KernelCopy):
         # faster than either int8 kernel there (256-token 124M prefill: ~2300 tokens/s,
         # FBGEMM ~1600-2200, _weight_int8pack_mm 624), and activations stay bf16
         self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
-        if self.activations != "int8" or w.device.type != "cpu" or w.is_meta:
+        if w.device.type != "cpu" or w.is_meta:
+            return
+        if self.activations == "bf16":  # decoding: our int8 x bf16 kernel, where it runs
+            self._native = cpu_kernels.kernel_for_int8_weight_only(w, self.weight_scale, self.bias)
             return
         # decoding: our kernel (gpt2.cpu_kernels) where it runs; FBGEMM for the rows
         # it does not take, unless it takes all that FBGEMM would
@@ -323,9 +328,11 @@ class Int8Linear(_KernelCopy):
     def kernel(self) -> str:
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
         gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
-        (weight-only). Prompts of more than 64 (int8) or 32 rows (weight-only) use a
-        bf16 matmul on CPUs with native bf16."""
-        return "int8" if self._packed is not None or self._native is not None else "bf16"
+        (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). Prompts
+        of more than 64 (int8) or 32 rows (weight-only) use a bf16 matmul on CPUs with
+        native bf16."""
+        int8 = self._packed is not None or self._native is not None
+        return "int8" if int8 and self.activations == "int8" else "bf16"
 
     @property
     def activation_bits(self) -> int | None:
@@ -340,8 +347,8 @@ class Int8Linear(_KernelCopy):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None and x.device.type == "cpu":
-            # decoding: our kernel quantizes each row over its own range, multiplies and
-            # rescales in one call
+            # decoding: our kernel quantizes each row over its own range (or, weight-only,
+            # rounds it to bf16), multiplies and rescales in one call
             x32 = x if x.dtype == torch.float32 else x.float()
             y = _through_kernel(self._native, x32, self.in_features, self.out_features)
             if y is not None:
@@ -392,7 +399,7 @@ class Int8Linear(_KernelCopy):
     def extra_repr(self) -> str:
         kernel = {"int8": "int8 x int8 (FBGEMM)", "bf16": "int8 weights x bf16"}[self.kernel]
         if self._native is not None:
-            kernel = (f"int8 x int8 (gpt2 {self._native.name} kernel up to "
+            kernel = (f"{kernel.split(' (')[0]} (gpt2 {self._native.name} kernel up to "
                       f"{self._native.max_rows} rows)")  # fmt: skip
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
