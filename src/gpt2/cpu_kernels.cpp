@@ -328,33 +328,52 @@ GPT2_BF16 void round_to_bf16(const float* x, uint16_t* xb, int64_t n) {
   }
 }
 
-// x (rows, in) fp32, weight (out, in) int8, weight_scale (out,) fp32, bias (out,) fp32.
-Tensor int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, std::optional<Tensor> bias) {
-  STD_TORCH_CHECK(__builtin_cpu_supports("avx512bf16"),
-                  "gpt2 CPU kernel int8wo_linear: this CPU has no AVX512-BF16");
+// What both int8-weight-only ops take besides the weight: fp32 rows x (rows, in), here
+// rounded to bf16, and per output channel the weight's scale and the bias (optional);
+// checked, with the result (rows, out) allocated.
+struct Int8woCall {
+  int64_t rows, in;
+  std::vector<uint16_t> xb;
+  const float* ws;
+  const float* b;  // nullptr: no bias
+  Tensor y;
+  float* yp;
+};
+
+Int8woCall int8wo_call(const Tensor& x, int64_t out, const Tensor& weight_scale,
+                       const std::optional<Tensor>& bias) {
   check_matrix(x, ScalarType::Float, "x");
-  check_matrix(weight, ScalarType::Char, "weight");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
-  STD_TORCH_CHECK(weight.size(1) == in, "gpt2 CPU kernel: x and weight widths differ");
   check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
   const float* b = nullptr;
   if (bias.has_value()) {
     check_vector(*bias, ScalarType::Float, out, "bias");
     b = (const float*)bias->const_data_ptr();
   }
+  const int64_t rows = x.size(0), in = x.size(1);
   std::vector<uint16_t> xb(rows * in);
   round_to_bf16((const float*)x.const_data_ptr(), xb.data(), rows * in);
   Tensor y = torch::stable::new_empty(x, {rows, out});
+  return {rows, in, std::move(xb), (const float*)weight_scale.const_data_ptr(), b, y,
+          (float*)y.mutable_data_ptr()};
+}
+
+// x (rows, in) fp32, weight (out, in) int8, weight_scale (out,) fp32, bias (out,) fp32.
+Tensor int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512bf16"),
+                  "gpt2 CPU kernel int8wo_linear: this CPU has no AVX512-BF16");
+  check_matrix(weight, ScalarType::Char, "weight");
+  const int64_t out = weight.size(0);
+  Int8woCall c = int8wo_call(x, out, weight_scale, bias);
+  STD_TORCH_CHECK(weight.size(1) == c.in, "gpt2 CPU kernel: x and weight widths differ");
   const auto* wp = (const int8_t*)weight.const_data_ptr();
-  const auto* ws = (const float*)weight_scale.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
+  for (int64_t r = 0; r < c.rows; r += kMaxRows) {
+    const int64_t n = std::min<int64_t>(kMaxRows, c.rows - r);
     with_rows(n, [&](auto rows_now) {
-      int8wo_rows<decltype(rows_now)::value>(xb.data() + r * in, wp, ws, b, yp + r * out, in, out);
+      int8wo_rows<decltype(rows_now)::value>(c.xb.data() + r * c.in, wp, c.ws, c.b, c.yp + r * out,
+                                             c.in, out);
     });
   }
-  return y;
+  return c.y;
 }
 
 // ---- fp32 ----------------------------------------------------------------------------
@@ -1120,32 +1139,21 @@ Tensor int8wo_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sca
                          std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("amx-bf16") && amx_permitted(),
                   "gpt2 CPU kernel int8wo_linear_amx: this CPU or OS offers no AMX");
-  check_matrix(x, ScalarType::Float, "x");
-  const int64_t rows = x.size(0), in = x.size(1);
-  const int64_t k_tiles = (in + 31) / 32, pairs = (out + 31) / 32;
-  STD_TORCH_CHECK(in % 32 == 0, "gpt2 CPU kernel int8wo_linear_amx: the input width must be a multiple of 32");
+  Int8woCall c = int8wo_call(x, out, weight_scale, bias);
+  const int64_t k_tiles = (c.in + 31) / 32, pairs = (out + 31) / 32;
+  STD_TORCH_CHECK(c.in % 32 == 0, "gpt2 CPU kernel int8wo_linear_amx: the input width must be a multiple of 32");
   STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
                       packed.numel() == pairs * k_tiles * 1024,
                   "gpt2 CPU kernel int8wo_linear_amx: the packed weight does not fit x and out");
-  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
-  std::vector<uint16_t> xb(rows * in);
-  round_to_bf16((const float*)x.const_data_ptr(), xb.data(), rows * in);
-  Tensor y = torch::stable::new_empty(x, {rows, out});
   const auto* wp = (const int8_t*)packed.const_data_ptr();
-  const auto* ws = (const float*)weight_scale.const_data_ptr();
-  auto* yp = (float*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += 16) {
-    const int m = (int)std::min<int64_t>(16, rows - r);
+  for (int64_t r = 0; r < c.rows; r += 16) {
+    const int m = (int)std::min<int64_t>(16, c.rows - r);
     torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-      amx_int8wo_pairs(xb.data() + r * in, in, m, wp, k_tiles, ws, b, yp + r * out, out, p0, p1);
+      amx_int8wo_pairs(c.xb.data() + r * c.in, c.in, m, wp, k_tiles, c.ws, c.b, c.yp + r * out, out,
+                       p0, p1);
     });
   }
-  return y;
+  return c.y;
 }
 
 }  // namespace
