@@ -25,9 +25,9 @@ streams them at full speed:
          instead: each row rounded to bf16 times the int8 weights widened to bf16
          in registers, fp32 sums (gpt2's own kernel: AMX up to 128 rows, or
          AVX512-BF16 up to 8; elsewhere `torch._weight_int8pack_mm`): closer to
-         fp32, ~65-80% of int8's speed; it is also the path on CPUs without FBGEMM
-         (ARM) and on other devices. Prompts of more rows than the kernels take
-         (64 int8, 32 for `_weight_int8pack_mm`) widen the int8 weights to bf16
+         fp32, 65-91% of int8's speed in our runs; it is also the path on CPUs
+         without FBGEMM (ARM) and on other devices. Prompts of more rows than the
+         kernels take (64 int8, 32 for `_weight_int8pack_mm`) widen the int8 weights to bf16
          (exactly) and run a bf16 matmul where the CPU has native bf16: faster
          there for prefill.
 
