@@ -417,10 +417,17 @@ def gelu_inputs(seed: int) -> torch.Tensor:
                       torch.randn(100_000, generator=gen) * 4, torch.tensor(SPECIAL)])  # fmt: skip
 
 
-@needs_avx512
-def test_gelu_tanh_is_the_exact_function_to_fp32_rounding():
+GELU_KERNELS = [
+    pytest.param(gpt2_op(name), id=name)
+    for name, runs in (("gelu_tanh", HAS_AVX512), ("gelu_tanh_avx2", HAS_AVX2))
+    if runs and CAN_BUILD
+] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+
+
+@pytest.mark.parametrize("kernel", GELU_KERNELS)
+def test_gelu_tanh_is_the_exact_function_to_fp32_rounding(kernel):
     x = gelu_inputs(0)
-    y, ref = torch.ops.gpt2.gelu_tanh(x), gelu_float64(x)
+    y, ref = kernel(x), gelu_float64(x)
     finite = ref.isfinite()
     assert ((y.double() - ref).abs() <= gelu_bound(x, ref))[finite].all()
     # infinities and NaN, the signs of zeros and overflowing x^3: as PyTorch's GELU gives them
@@ -429,12 +436,12 @@ def test_gelu_tanh_is_the_exact_function_to_fp32_rounding():
     assert torch.equal(y[y == 0].signbit(), x[y == 0].signbit())
 
 
-@needs_avx512
-def test_gelu_tanh_is_closer_to_the_function_than_pytorchs_for_negative_x():
+@pytest.mark.parametrize("kernel", GELU_KERNELS)
+def test_gelu_tanh_is_closer_to_the_function_than_pytorchs_for_negative_x(kernel):
     """The reason it computes x / (1 + exp(-2u)): PyTorch's fp32 1 + tanh(u) cancels."""
     x = torch.linspace(-6, -2, 40_001)
     ref = gelu_float64(x)
-    ours = (torch.ops.gpt2.gelu_tanh(x).double() - ref).abs() / ref.abs()
+    ours = (kernel(x).double() - ref).abs() / ref.abs()
     theirs = (F.gelu(x, approximate="tanh").double() - ref).abs() / ref.abs()
     assert ours.max() < 1e-5 < 0.1 < theirs.max()
     assert ours.mean() < theirs.mean() / 100
@@ -456,13 +463,13 @@ def test_gelu_tanh_of_every_bf16_value_is_the_exact_function_rounded_to_bf16():
     assert (y[~normal] == 0).all()
 
 
-@needs_avx512
-@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (3, 3072), (2, 5, 1600), (8191,),
-                                   (8192,), (8193,), (3, 8192 + 7), (0,), (0, 3072)])  # fmt: skip
-def test_gelu_tanh_of_any_shape(shape):
-    """Every element once, whole 16-lane vectors or not, one thread's chunk or several."""
+@pytest.mark.parametrize("kernel", GELU_KERNELS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (15,), (16,), (17,), (3, 3072), (2, 5, 1600),
+                                   (8191,), (8192,), (8193,), (3, 8199), (0,), (0, 3072)])
+def test_gelu_tanh_of_any_shape(kernel, shape):
+    """Every element once, whole vectors or not, one thread's chunk or several."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 3
-    y, ref = torch.ops.gpt2.gelu_tanh(x), gelu_float64(x)
+    y, ref = kernel(x), gelu_float64(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert ((y.double() - ref).abs() <= gelu_bound(x, ref)).all()
 
@@ -482,12 +489,23 @@ def test_gelu_takes_any_tensor_and_leaves_autograd_to_pytorch():
     assert torch.equal(ours.grad, theirs.grad)
 
 
-@needs_avx512
-def test_gelu_tanh_rejects_wrong_inputs_with_a_message():
-    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16 CPU tensor"):
-        torch.ops.gpt2.gelu_tanh(torch.randn(4, 6).t())
-    with pytest.raises(RuntimeError, match="contiguous fp32 or bf16 CPU tensor"):
-        torch.ops.gpt2.gelu_tanh(torch.arange(5))
+@pytest.mark.parametrize("kernel", GELU_KERNELS)
+def test_gelu_tanh_rejects_wrong_inputs_with_a_message(kernel):
+    with pytest.raises(RuntimeError, match="must be a contiguous fp32"):
+        kernel(torch.randn(4, 6).t())
+    with pytest.raises(RuntimeError, match="must be a contiguous fp32"):
+        kernel(torch.arange(5))
+
+
+def test_gelu_runs_the_best_kernel_this_cpu_runs(monkeypatch):
+    if not CAN_BUILD:
+        pytest.skip("cannot build here")
+    monkeypatch.setattr(cpu_kernels, "_gelu", {})
+    assert cpu_kernels._gelu_op(torch.float32) is (
+        torch.ops.gpt2.gelu_tanh if HAS_AVX512 else torch.ops.gpt2.gelu_tanh_avx2 if HAS_AVX2
+        else None)  # fmt: skip
+    assert cpu_kernels._gelu_op(torch.bfloat16) is (torch.ops.gpt2.gelu_tanh if HAS_BF16 else None)
+    assert cpu_kernels._gelu_op(torch.float16) is None
 
 
 # -- int8 ----------------------------------------------------------------------------------
@@ -571,14 +589,14 @@ def test_amx_and_vnni_int8_agree_exactly():
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
                                    "fp32_linear", "fp32_linear_avx2",
-                                   "argmax_rows", "gelu_tanh", "int8wo_linear",
+                                   "argmax_rows", "gelu_tanh", "gelu_tanh_avx2", "int8wo_linear",
                                    "int8wo_linear_amx"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
              "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512, "gelu_tanh": HAS_AVX512,
-             "int8wo_linear": HAS_BF16,
+             "int8wo_linear": HAS_BF16, "gelu_tanh_avx2": HAS_AVX2,
              "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
@@ -596,6 +614,7 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "fp32_linear_avx2": (x, q.float(), b),
         "argmax_rows": (x,),
         "gelu_tanh": (torch.randn(2, 3, 37),),
+        "gelu_tanh_avx2": (torch.randn(2, 3, 37),),
         "int8wo_linear": (x, q, tail[1], b),
         "int8wo_linear_amx": (x, cpu_kernels.amx_layout(q, 2), 40, tail[1], b),
     }[which]

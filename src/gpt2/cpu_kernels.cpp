@@ -18,7 +18,7 @@
 //   gpt2::int8wo_linear(x, weight, weight_scale, bias?)  int8 weights x bf16 rows (the
 //       "int8-weight-only" method), AVX512-BF16, fp32 sums and result.
 //   gpt2::fp32_linear / fp32_linear_avx2  fp32 rows x fp32 weight, 2-8 rows (AVX-512 / AVX2 FMA).
-//   gpt2::argmax_rows, gpt2::gelu_tanh  greedy decoding's argmax; GPT-2's activation.
+//   gpt2::argmax_rows, gpt2::gelu_tanh (/ _avx2)  greedy decoding's argmax; GPT-2's activation.
 //   gpt2::amx_ready()  whether this CPU and OS run the AMX kernels.
 //
 // The AVX-512 kernels keep every row's running sums in registers for a few output
@@ -887,25 +887,78 @@ GPT2_BF16 void gelu_bf16(const uint16_t* x, uint16_t* y, int64_t n) {
   }
 }
 
-// Any contiguous fp32 (AVX-512) or bf16 (AVX512-BF16) tensor, elementwise, in chunks
-// of 8K values per thread.
+// The same for CPUs with AVX2 but no AVX-512 (most laptops), fp32 only. Without
+// vscalefps, 2^n is made from its exponent bits, so z is clamped to [-87, 88], where
+// 2^n is a normal float; lanes whose exp(z) would be larger (or NaN) get x * 0, as
+// PyTorch's does (-0, or NaN for x = -inf); exp(-87) is small enough to change no x.
+GPT2_AVX2 inline __m256 gelu8(__m256 x) {
+  const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x),
+                                       _mm256_mul_ps(x, x), x);  // x + 0.044715 x^3
+  const __m256 z0 = _mm256_mul_ps(_mm256_set1_ps(-1.5957691216057308f), inner);  // -2u
+  const __m256 z = _mm256_max_ps(_mm256_min_ps(z0, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.4426950408889634f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
+  t = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), t);
+  __m256 e = _mm256_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    e = _mm256_fmadd_ps(e, t, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  e = _mm256_mul_ps(e, _mm256_castsi256_ps(two_n));  // exp(-2u)
+  const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  const __m256 huge = _mm256_cmp_ps(z0, _mm256_set1_ps(88.0f), _CMP_NLE_UQ);
+  return _mm256_blendv_ps(y, _mm256_mul_ps(x, _mm256_setzero_ps()), huge);
+}
+
+GPT2_AVX2 void gelu_f32_avx2(const float* x, float* y, int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < n; i += 8) {
+    if (n - i >= 8) {
+      _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
+    } else {
+      const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), lanes);
+      _mm256_maskstore_ps(y + i, valid, gelu8(_mm256_maskload_ps(x + i, valid)));
+    }
+  }
+}
+
+// y = f(x) elementwise for a contiguous tensor, run(i, m) doing values [i, i + m), in
+// chunks of 8K values per thread.
+template <class Run>
+Tensor elementwise(const Tensor& x, Run run) {
+  Tensor y = torch::stable::empty_like(x);
+  const int64_t n = x.numel();
+  constexpr int64_t chunk = 8192;
+  torch::stable::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    run(y, c0 * chunk, std::min(c1 * chunk, n) - c0 * chunk);
+  });
+  return y;
+}
+
+// Any contiguous fp32 (AVX-512) or bf16 (AVX512-BF16) tensor.
 Tensor gelu_tanh(Tensor x) {
   const bool bf16 = x.scalar_type() == ScalarType::BFloat16;
   STD_TORCH_CHECK(x.is_cpu() && x.is_contiguous() && (bf16 || x.scalar_type() == ScalarType::Float),
                   "gpt2 CPU kernel gelu_tanh: x must be a contiguous fp32 or bf16 CPU tensor");
   STD_TORCH_CHECK(has_avx512() && (!bf16 || __builtin_cpu_supports("avx512bf16")),
                   "gpt2 CPU kernel gelu_tanh: this CPU has no AVX-512", bf16 ? "-BF16" : "");
-  Tensor y = torch::stable::empty_like(x);
-  const int64_t n = x.numel();
-  constexpr int64_t chunk = 8192;
-  torch::stable::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t i = c0 * chunk, m = std::min(c1 * chunk, n) - i;
+  return elementwise(x, [&](Tensor& y, int64_t i, int64_t m) {
     if (bf16)
       gelu_bf16((const uint16_t*)x.const_data_ptr() + i, (uint16_t*)y.mutable_data_ptr() + i, m);
     else
       gelu_f32((const float*)x.const_data_ptr() + i, (float*)y.mutable_data_ptr() + i, m);
   });
-  return y;
+}
+
+// Any contiguous fp32 tensor, on AVX2.
+Tensor gelu_tanh_avx2(Tensor x) {
+  STD_TORCH_CHECK(x.is_cpu() && x.is_contiguous() && x.scalar_type() == ScalarType::Float,
+                  "gpt2 CPU kernel gelu_tanh_avx2: x must be a contiguous fp32 CPU tensor");
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                  "gpt2 CPU kernel gelu_tanh_avx2: this CPU has no AVX2");
+  return elementwise(x, [&](Tensor& y, int64_t i, int64_t m) {
+    gelu_f32_avx2((const float*)x.const_data_ptr() + i, (float*)y.mutable_data_ptr() + i, m);
+  });
 }
 
 // ---- AMX: int8 and bf16 ---------------------------------------------------------------------
@@ -1168,6 +1221,7 @@ STABLE_TORCH_LIBRARY(gpt2, m) {
         "Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("gelu_tanh_avx2(Tensor x) -> Tensor");
   m.def("int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("int8wo_linear_amx(Tensor x, Tensor packed, int out, Tensor weight_scale, Tensor? bias) -> Tensor");
   m.def("amx_ready() -> bool");
@@ -1185,6 +1239,7 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("fp32_linear", TORCH_BOX(&fp32_linear));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
   m.impl("gelu_tanh", TORCH_BOX(&gelu_tanh));
+  m.impl("gelu_tanh_avx2", TORCH_BOX(&gelu_tanh_avx2));
   m.impl("int8wo_linear", TORCH_BOX(&int8wo_linear));
   m.impl("int8wo_linear_amx", TORCH_BOX(&int8wo_linear_amx));
   m.impl("fp32_linear_avx2", TORCH_BOX(&fp32_linear_avx2));
