@@ -4,6 +4,7 @@ CTranslate2 int8 / fp32 when it is installed, at batch 1 and 8, on one random-we
 
     python bench/cpu_decode.py                      # 5 interleaved rounds, 32 new tokens
     python bench/cpu_decode.py --rounds 7 --new 64 --json out.json
+    python bench/cpu_decode.py --prompt 256 --new 1 --batches 1   # time to the first token
 
 Each engine decodes greedily from the same 8-token prompts after warm-up runs
 (160 steps or more: our CPU step is recorded after 128); rounds go engine
@@ -193,6 +194,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new", type=int, default=32, help="new tokens per run (default 32)")
+    p.add_argument("--prompt", type=int, default=PROMPT,
+                   help=f"prompt tokens (default {PROMPT}); with --new 1 the run is the prompt")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=None, help="torch/CT2 threads (default: all)")
     p.add_argument("--engines",
@@ -227,14 +230,15 @@ def main() -> int:
         except ImportError as e:
             print(f"skipping {name}: {e}", file=sys.stderr)
 
-    prompts = {b: torch.randint(0, 50256, (b, PROMPT), generator=torch.Generator().manual_seed(b))
+    prompts = {b: torch.randint(0, 50256, (b, args.prompt),
+                                generator=torch.Generator().manual_seed(b))
                for b in batches}  # fmt: skip
     # warm-up: allocations, oneDNN kernels, CT2 threads, and enough decode steps for our
     # CPU step to be recorded (gpt2.traced_step.RECORD_AFTER_STEPS steps per batch size)
-    for _ in range(max(1, math.ceil(160 / args.new))):
+    for _ in range(max(1, math.ceil(160 / args.new)) if args.new > 1 else 2):
         for run in engines.values():
             for b in batches:
-                run(prompts[b][:, :PROMPT])
+                run(prompts[b])
     times = {(n, b): [] for n in engines for b in batches}
     for _ in range(args.rounds):
         for b in batches:
@@ -255,21 +259,24 @@ def main() -> int:
             rows.append({
                 "engine": n, "batch": b, "tokens_per_s": b * args.new / med,
                 "best_tokens_per_s": b * args.new / min(times[(n, b)]),
+                "median_ms": med * 1e3,
                 "vs_hf_fp32": (base / med) if base else None,
                 "runs_s": [round(t, 4) for t in times[(n, b)]],
             })  # fmt: skip
-    print(f"\n124M greedy decode, {args.new} new tokens after {PROMPT}, "
+    print(f"\n124M greedy decode, {args.new} new tokens after {args.prompt}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds}")  # fmt: skip
-    print(f"{'engine':10s} {'batch':>5s} {'tokens/s':>9s} {'x hf fp32':>9s} {'best run':>9s}")
+    print(f"{'engine':11s} {'batch':>5s} {'tokens/s':>9s} {'x hf fp32':>9s} {'best run':>9s} "
+          f"{'ms/run':>8s}")  # fmt: skip
     for r in rows:
         ratio = f"{r['vs_hf_fp32']:.2f}" if r["vs_hf_fp32"] else "-"
-        print(f"{r['engine']:10s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {ratio:>9s} "
-              f"{r['best_tokens_per_s']:9.1f}")
+        print(f"{r['engine']:11s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {ratio:>9s} "
+              f"{r['best_tokens_per_s']:9.1f} {r['median_ms']:8.1f}")  # fmt: skip
     bounds = {k: bandwidth * 1e3 / mb for k, mb in weights_mb.items()}
     print(f"read bandwidth {bandwidth:.1f} GB/s; batch-1 bound (all weights read per token): "
           + ", ".join(f"{k} {v:.0f} tok/s" for k, v in bounds.items()))
     result = {"rows": rows, "read_bandwidth_gbs": bandwidth, "batch1_bound_tok_s": bounds,
-              "threads": torch.get_num_threads(), "new_tokens": args.new}  # fmt: skip
+              "threads": torch.get_num_threads(), "new_tokens": args.new,
+              "prompt_tokens": args.prompt}  # fmt: skip
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

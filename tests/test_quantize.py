@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt2.quantize as quantize
+from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
 from gpt2.quantize import (
@@ -377,7 +378,7 @@ def test_prompts_use_a_bf16_matmul_only_where_bf16_is_native(monkeypatch, native
     kernel = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
     layer = Int8Linear.from_linear(random_linear(64, 32), activations="bf16")
-    x = torch.randn(200, 64)  # more rows than gpt2's own kernels take
+    x = torch.randn(cpu_kernels.AMX_INT8WO_MAX_ROWS + 1, 64)  # more rows than our kernels take
     exact, bound = int8_reference(layer, x)
     assert ((layer(x) - exact).abs() <= bound).all()
     assert bool(calls) is not native_bf16

@@ -341,7 +341,7 @@ struct Int8woCall {
 };
 
 Int8woCall int8wo_call(const Tensor& x, int64_t out, const Tensor& weight_scale,
-                       const std::optional<Tensor>& bias) {
+                       const std::optional<Tensor>& bias, bool whole_blocks = false) {
   check_matrix(x, ScalarType::Float, "x");
   check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
   const float* b = nullptr;
@@ -350,7 +350,8 @@ Int8woCall int8wo_call(const Tensor& x, int64_t out, const Tensor& weight_scale,
     b = (const float*)bias->const_data_ptr();
   }
   const int64_t rows = x.size(0), in = x.size(1);
-  std::vector<uint16_t> xb(rows * in);
+  // whole_blocks: past 16 rows, zero rows up to a whole block of 16 (the AMX kernel's)
+  std::vector<uint16_t> xb((whole_blocks && rows > 16 ? (rows + 15) / 16 * 16 : rows) * in);
   round_to_bf16((const float*)x.const_data_ptr(), xb.data(), rows * in);
   Tensor y = torch::stable::new_empty(x, {rows, out});
   return {rows, in, std::move(xb), (const float*)weight_scale.const_data_ptr(), b, y,
@@ -1005,8 +1006,11 @@ bool amx_ready() {
          __builtin_cpu_supports("amx-bf16") && amx_permitted();
 }
 
-// Channel pairs [p0, p1) (32 channels each) against m <= 16 quantized rows.
-GPT2_AMX void amx_pairs(const uint8_t* q, int64_t q_stride, int m, const int8_t* packed,
+// Channel pairs [p0, p1) (32 channels each) against `rows` quantized rows, in blocks of
+// m <= 16 (more than 16 rows: blocks of 16, q zero-padded to whole blocks). Each pair's
+// weights are streamed from memory for the first block and reused from cache for the
+// others (24-96 KB a pair), so a prompt reads the weight once, not once per 16 rows.
+GPT2_AMX void amx_pairs(const uint8_t* q, int64_t q_stride, int64_t rows, int m, const int8_t* packed,
                         int64_t k_tiles, const float* xs, const int32_t* xz, const int32_t* wsum,
                         const float* ws, const float* b, float* y, int64_t out, int64_t p0,
                         int64_t p1) {
@@ -1014,33 +1018,39 @@ GPT2_AMX void amx_pairs(const uint8_t* q, int64_t q_stride, int m, const int8_t*
   alignas(64) int32_t sums[2][16][16];
   for (int64_t p = p0; p < p1; p++) {
     const int8_t* wp = packed + p * k_tiles * 2048;
-    _tile_zero(3);
-    _tile_zero(4);
-    for (int64_t k = 0; k < k_tiles; k++) {
-      // the weights a few slices ahead (into the next pair's too: one stream)
-      for (int line = 0; line < 2048; line += 64)
-        _mm_prefetch((const char*)(wp + 2048 * (k + kSlicesAhead) + line), _MM_HINT_T0);
-      _tile_loadd(0, q + 64 * k, q_stride);
-      _tile_loadd(1, wp + 2048 * k, 64);
-      _tile_loadd(2, wp + 2048 * k + 1024, 64);
-      _tile_dpbusd(3, 0, 1);
-      _tile_dpbusd(4, 0, 2);
-    }
-    _tile_stored(3, sums[0], 64);
-    _tile_stored(4, sums[1], 64);
-    for (int h = 0; h < 2; h++) {
-      const int64_t o = p * 32 + h * 16;
-      if (o >= out) break;
-      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
-      const __m512i wsum_v = _mm512_maskz_loadu_epi32(valid, wsum + o);
-      const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
-      const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
-      for (int r = 0; r < m; r++) {
-        const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(sums[h][r]),
-                                             _mm512_mullo_epi32(_mm512_set1_epi32(xz[r]), wsum_v));
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(xs[r]), ws_v));
-        if (b) v = _mm512_add_ps(v, b_v);
-        _mm512_mask_storeu_ps(y + r * out + o, valid, v);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const uint8_t* qb = q + r0 * q_stride;
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t k = 0; k < k_tiles; k++) {
+        // the weights a few slices ahead (into the next pair's too: one stream)
+        if (r0 == 0)
+          for (int line = 0; line < 2048; line += 64)
+            _mm_prefetch((const char*)(wp + 2048 * (k + kSlicesAhead) + line), _MM_HINT_T0);
+        _tile_loadd(0, qb + 64 * k, q_stride);
+        _tile_loadd(1, wp + 2048 * k, 64);
+        _tile_loadd(2, wp + 2048 * k + 1024, 64);
+        _tile_dpbusd(3, 0, 1);
+        _tile_dpbusd(4, 0, 2);
+      }
+      _tile_stored(3, sums[0], 64);
+      _tile_stored(4, sums[1], 64);
+      const int64_t n = std::min<int64_t>(16, rows - r0);  // this block's real rows
+      for (int h = 0; h < 2; h++) {
+        const int64_t o = p * 32 + h * 16;
+        if (o >= out) break;
+        const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+        const __m512i wsum_v = _mm512_maskz_loadu_epi32(valid, wsum + o);
+        const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
+        const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < n; r++) {
+          const int64_t row = r0 + r;
+          const __m512i dot = _mm512_sub_epi32(_mm512_load_si512(sums[h][r]),
+                                               _mm512_mullo_epi32(_mm512_set1_epi32(xz[row]), wsum_v));
+          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(xs[row]), ws_v));
+          if (b) v = _mm512_add_ps(v, b_v);
+          _mm512_mask_storeu_ps(y + row * out + o, valid, v);
+        }
       }
     }
   }
@@ -1059,20 +1069,23 @@ Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
   STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
                       packed.numel() == pairs * k_tiles * 2048,
                   "gpt2 CPU kernel int8_linear_amx: the packed weight does not fit x and out");
-  const int64_t q_stride = k_tiles * 64;  // rows padded with zeros to whole slices
-  Tensor qt = torch::stable::new_zeros(x, {rows * q_stride}, ScalarType::Byte);
-  auto* q = (uint8_t*)qt.mutable_data_ptr();
+  // rows padded with zeros to whole slices, and past 16 rows to whole blocks of 16
+  const int64_t q_stride = k_tiles * 64, padded = rows <= 16 ? rows : (rows + 15) / 16 * 16;
+  std::vector<uint8_t> q(padded * q_stride);
   std::vector<float> xs(rows);
   std::vector<int32_t> xz(rows);
-  for (int64_t r = 0; r < rows; r++) quantize_row(c.x + r * in, in, q + r * q_stride, &xs[r], &xz[r]);
+  const auto quantize = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) quantize_row(c.x + r * in, in, q.data() + r * q_stride, &xs[r], &xz[r]);
+  };
+  if (rows <= 16)
+    quantize(0, rows);  // (a decode step: not worth waking a thread)
+  else
+    torch::stable::parallel_for(0, rows, 16, quantize);
   const auto* wp = (const int8_t*)packed.const_data_ptr();
-  for (int64_t r = 0; r < rows; r += 16) {
-    const int m = (int)std::min<int64_t>(16, rows - r);
-    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-      amx_pairs(q + r * q_stride, q_stride, m, wp, k_tiles, xs.data() + r, xz.data() + r, c.wsum,
-                c.ws, c.b, c.yp + r * out, out, p0, p1);
-    });
-  }
+  torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    amx_pairs(q.data(), q_stride, rows, (int)std::min<int64_t>(16, rows), wp, k_tiles, xs.data(),
+              xz.data(), c.wsum, c.ws, c.b, c.yp, out, p0, p1);
+  });
   return c.y;
 }
 
@@ -1145,43 +1158,55 @@ Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tenso
 }
 
 // int8-weight-only on AMX: the int8 weight in the bf16 kernel's tile order, one byte per
-// weight (`amx_layout(q, 2)`: 1 KB per pair of channel blocks and 32 inputs); each slice
-// widened to two bf16 tiles in a buffer of this thread's (two, used in turn, so that
-// widening the next slice need not wait for the tile loads of this one), then
-// `tdpbf16ps` as above; fp32 sums times each channel's scale, plus the bias.
-GPT2_AMX_BF16 void amx_int8wo_pairs(const uint16_t* x, int64_t x_stride, int m, const int8_t* packed,
-                                    int64_t k_tiles, const float* ws, const float* b, float* y,
-                                    int64_t out, int64_t p0, int64_t p1) {
+// weight (`amx_layout(q, 2)`: 1 KB per pair of channel blocks and 32 inputs). Each pair's
+// slices are widened to bf16 tiles once, by the first block of 16 rows, each just before
+// it is multiplied (`tdpbf16ps`); the other blocks reuse them, as amx_pairs reuses its
+// weights. fp32 sums times each channel's scale, plus the bias.
+GPT2_AMX_BF16 void amx_int8wo_pairs(const uint16_t* x, int64_t x_stride, int64_t rows, int m,
+                                    const int8_t* packed, int64_t k_tiles, const float* ws,
+                                    const float* b, float* y, int64_t out, int64_t p0, int64_t p1) {
   configure_tiles(m);
   alignas(64) float sums[2][16][16];
-  alignas(64) uint16_t wide[2][1024];  // [turn][two 16 x 32 bf16 tiles]
+  // Widened slices: with one block of rows, two buffers used in turn (in L1, so that
+  // widening the next slice need not wait for this one's tile loads; a pair's worth
+  // made decoding ~15% slower); with more, the pair's every slice ([slice][two 16 x 32
+  // bf16 tiles], kept between calls) for the other blocks to reuse.
+  alignas(64) uint16_t turn[2][1024];
+  thread_local std::vector<uint16_t> all;
+  const bool reuse = rows > 16;
+  if (reuse && all.size() < (size_t)(k_tiles * 1024)) all.resize(k_tiles * 1024);
   for (int64_t p = p0; p < p1; p++) {
     const int8_t* wp = packed + p * k_tiles * 1024;
-    _tile_zero(3);
-    _tile_zero(4);
-    for (int64_t k = 0; k < k_tiles; k++) {
-      for (int line = 0; line < 1024; line += 64)  // as many bytes ahead as the bf16 kernel
-        _mm_prefetch((const char*)(wp + 1024 * (k + 2 * kSlicesAhead) + line), _MM_HINT_T0);
-      uint16_t* wk = wide[k & 1];
-      for (int j = 0; j < 1024; j += 32)
-        _mm512_store_si512(wk + j, (__m512i)load_int8_as_bf16(wp + 1024 * k + j, 32));
-      _tile_loadd(0, x + 32 * k, x_stride * 2);
-      _tile_loadd(1, wk, 64);
-      _tile_loadd(2, wk + 512, 64);
-      _tile_dpbf16ps(3, 0, 1);
-      _tile_dpbf16ps(4, 0, 2);
-    }
-    _tile_stored(3, sums[0], 64);
-    _tile_stored(4, sums[1], 64);
-    for (int h = 0; h < 2; h++) {
-      const int64_t o = p * 32 + h * 16;
-      if (o >= out) break;
-      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
-      const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
-      const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
-      for (int r = 0; r < m; r++)
-        _mm512_mask_storeu_ps(y + r * out + o, valid,
-                              _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(sums[h][r]), ws_v), b_v));
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t k = 0; k < k_tiles; k++) {
+        uint16_t* wk = reuse ? all.data() + 1024 * k : turn[k & 1];
+        if (r0 == 0) {  // the first block widens each slice just before multiplying it
+          for (int line = 0; line < 1024; line += 64)  // as many bytes ahead as the bf16 kernel
+            _mm_prefetch((const char*)(wp + 1024 * (k + 2 * kSlicesAhead) + line), _MM_HINT_T0);
+          for (int j = 0; j < 1024; j += 32)
+            _mm512_storeu_si512(wk + j, (__m512i)load_int8_as_bf16(wp + 1024 * k + j, 32));
+        }
+        _tile_loadd(0, x + r0 * x_stride + 32 * k, x_stride * 2);
+        _tile_loadd(1, wk, 64);
+        _tile_loadd(2, wk + 512, 64);
+        _tile_dpbf16ps(3, 0, 1);
+        _tile_dpbf16ps(4, 0, 2);
+      }
+      _tile_stored(3, sums[0], 64);
+      _tile_stored(4, sums[1], 64);
+      const int64_t n = std::min<int64_t>(16, rows - r0);  // this block's real rows
+      for (int h = 0; h < 2; h++) {
+        const int64_t o = p * 32 + h * 16;
+        if (o >= out) break;
+        const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+        const __m512 ws_v = _mm512_maskz_loadu_ps(valid, ws + o);
+        const __m512 b_v = b ? _mm512_maskz_loadu_ps(valid, b + o) : _mm512_setzero_ps();
+        for (int64_t r = 0; r < n; r++)
+          _mm512_mask_storeu_ps(y + (r0 + r) * out + o, valid,
+                                _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(sums[h][r]), ws_v), b_v));
+      }
     }
   }
   _tile_release();
@@ -1192,20 +1217,17 @@ Tensor int8wo_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sca
                          std::optional<Tensor> bias) {
   STD_TORCH_CHECK(__builtin_cpu_supports("amx-bf16") && amx_permitted(),
                   "gpt2 CPU kernel int8wo_linear_amx: this CPU or OS offers no AMX");
-  Int8woCall c = int8wo_call(x, out, weight_scale, bias);
+  Int8woCall c = int8wo_call(x, out, weight_scale, bias, /*whole_blocks=*/true);
   const int64_t k_tiles = (c.in + 31) / 32, pairs = (out + 31) / 32;
   STD_TORCH_CHECK(c.in % 32 == 0, "gpt2 CPU kernel int8wo_linear_amx: the input width must be a multiple of 32");
   STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
                       packed.numel() == pairs * k_tiles * 1024,
                   "gpt2 CPU kernel int8wo_linear_amx: the packed weight does not fit x and out");
   const auto* wp = (const int8_t*)packed.const_data_ptr();
-  for (int64_t r = 0; r < c.rows; r += 16) {
-    const int m = (int)std::min<int64_t>(16, c.rows - r);
-    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-      amx_int8wo_pairs(c.xb.data() + r * c.in, c.in, m, wp, k_tiles, c.ws, c.b, c.yp + r * out, out,
-                       p0, p1);
-    });
-  }
+  torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    amx_int8wo_pairs(c.xb.data(), c.in, c.rows, (int)std::min<int64_t>(16, c.rows), wp, k_tiles, c.ws,
+                     c.b, c.yp, out, p0, p1);
+  });
   return c.y;
 }
 

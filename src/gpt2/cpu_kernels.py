@@ -8,9 +8,9 @@ and int8 decoding well under the speed their fewer bytes allow. `cpu_kernels.cpp
 holds kernels that stream at close to the full rate:
 
   torch.ops.gpt2.bf16_linear_amx / int8_linear_amx   Intel AMX tiles, on a copy
-      of the weight laid out for them (`amx_layout`): up to 16 / 64 rows
+      of the weight laid out for them (`amx_layout`): up to 16 rows / any prompt
   torch.ops.gpt2.int8wo_linear_amx                   the same for int8 weights x bf16
-      rows ("int8-weight-only"): up to 128 rows
+      rows ("int8-weight-only"): up to 256 rows
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
@@ -69,19 +69,22 @@ ENV = "GPT2_CPU_KERNELS"
 # Up to this many rows per call go through these kernels. More rows make a
 # matrix-matrix product, where oneDNN (bf16) and FBGEMM (int8) block the work better.
 # Measured on the 48 products of a 124M step (bench/CPU_NOTES.md): AVX-512 bf16 at 8
-# rows 10.0-10.4 ms against oneDNN's 8.8-9.2; VNNI int8 at 16 rows about FBGEMM's;
-# AMX reads the weights once per 16 rows, and its 64-row int8 product still beats
-# FBGEMM's, while a 64-row bf16 one is oneDNN's territory.
+# rows 10.0-10.4 ms against oneDNN's 8.8-9.2; VNNI int8 at 16 rows about FBGEMM's. The
+# AMX kernels multiply each pair of 16-channel blocks by every block of 16 rows while
+# its weights are in cache: int8 beats FBGEMM and widening the weight to bf16 for
+# oneDNN at every prompt length measured (256 rows 24 against 55 ms, 1024 rows 132
+# against 410), so it takes any prompt GPT-2 has (8 x 1024 rows); a 64-row bf16
+# product is oneDNN's territory.
 BF16_MAX_ROWS = 8
 INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
-# its arithmetic from 4); AMX 1.5-3.2x at 1-8, and 2.2x widening the weight to bf16 for
-# oneDNN at 128 rows (bench/CPU_NOTES.md)
+# its arithmetic from 4); AMX 1.5-3.2x at 1-8, and ahead of widening the weight to bf16
+# for oneDNN up to 256 rows (59 against 78 ms; level at 512)
 INT8WO_MAX_ROWS = 8
-AMX_INT8WO_MAX_ROWS = 128
+AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 16
-AMX_INT8_MAX_ROWS = 64
+AMX_INT8_MAX_ROWS = 8192
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
 # the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:
 # MKL's matrix-vector product is as fast.
