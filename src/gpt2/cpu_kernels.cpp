@@ -35,6 +35,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -1093,36 +1094,40 @@ Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
 
 // bf16 on AMX (`tdpbf16ps`): the same layout with pairs of inputs instead of quads, so a
 // slice is 32 inputs wide; fp32 sums, bias added in fp32, rounded to bf16.
-GPT2_AMX_BF16 void amx_bf16_pairs(const uint16_t* x, int64_t x_stride, int m, const uint16_t* packed,
-                                  int64_t k_tiles, const uint16_t* b, uint16_t* y, int64_t out,
-                                  int64_t p0, int64_t p1) {
+GPT2_AMX_BF16 void amx_bf16_pairs(const uint16_t* x, int64_t x_stride, int64_t rows, int m,
+                                  const uint16_t* packed, int64_t k_tiles, const uint16_t* b, uint16_t* y,
+                                  int64_t out, int64_t p0, int64_t p1) {
   configure_tiles(m);
   alignas(64) float sums[2][16][16];
   const char* base = (const char*)packed;
   for (int64_t p = p0; p < p1; p++) {
     const char* wp = base + p * k_tiles * 2048;
-    _tile_zero(3);
-    _tile_zero(4);
-    for (int64_t k = 0; k < k_tiles; k++) {
-      for (int line = 0; line < 2048; line += 64)
-        _mm_prefetch(wp + 2048 * (k + kSlicesAhead) + line, _MM_HINT_T0);
-      _tile_loadd(0, x + 32 * k, x_stride * 2);
-      _tile_loadd(1, wp + 2048 * k, 64);
-      _tile_loadd(2, wp + 2048 * k + 1024, 64);
-      _tile_dpbf16ps(3, 0, 1);
-      _tile_dpbf16ps(4, 0, 2);
-    }
-    _tile_stored(3, sums[0], 64);
-    _tile_stored(4, sums[1], 64);
-    for (int h = 0; h < 2; h++) {
-      const int64_t o = p * 32 + h * 16;
-      if (o >= out) break;
-      const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
-      __m512 b_v = _mm512_setzero_ps();
-      if (b) b_v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, b + o)), 16));
-      for (int r = 0; r < m; r++) {
-        const __m512 v = _mm512_add_ps(_mm512_load_ps(sums[h][r]), b_v);
-        _mm256_mask_storeu_epi16(y + r * out + o, valid, (__m256i)_mm512_cvtneps_pbh(v));
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {  // every block of rows, as amx_pairs
+      _tile_zero(3);
+      _tile_zero(4);
+      for (int64_t k = 0; k < k_tiles; k++) {
+        if (r0 == 0)
+          for (int line = 0; line < 2048; line += 64)
+            _mm_prefetch(wp + 2048 * (k + kSlicesAhead) + line, _MM_HINT_T0);
+        _tile_loadd(0, x + r0 * x_stride + 32 * k, x_stride * 2);
+        _tile_loadd(1, wp + 2048 * k, 64);
+        _tile_loadd(2, wp + 2048 * k + 1024, 64);
+        _tile_dpbf16ps(3, 0, 1);
+        _tile_dpbf16ps(4, 0, 2);
+      }
+      _tile_stored(3, sums[0], 64);
+      _tile_stored(4, sums[1], 64);
+      const int64_t n = std::min<int64_t>(16, rows - r0);  // this block's real rows
+      for (int h = 0; h < 2; h++) {
+        const int64_t o = p * 32 + h * 16;
+        if (o >= out) break;
+        const __mmask16 valid = out - o >= 16 ? 0xFFFF : (__mmask16)((1u << (out - o)) - 1);
+        __m512 b_v = _mm512_setzero_ps();
+        if (b) b_v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, b + o)), 16));
+        for (int64_t r = 0; r < n; r++) {
+          const __m512 v = _mm512_add_ps(_mm512_load_ps(sums[h][r]), b_v);
+          _mm256_mask_storeu_epi16(y + (r0 + r) * out + o, valid, (__m256i)_mm512_cvtneps_pbh(v));
+        }
       }
     }
   }
@@ -1146,14 +1151,18 @@ Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tenso
   }
   Tensor y = torch::stable::new_empty(x, {rows, out});
   const auto* xp = (const uint16_t*)x.const_data_ptr();
+  // past 16 rows, whole blocks of 16: the rows copied after zeros if the last is partial
+  std::vector<uint16_t> padded;
+  if (rows > 16 && rows % 16 != 0) {
+    padded.assign((rows + 15) / 16 * 16 * in, 0);
+    std::memcpy(padded.data(), xp, rows * in * 2);
+    xp = padded.data();
+  }
   const auto* wp = (const uint16_t*)packed.const_data_ptr();
   auto* yp = (uint16_t*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += 16) {
-    const int m = (int)std::min<int64_t>(16, rows - r);
-    torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-      amx_bf16_pairs(xp + r * in, in, m, wp, k_tiles, b, yp + r * out, out, p0, p1);
-    });
-  }
+  torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    amx_bf16_pairs(xp, in, rows, (int)std::min<int64_t>(16, rows), wp, k_tiles, b, yp, out, p0, p1);
+  });
   return y;
 }
 

@@ -8,7 +8,7 @@ and int8 decoding well under the speed their fewer bytes allow. `cpu_kernels.cpp
 holds kernels that stream at close to the full rate:
 
   torch.ops.gpt2.bf16_linear_amx / int8_linear_amx   Intel AMX tiles, on a copy
-      of the weight laid out for them (`amx_layout`): up to 16 rows / any prompt
+      of the weight laid out for them (`amx_layout`): any prompt
   torch.ops.gpt2.int8wo_linear_amx                   the same for int8 weights x bf16
       rows ("int8-weight-only"): up to 256 rows
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
@@ -73,8 +73,8 @@ ENV = "GPT2_CPU_KERNELS"
 # AMX kernels multiply each pair of 16-channel blocks by every block of 16 rows while
 # its weights are in cache: int8 beats FBGEMM and widening the weight to bf16 for
 # oneDNN at every prompt length measured (256 rows 24 against 55 ms, 1024 rows 132
-# against 410), so it takes any prompt GPT-2 has (8 x 1024 rows); a 64-row bf16
-# product is oneDNN's territory.
+# against 410), so it takes any prompt GPT-2 has (8 x 1024 rows); so does bf16 (ahead of
+# oneDNN's F.linear from 16 rows: 128 rows 25 against 45 ms, 1024 rows 171 against 343).
 BF16_MAX_ROWS = 8
 INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
@@ -83,7 +83,7 @@ AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faste
 # for oneDNN up to 256 rows (59 against 78 ms; level at 512)
 INT8WO_MAX_ROWS = 8
 AMX_INT8WO_MAX_ROWS = 256
-AMX_BF16_MAX_ROWS = 16
+AMX_BF16_MAX_ROWS = 8192
 AMX_INT8_MAX_ROWS = 8192
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
 # the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:

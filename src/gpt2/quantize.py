@@ -7,11 +7,11 @@ past that is fewer bytes per weight, with a matrix-vector kernel that actually
 streams them at full speed:
 
   bf16   `prepare_bf16(model)`: 2 bytes per weight. Every Linear is replaced by
-         `PackedBF16Linear`. For the few rows of a decode step it runs gpt2's own
-         kernel (`gpt2.cpu_kernels`: Intel AMX tiles, up to 16 rows, or AVX512-BF16,
-         up to 8), which streams the weights at close to the memory bandwidth; for
-         more rows (prompts) oneDNN's matmul, on a weight reordered once into its
-         blocked layout where the CPU has no AMX.
+         `PackedBF16Linear`. It runs gpt2's own kernel (`gpt2.cpu_kernels`): on
+         Intel AMX tiles for decoding and prompts alike, or AVX512-BF16 up to 8 rows,
+         streaming the weights at close to the memory bandwidth; for more rows
+         without AMX, oneDNN's matmul on a weight reordered once into its blocked
+         layout.
   int8   `quantize_model(model, "int8")`: 1 byte per weight plus one scale per
          output channel. Every Linear becomes `Int8Linear`, an int8 x int8 product:
          each *row* of the input is quantized to 8 bits over its own range on the
@@ -479,8 +479,8 @@ class PackedBF16Linear(_KernelCopy):
             self._native = cpu_kernels.kernel_for_bf16(w, self.bias)
             if self._native is None or self._native.name != "AMX":
                 # more rows: oneDNN on its own layout (the batch-size hint 1 tunes it for
-                # few rows; any still work). Beside the AMX kernel's copy, prompts run
-                # plain F.linear instead, which measured as fast (16-256 rows)
+                # few rows; any still work). The AMX kernel takes prompts too; past its
+                # rows, plain F.linear
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
