@@ -1183,14 +1183,16 @@ GPT2_AMX_BF16 void amx_int8wo_pairs(const uint16_t* x, int64_t x_stride, int64_t
   alignas(64) uint16_t turn[2][1024];
   thread_local std::vector<uint16_t> all;
   const bool reuse = rows > 16;
-  if (reuse && all.size() < (size_t)(k_tiles * 1024)) all.resize(k_tiles * 1024);
+  if (reuse && all.size() < (size_t)(k_tiles * 1024 + 32)) all.resize(k_tiles * 1024 + 32);
+  // tile rows at 64-byte boundaries (malloc's 16 made every tile row two cache lines)
+  uint16_t* const all64 = (uint16_t*)(((uintptr_t)all.data() + 63) & ~(uintptr_t)63);
   for (int64_t p = p0; p < p1; p++) {
     const int8_t* wp = packed + p * k_tiles * 1024;
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       _tile_zero(3);
       _tile_zero(4);
       for (int64_t k = 0; k < k_tiles; k++) {
-        uint16_t* wk = reuse ? all.data() + 1024 * k : turn[k & 1];
+        uint16_t* wk = reuse ? all64 + 1024 * k : turn[k & 1];
         if (r0 == 0) {  // the first block widens each slice just before multiplying it
           for (int line = 0; line < 1024; line += 64)  // as many bytes ahead as the bf16 kernel
             _mm_prefetch((const char*)(wp + 1024 * (k + 2 * kSlicesAhead) + line), _MM_HINT_T0);
