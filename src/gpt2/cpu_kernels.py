@@ -1,4 +1,4 @@
-"""gpt2's own CPU kernels for decoding, built on first use.
+"""gpt2's own CPU kernels for decoding (and, on AMX, prompts), built on first use.
 
 A decode step multiplies one to a few rows by each weight matrix, and on a CPU its
 speed is the rate at which the weights stream from memory. PyTorch's bf16
@@ -15,8 +15,8 @@ holds kernels that stream at close to the full rate:
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
-  torch.ops.gpt2.int8wo_linear                       the same on AVX512-BF16, where
-      the CPU has no AMX: up to 8 rows
+  torch.ops.gpt2.int8wo_linear                       int8-weight-only on AVX512-BF16,
+      where the CPU has no AMX: up to 8 rows
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
       for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
   torch.ops.gpt2.argmax_rows                         greedy decoding's argmax (`argmax`)
@@ -26,8 +26,8 @@ int8 quantizes each row of activations to 8 bits over its own range inside the
 call, multiplies, and rescales with the weight's per-channel scales.
 `kernel_for_bf16` / `kernel_for_int8` / `kernel_for_int8_weight_only` pick the
 kernel for a weight; they are what `gpt2.quantize.PackedBF16Linear` and
-`Int8Linear` call. More rows than a
-kernel's `max_rows` (prompts) run oneDNN's or FBGEMM's matrix-matrix products.
+`Int8Linear` call. More rows than a kernel's `max_rows` (prompts, on CPUs without
+AMX) run oneDNN's or FBGEMM's matrix-matrix products.
 
 The source is compiled once per machine, PyTorch version and compiler, with the
 system's C++ compiler (`$CXX`, else `c++`) against PyTorch's stable C ABI, into

@@ -296,9 +296,10 @@ class Int8Linear(_KernelCopy):
         `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
         self._packed = self._native = None
         w = self.weight
-        # prompts (many rows) go through a bf16 matmul where the CPU has native bf16:
-        # faster than either int8 kernel there (256-token 124M prefill: ~2300 tokens/s,
-        # FBGEMM ~1600-2200, _weight_int8pack_mm 624), and activations stay bf16
+        # prompts of more rows than our kernel takes (all but AMX CPUs) go through a bf16
+        # matmul where the CPU has native bf16: faster than FBGEMM and _weight_int8pack_mm
+        # there (256-token 124M prefill: ~2300 tokens/s, FBGEMM ~1600-2200,
+        # _weight_int8pack_mm 624), and activations stay bf16
         self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
         if w.device.type != "cpu" or w.is_meta:
             return
@@ -330,8 +331,9 @@ class Int8Linear(_KernelCopy):
     def kernel(self) -> str:
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
         gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
-        (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). Prompts
-        of more than 64 (int8) or 32 rows (weight-only) use a bf16 matmul on CPUs with
+        (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). On AMX
+        our kernels take prompts too (int8 any, weight-only up to 256 rows); past the rows
+        a kernel takes (elsewhere 64 int8, 32 weight-only), a bf16 matmul on CPUs with
         native bf16."""
         int8 = self._packed is not None or self._native is not None
         return "int8" if int8 and self.activations == "int8" else "bf16"
@@ -349,8 +351,8 @@ class Int8Linear(_KernelCopy):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None and x.device.type == "cpu":
-            # decoding: our kernel quantizes each row over its own range (or, weight-only,
-            # rounds it to bf16), multiplies and rescales in one call
+            # decoding (and prompts, on AMX): our kernel quantizes each row over its own
+            # range (or, weight-only, rounds it to bf16), multiplies and rescales in one call
             x32 = x if x.dtype == torch.float32 else x.float()
             y = _through_kernel(self._native, x32, self.in_features, self.out_features)
             if y is not None:
