@@ -1,10 +1,11 @@
 """CPU decode speed, side by side: transformers fp32 vs ours fp32 / bf16 / int8, and
 CTranslate2 int8 / fp32 when it is installed, at batch 1 and 8, on one random-weight
-124M checkpoint that every engine loads from the same folder.
+checkpoint (124M's geometry, or `--size`) that every engine loads from the same folder.
 
     python bench/cpu_decode.py                      # 5 interleaved rounds, 32 new tokens
     python bench/cpu_decode.py --rounds 7 --new 64 --json out.json
     python bench/cpu_decode.py --prompt 256 --new 1 --batches 1   # time to the first token
+    python bench/cpu_decode.py --size 1558M --rounds 3 --batches 1
 
 Each engine decodes greedily from the same 8-token prompts after warm-up runs
 (160 steps or more: our CPU step is recorded after 128); rounds go engine
@@ -32,14 +33,19 @@ import torch
 PROMPT = 8
 
 
-def random_hf_folder(folder: Path, seed: int = 0) -> None:
-    """A GPT2LMHeadModel of the 124M geometry with every tensor random, plus GPT-2's vocabulary."""
+def random_hf_folder(folder: Path, seed: int = 0, size: str = "124M") -> None:
+    """A GPT2LMHeadModel of a released size's geometry (default 124M) with every tensor
+    random, plus GPT-2's vocabulary."""
     import importlib.resources
 
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, tie_word_embeddings=True)  # fmt: skip
+    from gpt2.config import GPT2Config as Ours
+
+    ours = Ours.preset(size)
+    config = GPT2Config(n_embd=ours.n_embd, n_layer=ours.n_layer, n_head=ours.n_head,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=True)  # fmt: skip
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     model.to_empty(device="cpu")
@@ -194,6 +200,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new", type=int, default=32, help="new tokens per run (default 32)")
+    p.add_argument("--size", default="124M", help="the geometry (random weights): 124M (default), "
+                   "355M, 774M or 1558M")
     p.add_argument("--prompt", type=int, default=PROMPT,
                    help=f"prompt tokens (default {PROMPT}); with --new 1 the run is the prompt")
     p.add_argument("--batches", default="1,8")
@@ -212,10 +220,16 @@ def main() -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the checkpoint and CTranslate2's conversions (6 GB for 1558M) go when the run ends
+    with tempfile.TemporaryDirectory(prefix="cpu-decode-") as tmp:
+        return compare(args, Path(tmp))
+
+
+def compare(args: argparse.Namespace, work: Path) -> int:
+    """Every engine side by side on one random checkpoint written into `work`."""
     batches = [int(b) for b in args.batches.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="cpu-decode-"))
-    folder = work / "hf-124M"
-    random_hf_folder(folder)
+    folder = work / f"hf-{args.size}"
+    random_hf_folder(folder, size=args.size)
 
     engines = {}
     for name in args.engines.split(","):
@@ -250,7 +264,12 @@ def main() -> int:
                 times[(n, b)].append(run(prompts[b]))
 
     bandwidth = read_bandwidth_gbs()
-    weights_mb = {"fp32": 497.8, "bf16": 248.9, "int8": 124.9}  # 124M with its head (int8wo: int8)
+    from gpt2.config import GPT2Config
+
+    c = GPT2Config.preset(args.size)
+    params = (c.n_vocab + c.n_ctx) * c.n_embd + c.n_layer * (12 * c.n_embd**2 + 13 * c.n_embd)
+    # every weight read once per step, the tied head included (int8wo: as int8)
+    weights_mb = {"fp32": 4 * params / 1e6, "bf16": 2 * params / 1e6, "int8": params / 1e6}
     rows = []
     for b in batches:
         base = statistics.median(times[("hf-fp32", b)]) if ("hf-fp32", b) in times else None
@@ -263,7 +282,7 @@ def main() -> int:
                 "vs_hf_fp32": (base / med) if base else None,
                 "runs_s": [round(t, 4) for t in times[(n, b)]],
             })  # fmt: skip
-    print(f"\n124M greedy decode, {args.new} new tokens after {args.prompt}, "
+    print(f"\n{args.size} greedy decode, {args.new} new tokens after {args.prompt}, "
           f"{torch.get_num_threads()} threads, median of {args.rounds}")  # fmt: skip
     print(f"{'engine':11s} {'batch':>5s} {'tokens/s':>9s} {'x hf fp32':>9s} {'best run':>9s} "
           f"{'ms/run':>8s}")  # fmt: skip
