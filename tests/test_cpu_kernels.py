@@ -273,11 +273,18 @@ needs_avx512 = pytest.mark.skipif(not (HAS_AVX512 and CAN_BUILD),
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 3e38, -3e38, 1e-45]
 
 
-@needs_avx512
+ARGMAX_KERNELS = [
+    pytest.param(gpt2_op(name), id=name)
+    for name, runs in (("argmax_rows", HAS_AVX512), ("argmax_rows_avx2", HAS_AVX2))
+    if runs and CAN_BUILD
+] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+
+
+@pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
 @settings(max_examples=200, deadline=None)
 @given(rows=st.integers(1, 9), n=st.integers(1, 100), seed=st.integers(0, 2**16),
-       ties=st.booleans(), specials=st.integers(0, 6))  # fmt: skip
-def test_argmax_rows_is_torch_argmax(rows, n, seed, ties, specials):
+       ties=st.booleans(), specials=st.integers(0, 6), all_inf=st.booleans())  # fmt: skip
+def test_argmax_rows_is_torch_argmax(kernel, rows, n, seed, ties, specials, all_inf):
     """The first index of the largest value, NaN counting as largest, -0.0 equal to 0.0:
     exactly torch.argmax, ties, infinities and NaN included."""
     gen = torch.Generator().manual_seed(seed)
@@ -287,18 +294,20 @@ def test_argmax_rows_is_torch_argmax(rows, n, seed, ties, specials):
     for _ in range(specials):
         r, i, k = (int(torch.randint(m, (1,), generator=gen)) for m in (rows, n, len(SPECIAL)))
         x[r, i] = SPECIAL[k]
-    assert torch.equal(torch.ops.gpt2.argmax_rows(x), x.argmax(dim=-1))
+    if all_inf:  # a row of -inf (its argmax is 0), perhaps with one special in it
+        x[0] = torch.where(x[0].isnan() | (x[0] == float("inf")), x[0], -float("inf"))
+    assert torch.equal(kernel(x), x.argmax(dim=-1))
 
 
-@needs_avx512
-@pytest.mark.parametrize("at", [0, 1, 15, 16, 50239, 50255, 50256])
-def test_argmax_rows_of_vocabulary_width(at):
+@pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
+@pytest.mark.parametrize("at", [0, 1, 7, 8, 15, 16, 50239, 50255, 50256])
+def test_argmax_rows_of_vocabulary_width(kernel, at):
     x = torch.randn(3, 50257, generator=torch.Generator().manual_seed(at))
     x[0, at] = 100.0
     x[1, at] = x[1, -1] = x[1, 7] = 100.0  # three equal maxima: the first wins
     x[2] = -float("inf")
-    assert torch.equal(torch.ops.gpt2.argmax_rows(x), x.argmax(dim=-1))
-    assert torch.ops.gpt2.argmax_rows(x)[0] == at
+    assert torch.equal(kernel(x), x.argmax(dim=-1))
+    assert kernel(x)[0] == at
 
 
 def test_greedy_argmax_takes_any_logits():
@@ -308,12 +317,22 @@ def test_greedy_argmax_takes_any_logits():
         assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
 
 
-@needs_avx512
-def test_argmax_rows_rejects_wrong_inputs_with_a_message():
+def test_greedy_argmax_runs_the_best_kernel_this_cpu_runs(monkeypatch):
+    if not CAN_BUILD:
+        pytest.skip("cannot build here")
+    monkeypatch.setattr(cpu_kernels, "_argmax", None)
+    cpu_kernels.argmax(torch.randn(2, 20))
+    best = (torch.ops.gpt2.argmax_rows if HAS_AVX512
+            else torch.ops.gpt2.argmax_rows_avx2 if HAS_AVX2 else False)  # fmt: skip
+    assert cpu_kernels._argmax is best
+
+
+@pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
+def test_argmax_rows_rejects_wrong_inputs_with_a_message(kernel):
     with pytest.raises(RuntimeError, match="contiguous 2-d CPU tensor"):
-        torch.ops.gpt2.argmax_rows(torch.randn(5))
+        kernel(torch.randn(5))
     with pytest.raises(RuntimeError, match="1 to 2"):
-        torch.ops.gpt2.argmax_rows(torch.randn(3, 0))
+        kernel(torch.randn(3, 0))
 
 
 # -- int8 weights x bf16 rows ("int8-weight-only") ---------------------------------------
@@ -594,7 +613,8 @@ def test_amx_and_vnni_int8_agree_exactly(rows):
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
                                    "fp32_linear", "fp32_linear_avx2",
-                                   "argmax_rows", "gelu_tanh", "gelu_tanh_avx2", "int8wo_linear",
+                                   "argmax_rows", "argmax_rows_avx2", "gelu_tanh",
+                                   "gelu_tanh_avx2", "int8wo_linear",
                                    "int8wo_linear_amx"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
@@ -602,6 +622,7 @@ def test_ops_are_well_formed_for_torch_compile(which):
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
              "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512, "gelu_tanh": HAS_AVX512,
              "int8wo_linear": HAS_BF16, "gelu_tanh_avx2": HAS_AVX2,
+             "argmax_rows_avx2": HAS_AVX2,
              "fp32_linear_avx2": HAS_AVX2}.get(which, HAS_AMX)  # fmt: skip
     if not (needs and CAN_BUILD):
         pytest.skip("no such kernel here")
@@ -618,6 +639,7 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "fp32_linear": (x, q.float(), b),
         "fp32_linear_avx2": (x, q.float(), b),
         "argmax_rows": (x,),
+        "argmax_rows_avx2": (x,),
         "gelu_tanh": (torch.randn(2, 3, 37),),
         "gelu_tanh_avx2": (torch.randn(2, 3, 37),),
         "int8wo_linear": (x, q, tail[1], b),

@@ -18,7 +18,7 @@
 //   gpt2::int8wo_linear(x, weight, weight_scale, bias?)  int8 weights x bf16 rows (the
 //       "int8-weight-only" method), AVX512-BF16, fp32 sums and result.
 //   gpt2::fp32_linear / fp32_linear_avx2  fp32 rows x fp32 weight, 2-8 rows (AVX-512 / AVX2 FMA).
-//   gpt2::argmax_rows, gpt2::gelu_tanh (/ _avx2)  greedy decoding's argmax; GPT-2's activation.
+//   gpt2::argmax_rows, gpt2::gelu_tanh (each also _avx2)  greedy decoding's argmax; GPT-2's GELU.
 //   gpt2::amx_ready()  whether this CPU and OS run the AMX kernels.
 //
 // The AVX-512 kernels keep every row's running sums in registers for a few output
@@ -828,18 +828,67 @@ GPT2_AVX512 int64_t row_argmax(const float* x, int64_t n) {
   return _mm512_mask_reduce_min_epi32(top, at);
 }
 
-Tensor argmax_rows(Tensor x) {
-  STD_TORCH_CHECK(has_avx512(), "gpt2 CPU kernel argmax_rows: this CPU has no AVX-512");
+// The same on AVX2 (8 lanes; the last n % 8 values one by one, after the lanes: their
+// indices are the largest, so a strictly larger value is needed to replace the best).
+GPT2_AVX2 int64_t row_argmax_avx2(const float* x, int64_t n) {
+  __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  __m256i at = lane;
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256 larger = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, v, larger);
+    at = _mm256_blendv_epi8(at, lane, _mm256_castps_si256(larger));
+    lane = _mm256_add_epi32(lane, _mm256_set1_epi32(8));
+  }
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (int64_t j = i; j < n && !any_nan; j++) any_nan = std::isnan(x[j]);
+  if (any_nan)
+    for (int64_t j = 0; j < n; j++)
+      if (std::isnan(x[j])) return j;
+  alignas(32) float b[8];
+  alignas(32) int32_t a[8];
+  _mm256_store_ps(b, best);
+  _mm256_store_si256((__m256i*)a, at);
+  float m = b[0];
+  for (int k = 1; k < 8; k++) m = std::max(m, b[k]);
+  // the lowest index among the lanes holding the maximum (0 if no lane saw a value
+  // above -inf: then every lane holds -inf at its own first index)
+  int64_t found = n;
+  for (int k = 0; k < 8; k++)
+    if (b[k] == m && a[k] < found) found = a[k];
+  for (int64_t j = i; j < n; j++)
+    if (x[j] > m) m = x[j], found = j;
+  return found;
+}
+
+// Each row's argmax, by `row` (row_argmax or row_argmax_avx2).
+template <class Row>
+Tensor argmax_in_rows(const Tensor& x, const char* name, Row row) {
   check_matrix(x, ScalarType::Float, "x");
   const int64_t rows = x.size(0), n = x.size(1);
-  STD_TORCH_CHECK(n > 0 && n < (int64_t{1} << 31), "gpt2 CPU kernel argmax_rows: rows must hold 1 to 2^31 - 1 values");
+  STD_TORCH_CHECK(n > 0 && n < (int64_t{1} << 31), "gpt2 CPU kernel ", name,
+                  ": rows must hold 1 to 2^31 - 1 values");
   Tensor y = torch::stable::new_empty(x, {rows}, ScalarType::Long);
   const auto* xp = (const float*)x.const_data_ptr();
   auto* yp = (int64_t*)y.mutable_data_ptr();
   torch::stable::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) yp[r] = row_argmax(xp + r * n, n);
+    for (int64_t r = r0; r < r1; r++) yp[r] = row(xp + r * n, n);
   });
   return y;
+}
+
+Tensor argmax_rows(Tensor x) {
+  STD_TORCH_CHECK(has_avx512(), "gpt2 CPU kernel argmax_rows: this CPU has no AVX-512");
+  return argmax_in_rows(x, "argmax_rows", row_argmax);
+}
+
+Tensor argmax_rows_avx2(Tensor x) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx2"), "gpt2 CPU kernel argmax_rows_avx2: this CPU has no AVX2");
+  return argmax_in_rows(x, "argmax_rows_avx2", row_argmax_avx2);
 }
 
 // ---- GELU, the tanh form GPT-2 uses ------------------------------------------------------
@@ -1253,6 +1302,7 @@ STABLE_TORCH_LIBRARY(gpt2, m) {
   m.def("int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
         "Tensor? bias) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("argmax_rows_avx2(Tensor x) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("gelu_tanh_avx2(Tensor x) -> Tensor");
   m.def("int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) -> Tensor");
@@ -1271,6 +1321,7 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("bf16_linear", TORCH_BOX(&bf16_linear));
   m.impl("fp32_linear", TORCH_BOX(&fp32_linear));
   m.impl("argmax_rows", TORCH_BOX(&argmax_rows));
+  m.impl("argmax_rows_avx2", TORCH_BOX(&argmax_rows_avx2));
   m.impl("gelu_tanh", TORCH_BOX(&gelu_tanh));
   m.impl("gelu_tanh_avx2", TORCH_BOX(&gelu_tanh_avx2));
   m.impl("int8wo_linear", TORCH_BOX(&int8wo_linear));

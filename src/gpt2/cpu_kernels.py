@@ -19,7 +19,7 @@ holds kernels that stream at close to the full rate:
       where the CPU has no AMX: up to 8 rows
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
       for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
-  torch.ops.gpt2.argmax_rows                         greedy decoding's argmax (`argmax`)
+  torch.ops.gpt2.argmax_rows / argmax_rows_avx2      greedy decoding's argmax (`argmax`)
   torch.ops.gpt2.gelu_tanh / gelu_tanh_avx2          GPT-2's GELU, fp32 or bf16 / fp32 (`gelu`)
 
 int8 quantizes each row of activations to 8 bits over its own range inside the
@@ -94,7 +94,7 @@ FP32_MAX_ROWS = 8
 _loaded: bool | None = None  # None: not tried yet in this process
 _failure: str | None = None  # why the build failed, until a warning has said so
 _fp32: Callable | bool | None = None  # fp32_op(): None not asked yet, False none
-_argmax: bool | None = None
+_argmax: Callable | bool | None = None  # argmax(): None not asked yet, False none
 _gelu: dict[torch.dtype, Callable | None] = {}  # gelu(): the op for each dtype, or None
 
 
@@ -120,14 +120,19 @@ def fp32_op() -> Callable | None:
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, V) -> each row's index of its largest value (B,), as
     `logits.argmax(dim=-1)` gives it (the first of equal largest values; NaN counts as
-    largest). fp32 rows on AVX-512 CPUs go through `torch.ops.gpt2.argmax_rows`:
-    PyTorch's reads a 50,257-wide row at ~0.8 GB/s, 4% of an int8 step at batch 8."""
+    largest). fp32 rows on AVX-512 / AVX2 CPUs go through `torch.ops.gpt2.argmax_rows` /
+    `argmax_rows_avx2`: PyTorch's reads a 50,257-wide row at ~0.8 GB/s (AVX-512) or
+    ~0.4 (AVX2), 4% of an int8 step at batch 8."""
     global _argmax
     if _argmax is None:  # asked once per token: remembered
-        _argmax = _cpu_has("_is_avx512_supported") and load(warn=False)
+        _argmax = False
+        if _cpu_has("_is_avx512_supported") and load(warn=False):
+            _argmax = torch.ops.gpt2.argmax_rows
+        elif _cpu_has("_is_avx2_supported") and load(warn=False):
+            _argmax = torch.ops.gpt2.argmax_rows_avx2
     if (_argmax and logits.dim() == 2 and logits.dtype == torch.float32
             and logits.device.type == "cpu" and logits.size(1) > 0):  # fmt: skip
-        return torch.ops.gpt2.argmax_rows(logits.contiguous())
+        return _argmax(logits.contiguous())
     return logits.argmax(dim=-1)
 
 
@@ -305,8 +310,8 @@ def _register_shapes() -> None:
         torch.library.register_fake(name)(lambda x, w, b: rows_by(x, w.shape[0]))
     for name in ("gpt2::int8_linear", "gpt2::int8_linear_avx2"):
         torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
-    torch.library.register_fake("gpt2::argmax_rows")(
-        lambda x: x.new_empty(x.shape[0], dtype=torch.long))
+    for name in ("gpt2::argmax_rows", "gpt2::argmax_rows_avx2"):
+        torch.library.register_fake(name)(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     torch.library.register_fake("gpt2::gelu_tanh")(torch.empty_like)
     torch.library.register_fake("gpt2::gelu_tanh_avx2")(torch.empty_like)
     torch.library.register_fake("gpt2::int8wo_linear")(lambda x, w, s, b: rows_by(x, w.shape[0]))
