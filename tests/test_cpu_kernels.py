@@ -399,6 +399,28 @@ def test_int8wo_kernels_reject_wrong_inputs_with_a_message(kernel):
         kernel(torch.randn(1, 32), q, s, torch.zeros(8, dtype=torch.float64))
 
 
+# -- no rows -------------------------------------------------------------------------------
+
+
+def test_no_rows_give_an_empty_result():
+    """A batch of nothing (e.g. every row finished) is (0, out), not a fault: the AMX
+    kernels must not configure tiles of 0 rows."""
+    if not CAN_BUILD:
+        pytest.skip("cannot build here")
+    gen = torch.Generator().manual_seed(0)
+    q, wsum, scale, b = int8_case(1, 40, 64, gen)
+    x = torch.zeros(0, 64)
+    args = {"bf16": (x.bfloat16(), q.bfloat16(), b.bfloat16()), "int8": (x, q, wsum, scale, b),
+            "int8wo": (x, q, scale, b), "fp32": (x, q.float(), b)}
+    kinds = {"bf16": BF16_KERNELS, "int8": INT8_KERNELS, "int8wo": INT8WO_KERNELS,
+             "fp32": FP32_KERNELS}
+    calls = [(k.values[0], args[kind]) for kind, ks in kinds.items() for k in ks
+             if k.values[0] is not None]
+    assert calls
+    for kernel, kernel_args in calls:
+        assert kernel(*kernel_args).shape == (0, 40)
+
+
 # -- GELU ----------------------------------------------------------------------------------
 
 

@@ -1120,6 +1120,7 @@ Tensor int8_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sum,
                       packed.numel() == pairs * k_tiles * 2048,
                   "gpt2 CPU kernel int8_linear_amx: the packed weight does not fit x and out");
   // rows padded with zeros to whole slices, and past 16 rows to whole blocks of 16
+  if (rows == 0) return c.y;  // (no tiles: a configuration of 0 rows faults)
   const int64_t q_stride = k_tiles * 64, padded = rows <= 16 ? rows : (rows + 15) / 16 * 16;
   std::vector<uint8_t> q(padded * q_stride);
   std::vector<float> xs(rows);
@@ -1199,6 +1200,7 @@ Tensor bf16_linear_amx(Tensor x, Tensor packed, int64_t out, std::optional<Tenso
     b = (const uint16_t*)bias->const_data_ptr();
   }
   Tensor y = torch::stable::new_empty(x, {rows, out});
+  if (rows == 0) return y;  // (no tiles: a configuration of 0 rows faults)
   const auto* xp = (const uint16_t*)x.const_data_ptr();
   // past 16 rows, whole blocks of 16: the rows copied after zeros if the last is partial
   std::vector<uint16_t> padded;
@@ -1283,6 +1285,7 @@ Tensor int8wo_linear_amx(Tensor x, Tensor packed, int64_t out, Tensor weight_sca
   STD_TORCH_CHECK(packed.is_cpu() && packed.is_contiguous() && packed.scalar_type() == ScalarType::Char &&
                       packed.numel() == pairs * k_tiles * 1024,
                   "gpt2 CPU kernel int8wo_linear_amx: the packed weight does not fit x and out");
+  if (c.rows == 0) return c.y;  // (no tiles: a configuration of 0 rows faults)
   const auto* wp = (const int8_t*)packed.const_data_ptr();
   torch::stable::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
     amx_int8wo_pairs(c.xb.data(), c.in, c.rows, (int)std::min<int64_t>(16, c.rows), wp, k_tiles, c.ws,
