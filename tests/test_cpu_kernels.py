@@ -165,11 +165,16 @@ def gpt2_op(name):
     return lambda *args: getattr(torch.ops.gpt2, name)(*args)
 
 
-FP32_KERNELS = [
-    pytest.param(gpt2_op(name), id=name)
-    for name, runs in (("fp32_linear", HAS_AVX512), ("fp32_linear_avx2", HAS_AVX2))
-    if runs and CAN_BUILD
-] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+def avx512_and_avx2(name):
+    """torch.ops.gpt2.<name> and <name>_avx2, those this machine runs, as test parameters."""
+    return [
+        pytest.param(gpt2_op(op), id=op)
+        for op, runs in ((name, HAS_AVX512), (f"{name}_avx2", HAS_AVX2))
+        if runs and CAN_BUILD
+    ] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+
+
+FP32_KERNELS = avx512_and_avx2("fp32_linear")
 
 
 def fp32_check(kernel, x, w, b):
@@ -273,11 +278,7 @@ needs_avx512 = pytest.mark.skipif(not (HAS_AVX512 and CAN_BUILD),
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 3e38, -3e38, 1e-45]
 
 
-ARGMAX_KERNELS = [
-    pytest.param(gpt2_op(name), id=name)
-    for name, runs in (("argmax_rows", HAS_AVX512), ("argmax_rows_avx2", HAS_AVX2))
-    if runs and CAN_BUILD
-] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+ARGMAX_KERNELS = avx512_and_avx2("argmax_rows")
 
 
 @pytest.mark.parametrize("kernel", ARGMAX_KERNELS)
@@ -461,11 +462,7 @@ def gelu_inputs(seed: int) -> torch.Tensor:
                       torch.randn(100_000, generator=gen) * 4, torch.tensor(SPECIAL)])  # fmt: skip
 
 
-GELU_KERNELS = [
-    pytest.param(gpt2_op(name), id=name)
-    for name, runs in (("gelu_tanh", HAS_AVX512), ("gelu_tanh_avx2", HAS_AVX2))
-    if runs and CAN_BUILD
-] or [pytest.param(None, marks=pytest.mark.skip(reason="no such kernel here"))]
+GELU_KERNELS = avx512_and_avx2("gelu_tanh")
 
 
 @pytest.mark.parametrize("kernel", GELU_KERNELS)

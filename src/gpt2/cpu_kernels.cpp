@@ -167,35 +167,61 @@ GPT2_BF16 inline __m512bh load_bf16(const uint16_t* p, int64_t left) {
   return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << left) - 1), p);
 }
 
+// int8-weight-only's weights (below): 32 int8 widened to bf16, or the `left` < 32 that
+// remain with zeros after them.
+GPT2_BF16 inline __m512bh load_int8_as_bf16(const int8_t* p, int64_t left) {
+  const __m256i v = left >= 32 ? _mm256_loadu_si256((const __m256i*)p)
+                               : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), p);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+  // an int8 is exact in bf16, which is the high half of its fp32 bits: lo's, then hi's
+  // (one permute; vcvtne2ps2bf16 made the kernels ~30% slower)
+  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
+}
+
+GPT2_BF16 inline __m512bh load_weights(const uint16_t* p, int64_t left) { return load_bf16(p, left); }
+GPT2_BF16 inline __m512bh load_weights(const int8_t* p, int64_t left) { return load_int8_as_bf16(p, left); }
+
+// The sums of R bf16 rows x (in each) times OB weight rows from wo (bf16, or int8 widened
+// to bf16; nb <= OB of them real): R * OB accumulators of 16 fp32 partial sums, then
+// lane j of the result = row j / OB, channel j % OB. (Inlined by force: left to GCC,
+// both kernels ran 3-6% slower at 8 rows.)
+template <int R, int OB, class W>
+GPT2_BF16 __attribute__((always_inline)) inline __m512 bf16_tile(const uint16_t* x, const W* wo, int64_t in, int nb) {
+  static_assert(R * OB <= 16, "a tile's sums must fit one register");
+  __m512 acc[R][OB];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 32) {
+    const int64_t left = in - i;
+    __m512bh wv[OB];
+    for (int c = 0; c < OB; c++) {
+      // the next group's weights, a cache line each, while this group is summed
+      if (sizeof(W) == 2 || (i & 63) == 0)  // (bf16: every step is a new line)
+        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+      wv[c] = c < nb ? load_weights(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
+    }
+    for (int r = 0; r < R; r++) {
+      const __m512bh xv = load_bf16(x + r * in + i, left);
+      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+    }
+  }
+  __m512 tile[16];
+  for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_ps();
+  return lane_sums16(tile);
+}
+
 // y[r, o] = sum_i x[r, i] w[o, i] (+ b[o]) for channels [o0, o1): OB channels at a time
-// against R rows, R * OB accumulators of 16 fp32 partial sums each.
+// against R rows (bf16_tile), rounded to bf16.
 template <int R, int OB>
 GPT2_BF16 void bf16_channels(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y,
                              int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  static_assert(R * OB <= 16, "a tile's sums must fit one register");
   const __m512i by_channel = lanes_of_channel(OB);
   for (int64_t o = o0; o < o1; o += OB) {
     const int nb = (int)std::min<int64_t>(OB, o1 - o);
-    __m512 acc[R][OB];
-    for (int r = 0; r < R; r++)
-      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_ps();
-    const uint16_t* wo = w + o * in;
-    for (int64_t i = 0; i < in; i += 32) {
-      const int64_t left = in - i;
-      __m512bh wv[OB];
-      for (int c = 0; c < OB; c++) {
-        // the next group's weights, one cache line each, while this group is summed
-        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
-        wv[c] = c < nb ? load_bf16(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
-      }
-      for (int r = 0; r < R; r++) {
-        const __m512bh xv = load_bf16(x + r * in + i, left);
-        for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
-      }
-    }
-    __m512 tile[16];  // lane j of the sums: row j / OB, channel j % OB
-    for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_ps();
-    __m512 sums = lane_sums16(tile);
+    __m512 sums = bf16_tile<R, OB>(x, w + o * in, in, nb);
     const __mmask16 valid = (__mmask16)((1u << nb) - 1);
     if (b) {  // bf16 -> fp32 is a 16-bit shift
       const __m512i bias = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, b + o));
@@ -263,50 +289,19 @@ Tensor bf16_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 // then each channel's scale and the bias in fp32. Half the bytes of the bf16 kernel's
 // weights for five more instructions per 32 weights. PyTorch's kernel for this
 // (_weight_int8pack_mm) reads them at a third of the bandwidth (bench/CPU_NOTES.md).
-
-GPT2_BF16 inline __m512bh load_int8_as_bf16(const int8_t* p, int64_t left) {
-  // 32 int8 weights, or the `left` < 32 that remain with zeros after them
-  const __m256i v = left >= 32 ? _mm256_loadu_si256((const __m256i*)p)
-                               : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), p);
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-  // an int8 is exact in bf16, which is the high half of its fp32 bits: lo's, then hi's
-  // (one permute; vcvtne2ps2bf16 made the kernels ~30% slower)
-  const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
-                                       31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  return (__m512bh)_mm512_permutex2var_epi16(_mm512_castps_si512(lo), odd, _mm512_castps_si512(hi));
-}
+// The widening is load_int8_as_bf16, above, beside the bf16 kernel's tile (bf16_tile).
 
 // y[r, o] = ws[o] sum_i x[r, i] w[o, i] (+ b[o]) for channels [o0, o1), x in bf16: the
-// bf16 kernel's tiles (bf16_channels) with int8 weights and an fp32 result.
+// bf16 kernel's tiles with int8 weights and an fp32 result.
 template <int R, int OB>
 GPT2_BF16 void int8wo_channels(const uint16_t* x, const int8_t* w, const float* ws, const float* b,
                                float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  static_assert(R * OB <= 16, "a tile's sums must fit one register");
   const __m512i by_channel = lanes_of_channel(OB);
   for (int64_t o = o0; o < o1; o += OB) {
     const int nb = (int)std::min<int64_t>(OB, o1 - o);
-    __m512 acc[R][OB];
-    for (int r = 0; r < R; r++)
-      for (int c = 0; c < OB; c++) acc[r][c] = _mm512_setzero_ps();
-    const int8_t* wo = w + o * in;
-    for (int64_t i = 0; i < in; i += 32) {
-      const int64_t left = in - i;
-      __m512bh wv[OB];
-      for (int c = 0; c < OB; c++) {
-        if ((i & 63) == 0) _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
-        wv[c] = c < nb ? load_int8_as_bf16(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
-      }
-      for (int r = 0; r < R; r++) {
-        const __m512bh xv = load_bf16(x + r * in + i, left);
-        for (int c = 0; c < OB; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
-      }
-    }
-    __m512 tile[16];  // lane j of the sums: row j / OB, channel j % OB
-    for (int j = 0; j < 16; j++) tile[j] = j < R * OB ? acc[j / OB][j % OB] : _mm512_setzero_ps();
+    const __m512 sums = bf16_tile<R, OB>(x, w + o * in, in, nb);
     const __mmask16 valid = (__mmask16)((1u << nb) - 1);
-    __m512 yv = _mm512_mul_ps(lane_sums16(tile),
-                              _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, ws + o)));
+    __m512 yv = _mm512_mul_ps(sums, _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, ws + o)));
     if (b) yv = _mm512_add_ps(yv, _mm512_permutexvar_ps(by_channel, _mm512_maskz_loadu_ps(valid, b + o)));
     for (int r = 0; r < R; r++)
       _mm512_mask_storeu_ps(y + r * out + o, valid, _mm512_permutexvar_ps(lanes_from(r * OB), yv));

@@ -109,11 +109,7 @@ def fp32_op() -> Callable | None:
     neither runs or the kernels cannot be built."""
     global _fp32
     if _fp32 is None:  # asked once per product: remembered
-        _fp32 = False
-        if _cpu_has("_is_avx512_supported") and load(warn=False):
-            _fp32 = torch.ops.gpt2.fp32_linear
-        elif _cpu_has("_is_avx2_supported") and load(warn=False):
-            _fp32 = torch.ops.gpt2.fp32_linear_avx2
+        _fp32 = _avx512_or_avx2("fp32_linear")
     return _fp32 or None
 
 
@@ -125,11 +121,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     ~0.4 (AVX2), 4% of an int8 step at batch 8."""
     global _argmax
     if _argmax is None:  # asked once per token: remembered
-        _argmax = False
-        if _cpu_has("_is_avx512_supported") and load(warn=False):
-            _argmax = torch.ops.gpt2.argmax_rows
-        elif _cpu_has("_is_avx2_supported") and load(warn=False):
-            _argmax = torch.ops.gpt2.argmax_rows_avx2
+        _argmax = _avx512_or_avx2("argmax_rows")
     if (_argmax and logits.dim() == 2 and logits.dtype == torch.float32
             and logits.device.type == "cpu" and logits.size(1) > 0):  # fmt: skip
         return _argmax(logits.contiguous())
@@ -153,13 +145,21 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_op(dtype: torch.dtype) -> Callable | None:
-    if dtype == torch.float32 and _cpu_has("_is_avx512_supported") and load(warn=False):
-        return torch.ops.gpt2.gelu_tanh
-    if dtype == torch.float32 and _cpu_has("_is_avx2_supported") and load(warn=False):
-        return torch.ops.gpt2.gelu_tanh_avx2
+    if dtype == torch.float32:
+        return _avx512_or_avx2("gelu_tanh") or None
     if dtype == torch.bfloat16 and _cpu_has("_is_avx512_bf16_supported") and load(warn=False):
         return torch.ops.gpt2.gelu_tanh
     return None
+
+
+def _avx512_or_avx2(name: str) -> Callable | bool:
+    """torch.ops.gpt2.<name> on AVX-512 CPUs, <name>_avx2 on AVX2 ones, False elsewhere
+    or without the kernels (no warning: these serve fp32 paths that run without them)."""
+    if _cpu_has("_is_avx512_supported") and load(warn=False):
+        return getattr(torch.ops.gpt2, name)
+    if _cpu_has("_is_avx2_supported") and load(warn=False):
+        return getattr(torch.ops.gpt2, f"{name}_avx2")
+    return False
 
 
 def int8_available() -> bool:
