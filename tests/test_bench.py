@@ -26,7 +26,7 @@ def test_gpu_bench_dry_run_writes_every_section(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
     sections = result["sections"]
-    assert set(sections) == {"decode", "train", "xl"}
+    assert set(sections) == {"decode", "train", "xl", "trained"}
     for name, section in sections.items():
         assert "error" not in section, (name, section["error"])
     train = sections["train"]
@@ -45,6 +45,12 @@ def test_gpu_bench_dry_run_writes_every_section(tmp_path):
         assert "share_of_bound" not in res["hf_generate_fp32"]  # fp32 weights: not our bound
         for name, same in res["greedy_identical"].items():
             assert same["identical"] or same["logit_gap"] >= 0, (name, same)
+    # on trained weights the static step gives the cached path's bf16 greedy tokens
+    trained = sections["trained"]
+    for label, rows in (("batch_1", 1), ("batch_4", 4)):
+        same = trained[label]["ours_static_eager"]
+        assert trained[label]["rows"] == rows and same["rows_identical"] == rows, same
+        assert same["identical"], same
 
 
 def test_gpu_bench_says_how_close_a_call_a_greedy_divergence_was(hf_checkpoint, monkeypatch):
