@@ -22,7 +22,9 @@ kernels, heaviest first, of:
              does) or outside it; with the LM head padded to 50,304 rows (the
              default on a GPU) and not; the loss over all 50,304 padded logits with
              the pad held at -inf (FullWidthLoss); SDPA without cuDNN's kernel
-             (its flash kernel instead); max-autotune
+             (its flash kernel instead); max-autotune; CUDA graphs of the forward
+             and backward (mode="reduce-overhead"), alone and with the full-width
+             loss and SDPA's flash kernel
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -400,6 +402,12 @@ def section_train(a, clock: Clock) -> dict:
         cudnn_sdpa=False)
     run("compiled_with_loss_autotune", pad=True, compile=True, prof=True, loss_inside=True,
         mode="max-autotune-no-cudagraphs")
+    # the GPU idles ~1.6 ms of a 35.7 ms step between kernels: CUDA graphs of the
+    # forward and backward (inductor's cudagraph trees) take the launches away
+    run("compiled_with_loss_cudagraphs", pad=True, compile=True, prof=False, loss_inside=True,
+        mode="reduce-overhead")
+    run("compiled_full_width_flash_cudagraphs", pad=True, compile=True, prof=True,
+        full_width=True, cudnn_sdpa=False, mode="reduce-overhead")
     return out
 
 
@@ -411,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-variants",
                    default="compiled_with_loss,compiled_model_only,eager,eager_plain_head,"
                    "compiled_with_loss_plain_head,compiled_full_width_loss,"
-                   "compiled_with_loss_flash_sdpa,compiled_with_loss_autotune")
+                   "compiled_with_loss_flash_sdpa,compiled_with_loss_autotune,"
+                   "compiled_with_loss_cudagraphs,compiled_full_width_flash_cudagraphs")
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
