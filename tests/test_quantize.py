@@ -363,10 +363,15 @@ def test_unknown_method_is_a_clear_error(hf_checkpoint):
         quantize_model(model, "int3")
 
 
-def test_int8_model_counts_the_same_parameters_as_float(hf_checkpoint):
+@pytest.mark.parametrize("precision", ["int8", "int8-weight-only", "bf16"])
+def test_quantized_and_bf16_models_count_the_same_parameters_as_float(hf_checkpoint,
+                                                                      precision):
+    """The fp32 count is checked against transformers' in test_model. A bf16 model's LM
+    head is another tensor object over wte's memory: still one weight."""
     model = GPT2.from_pretrained(hf_checkpoint().folder)
     n = model.num_parameters()
-    assert quantize_model(model, "int8").num_parameters() == n
+    other = prepare_bf16(model) if precision == "bf16" else quantize_model(model, precision)
+    assert other.num_parameters() == n
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])

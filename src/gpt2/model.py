@@ -366,9 +366,13 @@ class GPT2(nn.Module):
         quantized model the int8 weights are buffers; they count, their scales do not."""
         seen, total = set(), 0
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if id(t) in seen or not name.endswith((".weight", ".bias")):
+            # the same memory seen through another tensor object (a bf16 LM head over wte)
+            # is the same weight; meta tensors have no memory to compare
+            key = id(t) if t.device.type == "meta" else (
+                t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+            if key in seen or not name.endswith((".weight", ".bias")):
                 continue
-            seen.add(id(t))
+            seen.add(key)
             total += t.numel()
         return total
 
