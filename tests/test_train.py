@@ -162,6 +162,8 @@ def test_short_run_on_real_text_lowers_val_loss(tmp_path, topics_data):
     best = json.loads((out / "best" / "best.json").read_text())
     assert best["val_loss"] == pytest.approx(min(vals))
     GPT2.from_pretrained(out / "best")
+    # files are published by atomic renames, each saved twice here: no temporary names
+    assert [p.name for p in out.rglob(".*") if p.name != ".vocab"] == []
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -148,8 +148,14 @@ def publish_model(src: Path, dest: Path) -> None:
 
 
 def _link_files(src: Path, dest: Path, names) -> None:
-    """Put src's files `names` (those that exist) into dest, each by an atomic rename."""
+    """Put src's files `names` (those that exist) into dest, each by an atomic rename.
+
+    A file dest already holds as a link to src's is left alone: renaming another link
+    of the same file over it does nothing (POSIX) and would leave the temporary name.
+    """
     for n in [n for n in names if (src / n).is_file()]:
+        if (dest / n).exists() and os.path.samefile(src / n, dest / n):
+            continue
         fd, tmp = tempfile.mkstemp(prefix=f".{n}.", dir=dest)
         os.close(fd)
         os.unlink(tmp)
