@@ -867,11 +867,17 @@ def test_turned_off_by_the_environment(tmp_path):
 
 @pytest.mark.skipif(not CAN_BUILD or not (HAS_BF16 or HAS_VNNI), reason="cannot build here")
 def test_a_build_lands_whole_in_its_own_cache(tmp_path):
-    done = run_fresh("from gpt2 import cpu_kernels; print(cpu_kernels.load())",
-                     GPT2_HOME=str(tmp_path))  # fmt: skip
+    """...and others can load it (a shared GPT2_HOME): rwx less the umask, not mkstemp's 0600."""
+    before = os.umask(0o022)  # the build runs in a child, which inherits it
+    try:
+        done = run_fresh("from gpt2 import cpu_kernels; print(cpu_kernels.load())",
+                         GPT2_HOME=str(tmp_path))  # fmt: skip
+    finally:
+        os.umask(before)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
     built = list((tmp_path / "kernels").iterdir())
     assert [p.suffix for p in built] == [".so"] and not built[0].name.startswith(".build-")
+    assert oct(built[0].stat().st_mode & 0o777) == oct(0o755)
 
 
 @pytest.mark.parametrize("cpu", ["amx", "vnni", "avx2"])

@@ -19,8 +19,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates 0600; give the file the mode an ordinary open() would (0666 & ~umask)
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, default_mode())  # mkstemp creates 0600
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -62,11 +61,13 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp creates 0700
     except OSError as e:
         raise GPT2Error(f"{folder}: cannot write here ({e.strerror})") from None
     try:
         yield tmp
         for f in tmp.iterdir():
+            os.chmod(f, default_mode())  # writers such as safetensors create 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if folder.exists():
@@ -110,7 +111,10 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def default_mode(*, folder: bool = False) -> int:
+    """The mode an ordinary open() or mkdir() would give: 0666 (0777) less the umask. Files
+    made through temporary names (mkstemp: 0600, mkdtemp: 0700) get it before they are
+    renamed into place, so other users (other nodes' processes, a shared cache) read them."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return (0o777 if folder else 0o666) & ~mask

@@ -60,6 +60,8 @@ from typing import NamedTuple
 
 import torch
 
+from gpt2._io import default_mode
+
 __all__ = ["Kernel", "amx_available", "amx_layout", "argmax", "bf16_available", "fp32_op",
            "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8",
            "kernel_for_int8_weight_only", "load"]
@@ -370,6 +372,7 @@ def _build() -> Path:
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line]
             raise RuntimeError((errors or done.stderr.splitlines() or ["compiler failed"])[0])
+        os.chmod(tmp, default_mode(folder=True))  # rwx less the umask (mkstemp made it 0600)
         os.replace(tmp, library)
     finally:
         if os.path.exists(tmp):

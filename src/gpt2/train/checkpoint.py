@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2._io import atomic_write_text, fsync_dir
+from gpt2._io import atomic_write_text, default_mode, fsync_dir
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 
@@ -96,6 +96,7 @@ def save_checkpoint(
         atomic_write_text(partial / "train_state.json",
                           json.dumps({**info, "step": step}, indent=2) + "\n")
         for f in partial.iterdir():
+            os.chmod(f, default_mode())  # safetensors creates 0600
             _fsync_file(f)
         fsync_dir(partial)
         if final.exists():  # renamed into place by a run killed before it updated `latest`

@@ -45,7 +45,7 @@ import numpy as np
 import regex
 import torch
 
-from gpt2._io import atomic_write_text, decode_utf8, fsync_dir
+from gpt2._io import atomic_open, atomic_write_text, decode_utf8
 from gpt2.errors import GPT2Error
 
 DTYPE = np.uint16  # GPT-2's 50257 ids fit; a vocabulary above 65536 would need uint32
@@ -119,9 +119,7 @@ def prepare(
                 f"no text to train on in {', '.join(str(p) for p in paths)}: the files are empty"
             )
         with contextlib.suppress(FileNotFoundError):
-            (out / "meta.json").unlink()
-        for w in writers.values():
-            w.commit()
+            (out / "meta.json").unlink()  # before the writers put the new .bin files in place
     bar.close()
 
     vocab_entry = "standard"
@@ -235,33 +233,24 @@ def _split_document(scratch, n: int, n_val: int, writers: dict, eot: int, *,
 
 
 class _TokenWriter:
-    """Appends ids to a temporary file beside `path`; `commit` renames it into place."""
+    """Appends ids to `path` through `atomic_open`: the file is renamed into place when
+    the `with` block ends without an error, and counts what it holds."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.count = 0
 
     def __enter__(self) -> _TokenWriter:
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self.f = os.fdopen(fd, "wb")
+        self._open = atomic_open(self.path, "wb")
+        self.f = self._open.__enter__()
         return self
 
     def write(self, ids: np.ndarray) -> None:
         self.f.write(ids.astype(DTYPE, copy=False).tobytes())
         self.count += ids.size
 
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-
-    def __exit__(self, *exc) -> None:
-        if not self.f.closed:
-            self.f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+    def __exit__(self, *exc) -> bool | None:
+        return self._open.__exit__(*exc)
 
 
 # --- reading -------------------------------------------------------------------------------

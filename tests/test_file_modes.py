@@ -1,0 +1,66 @@
+"""Files and folders we write are readable by others as the umask allows.
+
+They are made under temporary names and renamed into place (atomic writes), and
+the temporary-name helpers create private files (mkstemp: 0600, mkdtemp: 0700);
+safetensors creates 0600 too. Every output must end with the mode an ordinary
+open() or mkdir() would give, 0644 and 0755 under umask 022: the README's
+multi-node training reads one folder from every node, and caches are shared.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from gpt2._io import atomic_folder, atomic_write_text
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def modes(folder: Path) -> dict[str, str]:
+    """Every entry under folder (itself included) -> its permission bits in octal."""
+    entries = [folder, *folder.rglob("*")]
+    return {str(p.relative_to(folder)): oct(stat.S_IMODE(p.lstat().st_mode)) for p in entries
+            if not p.is_symlink()}
+
+
+def wrong_modes(folder: Path) -> dict[str, str]:
+    want = {True: oct(0o755), False: oct(0o644)}
+    return {name: mode for name, mode in modes(folder).items()
+            if mode != want[(folder / name).is_dir()]}
+
+
+def test_atomic_writes_take_the_umask_mode(tmp_path, umask_022):
+    with atomic_folder(tmp_path / "f") as tmp:
+        (tmp / "a.bin").write_bytes(b"x")
+        os.chmod(tmp / "a.bin", 0o600)  # as safetensors leaves its files
+    atomic_write_text(tmp_path / "f" / "b.txt", "y")
+    assert wrong_modes(tmp_path / "f") == {}
+
+
+def test_convert_quantize_prepare_and_train_outputs_are_readable(tmp_path, umask_022, run_cli,
+                                                                 hf_checkpoint):
+    folder = hf_checkpoint().folder
+    assert run_cli("convert", folder, tmp_path / "hf").code == 0
+    assert run_cli("convert", folder, tmp_path / "q", "--quantize", "int8").code == 0
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert run_cli("prepare", text, "--out", tmp_path / "data", "--val-fraction", "0.1").code == 0
+    r = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--n-layer", "1",
+                "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "2",
+                "--max-steps", "2", "--eval-interval", "1", "--device", "cpu", "-q")
+    assert r.code == 0, r.err
+    run = tmp_path / "run"
+    assert (run / "best").is_dir() and list(run.glob("ckpt-*"))  # both kinds were written
+    for name in ("hf", "q", "data", "run"):
+        assert wrong_modes(tmp_path / name) == {}, name
