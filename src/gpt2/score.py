@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-
-EOT = 50256  # <|endoftext|>, put before the text by bos=True
+from gpt2.generate import EOT  # <|endoftext|>, put before the text by bos=True
 
 
 @dataclass(frozen=True)
