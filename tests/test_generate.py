@@ -81,6 +81,22 @@ def test_model_generate_delegates(small):
     assert out[0, 3:].tolist() == hf_greedy(hf, [1, 2, 3], 10)
 
 
+def test_model_generate_takes_every_option_of_generate_with_its_defaults():
+    """GPT2.generate spells out gpt2.generate.generate's options (typed, keyword-only):
+    the two lists must not drift apart."""
+    import inspect
+
+    from gpt2.generate import generate as fn
+    from gpt2.model import GPT2
+
+    def options(f, skip):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(f).parameters.values()
+                if p.name not in skip]
+
+    assert options(GPT2.generate, {"self", "idx", "max_new_tokens"}) == \
+        options(fn, {"model", "idx", "max_new_tokens"})
+
+
 def test_cache_gives_the_same_tokens_as_recomputing(small):
     ours, _ = small
     prompt = [40, 41, 42, 0, 127]

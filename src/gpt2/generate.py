@@ -20,6 +20,8 @@ only the newest token. Three front ends share it:
     stream(model, idx, ...)            -> yields the new tokens (B,) step by step
     generate_batch(model, prompts, ...) -> list of new-token lists, prompts of any length
 
+    >>> from gpt2 import GPT2, GPT2Config
+
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, temperature=0.0).shape
     torch.Size([1, 5])
@@ -283,6 +285,8 @@ def stream(
     (<|endoftext|>, or 0 for vocabularies without it), and the loop ends early
     once every row is finished. Nothing is computed until the first `next()`.
 
+    >>> from gpt2 import GPT2, GPT2Config
+
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> [t.tolist() for t in stream(model, torch.tensor([[1]]), max_new_tokens=2,
     ...                             temperature=0.0)]  # doctest: +ELLIPSIS
@@ -339,6 +343,8 @@ def generate(
         window is counted in columns, padding included, so its rows slide together.
     An empty prompt (T = 0) starts from <|endoftext|>, which is then part of the output.
 
+    >>> from gpt2 import GPT2, GPT2Config
+
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> out = generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, seed=0)
     >>> out.shape, out[0, :2].tolist()
@@ -375,6 +381,8 @@ def generate_batch(
     hence the same continuation, as the prompt on its own. An empty prompt starts
     from <|endoftext|>. Each list ends at its stop token (included) or after
     max_new_tokens tokens.
+
+    >>> from gpt2 import GPT2, GPT2Config
 
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> [len(r) for r in generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -437,14 +437,34 @@ class GPT2(nn.Module):
 
     # -- generation -----------------------------------------------------------------------
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop_tokens: Sequence[int] | None = None,
+        seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        sliding_window: bool = False,
+    ) -> torch.Tensor:
         """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + new).
 
-        temperature=0.0 is greedy; see `gpt2.generate.generate` for every option.
+        temperature=0.0 is greedy; `gpt2.generate.generate` documents every option.
+
+        >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
+        >>> model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, top_k=4, seed=0).shape
+        torch.Size([1, 5])
         """
         from gpt2.generate import generate
 
-        return generate(self, idx, max_new_tokens=max_new_tokens, **kwargs)
+        return generate(self, idx, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                        stop_tokens=stop_tokens, seed=seed, attention_mask=attention_mask,
+                        sliding_window=sliding_window)
 
 
 def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ token at the start of a window is never scored when windows do not overlap.
 Here a window's inputs predict the tokens *after* them, ids[b+1 : b+max_length+1],
 so no token is skipped, and the count of scored tokens is exact.
 
+    >>> from gpt2 import GPT2, GPT2Config
+
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> result = score(model, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], stride=4)
     >>> result.tokens
@@ -70,6 +72,8 @@ def score(
     bos: put <|endoftext|> before the text so its first token is scored too.
     batch_size: windows run through the model together; memory grows with
         batch_size * max_length * n_vocab (the logits), so raise it on GPUs.
+
+    >>> from gpt2 import GPT2, GPT2Config
 
     >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8))
     >>> score(model, [3, 1, 4, 1, 5], bos=False).tokens
