@@ -696,10 +696,8 @@ def load_quantized_state(path: str | os.PathLike):
 
     The int8 tensors come back exactly as saved: nothing is quantized again.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from gpt2.config import GPT2Config
+    from gpt2.weights.huggingface import read_safetensors
     from gpt2.weights.names import is_transposed
 
     path = Path(path)
@@ -709,12 +707,10 @@ def load_quantized_state(path: str | os.PathLike):
         raise GPT2Error(f"{folder}: config.json has no \"quantization\"; not an int8 checkpoint")
     config = GPT2Config.from_hf_config(folder / "config.json")
     weights = folder / "model.safetensors"
-    try:
-        raw = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GPT2Error(f"{weights}: cannot read ({e}); is the checkpoint complete?") from None
+    raw = read_safetensors(weights)  # GPT2Error for a missing, truncated or corrupt file
     state = {}
     for hf_name, t in raw.items():
+        # not names.hf_to_ours: it knows GPT-2's parameters, not the int8 scales beside them
         name = hf_name.removeprefix("transformer.")
         state[name] = t.t().contiguous() if is_transposed(name) else t
     _check_quantized_state(state, config, info, str(weights))

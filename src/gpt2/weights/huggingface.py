@@ -81,7 +81,7 @@ def _check_tied(lm_head: torch.Tensor, wte: torch.Tensor | None, source: Path) -
 def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
     name = weights.name
     if name.endswith(".safetensors"):
-        return _read_safetensors(weights)
+        return read_safetensors(weights)
     if name.endswith(".index.json"):
         try:
             index = json.loads(weights.read_text(encoding="utf-8"))
@@ -90,7 +90,7 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
             raise GPT2Error(f"{weights}: not a safetensors index ({e})") from None
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
-            tensors.update(_read_safetensors(weights.parent / shard))
+            tensors.update(read_safetensors(weights.parent / shard))
         return tensors
     if name.endswith((".bin", ".pt", ".pth")):
         return _read_pickle(weights)
@@ -109,7 +109,7 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 << 20  # the header of a real file is a few kB; refuse absurd lengths
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors file into private memory, one tensor at a time.
 
     The format is an 8-byte little-endian header length, a JSON header
@@ -130,6 +130,16 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             for name, (dtype, shape, begin, end) in header.items():
                 tensors[name] = _read_tensor(f, data_start + begin, end - begin, dtype, shape, path)
             return tensors
+    except OSError as e:
+        raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def safetensors_header(path: Path) -> dict[str, tuple]:
+    """{name: (dtype, shape, begin, end)} of a .safetensors file, checked as a read
+    would check it (a valid header, no tensor past the end of the file), no data read."""
+    try:
+        with open(path, "rb") as f:
+            return _safetensors_header(f, os.fstat(f.fileno()).st_size, path)[0]
     except OSError as e:
         raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -195,7 +205,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: the unpickler accepts tensors and plain containers, nothing that
         # runs. No mmap: a mapped file's pages would stay resident beside the transposed
-        # copies (see _read_safetensors).
+        # copies (see read_safetensors).
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise _unsafe_or_corrupt(path, e) from None
