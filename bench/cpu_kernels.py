@@ -266,11 +266,11 @@ def step_budget(precision: str, rows: int, new: int, repeats: int) -> dict:
     x_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     xs = {k: torch.randn(rows, k).to(x_dtype) for k in (768, 3072)}
     if precision == "fp32":
-        from gpt2.model import _matmul_t
+        from gpt2.products import matmul_t
 
         mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         mats.append(model.wte.weight)
-        products = [lambda w=w: _matmul_t(xs[w.size(1)], w) for w in mats]
+        products = [lambda w=w: matmul_t(xs[w.size(1)], w) for w in mats]
     else:
         kinds = (Int8Linear, PackedBF16Linear)
         layers = [m for m in model.modules() if isinstance(m, kinds)]

@@ -229,10 +229,10 @@ def test_fp32_kernels_reject_wrong_inputs_with_a_message(kernel):
 
 @pytest.mark.parametrize("kernel", FP32_KERNELS)
 def test_fp32_products_of_2_to_8_rows_run_our_kernel(kernel, monkeypatch):
-    """`gpt2.model._matmul_t` (every nn.Linear and the tied head while decoding on a CPU):
+    """`gpt2.products.matmul_t` (every nn.Linear and the tied head while decoding on a CPU):
     our kernel for 2-8 rows, MKL for one, oneDNN's packed copy for 9-16; each within
     fp32 rounding of the float64 product."""
-    import gpt2.model
+    import gpt2.products
 
     calls = []
 
@@ -246,15 +246,15 @@ def test_fp32_products_of_2_to_8_rows_run_our_kernel(kernel, monkeypatch):
     with torch.no_grad():
         for rows in (1, 2, 5, 8, 9, 16):
             x = torch.randn(rows, 1, 64, generator=gen)
-            y = gpt2.model._matmul_t(x, w, b)
+            y = gpt2.products.matmul_t(x, w, b)
             ref = x.double() @ w.double().T + b.double()
             size = x.double().abs() @ w.double().abs().T + b.double().abs()
             # fp32 sums in any order (MKL, ours, oneDNN): as in fp32_check
             assert y.shape == (rows, 1, 96) and ((y - ref).abs() <= 66 * 2**-24 * size).all()
         if torch.backends.mkldnn.is_available():
-            assert id(w) in gpt2.model._CPU_PACKED  # 9 and 16 rows
+            assert id(w) in gpt2.products._CPU_PACKED  # 9 and 16 rows
     assert calls == [2, 5, 8]
-    product = gpt2.model._matmul_t
+    product = gpt2.products.matmul_t
     x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
     with torch.no_grad():
         assert torch.equal(product(x, w, b), product(x.contiguous(), w, b))
@@ -816,14 +816,14 @@ def test_a_failed_build_is_not_reported_for_fp32_batches(tmp_path):
     done = run_fresh(
         """
         import warnings, torch
-        import gpt2.model
+        import gpt2.products
         from gpt2 import cpu_kernels
         from gpt2.quantize import Int8Linear
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             w, x = torch.randn(8, 16), torch.randn(4, 16)
             with torch.no_grad():
-                y = gpt2.model._matmul_t(x, w)
+                y = gpt2.products.matmul_t(x, w)
             assert torch.allclose(y, x @ w.T, atol=1e-5) and cpu_kernels.fp32_op() is None
             print(len(caught), end=" ")
             Int8Linear.from_weight(torch.randn(8, 16))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gpt2.model
+import gpt2.products
 from gpt2.config import PRESETS, GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
@@ -245,7 +245,7 @@ def test_few_row_products_equal_transformers(tiny, kernel, rows, monkeypatch):
     else:
         monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: None)
     model, hf = tiny
-    gpt2.model._CPU_PACKED.clear()
+    gpt2.products._CPU_PACKED.clear()
     idx = random_ids(128, (rows, 1), seed=3)  # rows of one token: the batched decode shape
     assert model.h[0].attn.c_attn.weight.dtype == torch.float32
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_few_row_products_equal_transformers(tiny, kernel, rows, monkeypatch):
     assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
     if torch.backends.mkldnn.is_available():  # which path ran
         ours_ran = kernel is not None and rows <= cpu_kernels.FP32_MAX_ROWS
-        assert (id(model.h[0].attn.c_attn.weight) in gpt2.model._CPU_PACKED) != ours_ran
+        assert (id(model.h[0].attn.c_attn.weight) in gpt2.products._CPU_PACKED) != ours_ran
 
 
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
@@ -267,7 +267,7 @@ def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change, mon
     with torch.no_grad():
         model(idx)  # makes the packed copies
     if torch.backends.mkldnn.is_available():
-        assert id(model.h[0].mlp.c_fc.weight) in gpt2.model._CPU_PACKED
+        assert id(model.h[0].mlp.c_fc.weight) in gpt2.products._CPU_PACKED
     if change == "optimizer step":
         opt = torch.optim.AdamW(model.parameters(), lr=0.1)
         F.cross_entropy(model(random_ids(128, (2, 8))).flatten(0, 1),

@@ -18,7 +18,7 @@ holds kernels that stream at close to the full rate:
   torch.ops.gpt2.int8wo_linear                       int8-weight-only on AVX512-BF16,
       where the CPU has no AMX: up to 8 rows
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
-      for `gpt2.model._matmul_t` (one row is MKL's matrix-vector product, as fast)
+      for `gpt2.products.matmul_t` (one row is MKL's matrix-vector product, as fast)
   torch.ops.gpt2.argmax_rows / argmax_rows_avx2      greedy decoding's argmax (`argmax`)
   torch.ops.gpt2.gelu_tanh / gelu_tanh_avx2          GPT-2's GELU, fp32 or bf16 / fp32 (`gelu`)
 

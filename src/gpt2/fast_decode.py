@@ -61,7 +61,7 @@ from gpt2.generate import (
     apply_top_k,
     apply_top_p,
 )
-from gpt2.model import _matmul_t, _project
+from gpt2.products import matmul_t, project
 
 __all__ = [
     "CudaGraphDecoder",
@@ -102,14 +102,14 @@ def block_step(
     x (B, C): the residual stream; k_cache, v_cache (B, nh, L, hs): this layer's
     cache, written in place at slot pos (1,); visible (1, 1, 1, L) bool: the
     slots filled so far, this one included (None: all L are). Returns the new
-    residual (B, C). The products go through `gpt2.model._project`, as in the
+    residual (B, C). The products go through `gpt2.products.project`, as in the
     normal forward (on a CPU, a matrix-vector product for one row).
 
     Uses the block's Linear and LayerNorm modules only (not Block.forward, whose
     per-layer names would make torch.compile specialise on each layer), so one
     compiled version serves every block of the model.
     """
-    return _block(block, x, k_cache, v_cache, pos, visible, project=_project, attend=_sdpa)
+    return _block(block, x, k_cache, v_cache, pos, visible, project=project, attend=_sdpa)
 
 
 def block_step_one_row(
@@ -207,7 +207,7 @@ def decode_step(
     x = model.ln_f(x)
     if model.lm_head is not None:  # a quantized or packed copy of wte (gpt2.quantize)
         return model.lm_head(x)
-    return _matmul_t(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
+    return matmul_t(x, model.wte.weight)  # (B, n_vocab): the tied LM head, x @ wte.T
 
 
 def pick_next(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -34,6 +33,7 @@ from gpt2 import cpu_kernels
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.kv_cache import KVCache
+from gpt2.products import matmul_t, project
 
 # Named activations, for `run_with_cache` and `hooks` ({i} is the block index).
 ACTIVATIONS = {
@@ -117,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         nh, hs = self.n_head, self.head_size
         name = f"blocks.{self.layer}.attn"
-        q, k, v = _project(self.c_attn, x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = project(self.c_attn, x).split(C, dim=2)  # 3 x (B, T, C)
         q = tap(f"{name}.q", q.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
         k = tap(f"{name}.k", k.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
         v = tap(f"{name}.v", v.view(B, T, nh, hs).transpose(1, 2))  # (B, nh, T, hs)
@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = tap(f"{name}.z", y.to(x.dtype))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return _dropout(self.resid_dropout, _project(self.c_proj, y))
+        return _dropout(self.resid_dropout, project(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -161,9 +161,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, tap: Callable[[str, torch.Tensor], torch.Tensor]):
         name = f"blocks.{self.layer}.mlp"
-        h = tap(f"{name}.pre", _project(self.c_fc, x))  # (B, T, 4C)
+        h = tap(f"{name}.pre", project(self.c_fc, x))  # (B, T, 4C)
         h = tap(f"{name}.post", cpu_kernels.gelu(h))  # (B, T, 4C): F.gelu(h, approximate="tanh")
-        return _dropout(self.dropout, _project(self.c_proj, h))  # (B, T, C)
+        return _dropout(self.dropout, project(self.c_proj, h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -467,13 +467,6 @@ class GPT2(nn.Module):
                         sliding_window=sliding_window)
 
 
-def _project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for an nn.Linear, via `_matmul_t`; other layers (int8, packed) as they are."""
-    if type(layer) is nn.Linear:
-        return _matmul_t(x, layer.weight, layer.bias)
-    return layer(x)
-
-
 # Training on a GPU multiplies by a copy of wte padded to a multiple of 64 rows:
 # 50,257 logits per row leave the (B*T, V) bf16 matrices unaligned, which keeps
 # cuBLAS off its fastest tensor-core kernels. The padded logits are sliced off.
@@ -484,7 +477,7 @@ def _tied_head(x: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     """x (..., C) @ wte.T -> logits (..., V), through `_padded_head` when training on a GPU."""
     if PAD_HEAD_FOR_GPU_TRAINING and x.is_cuda and torch.is_grad_enabled():
         return _padded_head(x, wte, 64)
-    return _matmul_t(x, wte)
+    return matmul_t(x, wte)
 
 
 def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -495,88 +488,6 @@ def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Ten
     if pad == 0:
         return F.linear(x, wte)
     return F.linear(x, F.pad(wte, (0, 0, 0, pad)))[..., :V]  # (..., V)
-
-
-# Batched decoding on a CPU (2-16 rows per product) runs gpt2's own fp32 kernel for 2-8
-# rows on x86 CPUs (gpt2.cpu_kernels). Otherwise it reads the weights from a copy that
-# oneDNN has reordered once into its blocked layout: MKL's GEMM would re-pack each weight
-# on every call, which halves its speed for few rows (measured here: 10 vs 16-20 GB/s).
-# The copy costs as much memory again as the fp32 weights it mirrors; set this to False
-# to do without it.
-PACK_WEIGHTS_FOR_CPU_BATCHES = True
-
-
-def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """x @ weight.T + bias, weight stored (out, in) as nn.Linear keeps it.
-
-    For one row on a CPU (decoding) this computes (weight @ x.T).T instead: MKL then
-    streams the weight rows as stored (its matrix-vector kernel runs at the machine's
-    bandwidth). For 2-8 rows it runs our fp32 kernel (`gpt2.cpu_kernels`, AVX-512/AVX2), and
-    for the other rows up to 16 the oneDNN copy of the weight (`_cpu_packed`). Same
-    numbers up to rounding either way.
-    """
-    rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled() or _compiling():
-        # (torch.compile lowers the product itself, and cannot follow _cpu_packed's cache)
-        return F.linear(x, weight, bias)
-    fp32 = weight.dtype == x.dtype == torch.float32
-    few = cpu_kernels.FP32_MIN_ROWS <= rows <= cpu_kernels.FP32_MAX_ROWS
-    ours = cpu_kernels.fp32_op() if few and fp32 else None
-    if ours is not None:
-        y = ours(x.reshape(rows, x.size(-1)).contiguous(), weight.contiguous(), bias)
-        return y.view(*x.shape[:-1], weight.size(0))  # (..., out)
-    if rows > 1 and PACK_WEIGHTS_FOR_CPU_BATCHES and fp32:
-        packed = _cpu_packed(weight)
-        if packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise(
-                x.reshape(rows, x.size(-1)), packed, bias, "none", [], ""
-            )  # (rows, out)
-            return y.view(*x.shape[:-1], weight.size(0))
-    xt = x.reshape(rows, x.size(-1)).t()  # (in, rows)
-    y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
-    return y.t().reshape(*x.shape[:-1], weight.size(0))  # (..., out)
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces this code (torch.compiler.is_compiling, PyTorch 2.3+;
-    torch._dynamo.is_compiling before it)."""
-    check = getattr(torch.compiler, "is_compiling", None)
-    if check is None:
-        from torch._dynamo import is_compiling as check
-    return check()
-
-
-# id(weight) -> (weak reference to the weight, its _version when packed, the packed copy);
-# an entry goes when its weight is garbage-collected.
-_CPU_PACKED: dict[int, tuple] = {}
-
-
-def _cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """A oneDNN-blocked copy of an fp32 weight (out, in), made on first use and kept
-    while the weight lives; None where oneDNN cannot make one.
-
-    The copy is remade whenever the weight changes in place (an optimizer step,
-    load_state_dict): PyTorch counts such writes in `weight._version`.
-    """
-    try:
-        version = weight._version
-    except RuntimeError:  # an inference-mode tensor counts no writes: a copy could go stale
-        return None
-    key = id(weight)
-    kept = _CPU_PACKED.get(key)
-    alive = kept is not None and kept[0]() is weight
-    if alive and kept[1] == version:
-        return kept[2]
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # tuned for 8 rows
-    except RuntimeError:
-        return None
-    if not alive:
-        weakref.finalize(weight, _CPU_PACKED.pop, key, None)
-    _CPU_PACKED[key] = (weakref.ref(weight), version, packed)
-    return packed
 
 
 def _dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
