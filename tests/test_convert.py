@@ -204,3 +204,7 @@ def test_quantize_int8_writes_int8_weights_that_load_without_requantizing(
     assert diff.mean() < 0.05 * spread
     assert run_cli("convert", ckpt.folder, tmp_path / "x", "--quantize", "int8",
                    "--dtype", "bf16").code == 1
+    # an int8 checkpoint is no source for float weights: a clear line, not a bad tensor name
+    result = run_cli("convert", dst, tmp_path / "back")
+    assert result.code == 1 and result.err.count("\n") == 1, result.err
+    assert "an int8 checkpoint" in result.err and not (tmp_path / "back").exists()

@@ -97,6 +97,30 @@ def test_model_generate_takes_every_option_of_generate_with_its_defaults():
         options(fn, {"model", "idx", "max_new_tokens"})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_give_non_finite_logits_are_an_error_not_tokens(hf_checkpoint, bad):
+    """One NaN (or inf) weight makes every logit NaN; sampling from them would still pick
+    tokens (the first, or the stop token) and scoring would print nan: both refuse."""
+    from gpt2.fast_decode import StaticDecoder
+    from gpt2.score import score
+
+    model = GPT2.from_pretrained(hf_checkpoint(n_ctx=48, std=0.3).folder)
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[0, 0] = bad
+    idx = torch.tensor([[1, 2, 3]])
+    calls = {
+        "generate": lambda: model.generate(idx, 3, temperature=0.0),
+        "sampling": lambda: model.generate(idx, 3, seed=0),
+        "static": lambda: StaticDecoder(model, batch_size=1, max_len=8).generate(
+            idx, max_new_tokens=3, temperature=0.0),
+        "score": lambda: score(model, [1, 2, 3, 4, 5]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(GPT2Error, match="NaN or infinite") as e:
+            call()
+        assert "\n" not in str(e.value), name
+
+
 def test_cache_gives_the_same_tokens_as_recomputing(small):
     ours, _ = small
     prompt = [40, 41, 42, 0, 127]
@@ -320,11 +344,25 @@ def test_cli_empty_prompt_and_stdin(run_cli, vocab_model, monkeypatch, tiktoken_
 
 
 def test_cli_interactive_reads_prompts_until_an_empty_line(run_cli, vocab_model, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("First\nSecond\n\nThird\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"First\nSecond\n\nThird\n")))
     r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")
     assert r.code == 0
     lines = r.out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("First") and lines[1].startswith("Second")
+
+
+def test_cli_refuses_text_that_is_not_utf8(run_cli, vocab_model, monkeypatch):
+    """Bytes that are not UTF-8 would reach the tokenizer as U+FFFD: an argument (which
+    Python keeps as lone surrogates) and a line of -i's stdin are refused, as files are."""
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of argv
+    r = run_cli("generate", "--model", vocab_model.folder, "-n", "3", latin1)
+    assert r.code == 1 and "PROMPT is not UTF-8 text" in r.err and r.out == ""
+    r = run_cli("tokenize", latin1)
+    assert r.code == 1 and "TEXT is not UTF-8 text" in r.err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"fine\ncaf\xe9\n")))
+    r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")
+    assert r.code == 1 and "stdin line 2: not UTF-8 text" in r.err
+    assert r.out.startswith("fine")  # the good line before it was answered
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -339,6 +377,8 @@ def test_cli_interactive_reads_prompts_until_an_empty_line(run_cli, vocab_model,
     (["--cuda-graph"], "CUDA"),  # the model is on the CPU here
     (["--cuda-graph", "--repetition-penalty", "1.2"], "--cuda-graph does not support"),
     (["--compile"], "add --cuda-graph"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
+    (["--seed", str(2**64)], "seed must be an integer in [0, 2**64)"),  # torch: an overflow
 ])
 def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, flags, message):
     r = run_cli("generate", "Hello", "--model", vocab_model.folder, *flags)

@@ -218,10 +218,53 @@ def int_weights(tiny, tmp_path):
     return folder, r"'transformer\.wpe\.weight' is torch\.int32, not a float"
 
 
+def _edited_config(tiny, folder: Path, changes: dict) -> Path:
+    folder = _edited_safetensors(tiny, folder, lambda s: None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
+    return folder
+
+
+def epsilon_text(tiny, tmp_path):
+    folder = _edited_config(tiny, tmp_path / "eps", {"layer_norm_epsilon": "x"})
+    return folder, r"config\.json: layer_norm_epsilon must be a number in \(0, 1\)"
+
+
+def epsilon_negative(tiny, tmp_path):
+    folder = _edited_config(tiny, tmp_path / "eps", {"layer_norm_epsilon": -1})
+    return folder, r"layer_norm_epsilon must be a number in \(0, 1\).*got -1"
+
+
+def attention_unscaled(tiny, tmp_path):
+    """transformers would skip the 1/sqrt(head size); loading it as GPT-2 would not."""
+    folder = _edited_config(tiny, tmp_path / "unscaled", {"scale_attn_weights": False})
+    return folder, "scale_attn_weights is False; this GPT-2 implements only scale_attn_weights"
+
+
+def attention_scaled_by_layer(tiny, tmp_path):
+    folder = _edited_config(tiny, tmp_path / "bylayer", {"scale_attn_by_inverse_layer_idx": True})
+    return folder, "scale_attn_by_inverse_layer_idx is True"
+
+
+def other_mlp_width(tiny, tmp_path):
+    folder = _edited_config(tiny, tmp_path / "inner", {"n_inner": 100})
+    return folder, r"n_inner is 100; GPT-2's MLP is 4 x n_embd wide \(256\)"
+
+
 BROKEN = [
     truncated, header_garbage, missing_tensor, wrong_shape, wrong_weight_shape, untied_lm_head,
     unknown_tensor, not_gpt2_folder, other_model_type, no_such_path, int_weights,
+    epsilon_text, epsilon_negative, attention_unscaled, attention_scaled_by_layer,
+    other_mlp_width,
 ]
+
+
+def test_configs_that_transformers_writes_for_gpt2_load(tiny, tmp_path):
+    """GPT-2's own values of the variant options (and n_inner = 4 x n_embd) are fine."""
+    folder = _edited_config(tiny, tmp_path / "ok", {
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "n_inner": 256,
+        "add_cross_attention": False, "reorder_and_upcast_attn": False})
+    assert GPT2.from_pretrained(folder).config == tiny.config
 
 
 @pytest.mark.parametrize("make", BROKEN, ids=lambda f: f.__name__)
@@ -265,6 +308,19 @@ def test_pickle_that_runs_code_is_refused(zip_format, tiny, tmp_path, run_cli):
     assert result.code == 1 and "refused to load" in result.err
     assert result.err.count("\n") == 1 and "Traceback" not in result.err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 8, b""],
+                         ids=["text", "bytes", "empty"])
+def test_a_file_that_is_no_pickle_is_a_one_line_error(content, tiny, tmp_path, run_cli):
+    """Whatever torch.load raises for bytes that are not a checkpoint (KeyError for a text
+    file, UnpicklingError, EOFError): one line that says so, not a claim of code."""
+    folder = _with_config(tiny, tmp_path / "m")
+    (folder / "pytorch_model.bin").write_bytes(content)
+    for path in (folder, folder / "pytorch_model.bin"):
+        result = run_cli("validate", path)
+        assert result.code == 1 and "not a readable PyTorch checkpoint" in result.err, result.err
+        assert result.err.count("\n") == 1 and "Traceback" not in result.err
 
 
 # -- full size: gpt2 validate, and memory ------------------------------------------------

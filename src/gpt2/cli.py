@@ -47,6 +47,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"gpt2: warning: {message}", file=sys.stderr)
 
 
+def _check_utf8(args: argparse.Namespace) -> None:
+    """Arguments that were not UTF-8 bytes (Python keeps such bytes as lone surrogates)
+    would reach the tokenizer as U+FFFD: refuse them, as files that are not UTF-8 are."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                where = name.upper() if name in ("text", "prompt", "file") else \
+                    "--" + name.replace("_", "-")
+                raise GPT2Error(f"{where} is not UTF-8 text ({text!r}); pass UTF-8 (e.g. "
+                                "convert it with iconv -f latin1 -t utf-8)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,11 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_utf8(args)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return int(args._run(args) or 0)
     except GPT2Error as e:
         print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"gpt2 {args.command}: error: out of memory; ask for less at once (fewer "
+              "samples, a smaller batch, shorter texts, a smaller model) or use a machine "
+              "with more memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

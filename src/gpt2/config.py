@@ -36,6 +36,10 @@ class GPT2Config:
             raise GPT2Error(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise GPT2Error(f"config: layer_norm_epsilon must be a number in (0, 1) (GPT-2 "
+                            f"uses 1e-5), got {eps!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise GPT2Error(f"config: dropout must be in [0, 1), got {self.dropout}")
 
@@ -62,6 +66,8 @@ class GPT2Config:
             return cls(**{k: d[k] for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")})
         except KeyError as e:
             raise GPT2Error(f"{path}: missing key {e.args[0]!r} in hparams.json") from None
+        except GPT2Error as e:
+            raise GPT2Error(f"{path}: {str(e).removeprefix('config: ')}") from None
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> GPT2Config:
@@ -73,6 +79,7 @@ class GPT2Config:
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise GPT2Error(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU")
+        _check_gpt2_variant(d, path)
         try:
             return cls(
                 n_vocab=d["vocab_size"],
@@ -84,6 +91,8 @@ class GPT2Config:
             )
         except KeyError as e:
             raise GPT2Error(f"{path}: missing key {e.args[0]!r} in config.json") from None
+        except GPT2Error as e:  # "config: n_layer must be ..." -> "PATH: n_layer must be ..."
+            raise GPT2Error(f"{path}: {str(e).removeprefix('config: ')}") from None
 
     def to_hparams(self) -> dict:
         return {k: getattr(self, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
@@ -117,6 +126,28 @@ class GPT2Config:
 
     def replace(self, **changes) -> GPT2Config:
         return dataclasses.replace(self, **changes)
+
+
+# Options of transformers' GPT2Config that make another network than GPT-2's, each with
+# GPT-2's value. A config.json that sets one otherwise is refused: loading its weights
+# into GPT-2 would compute something else, silently.
+_GPT2_VARIANT_KEYS = {
+    "scale_attn_weights": True,  # False: attention scores not divided by sqrt(head size)
+    "scale_attn_by_inverse_layer_idx": False,  # True: also divided by the layer number
+    "add_cross_attention": False,  # True: an encoder-decoder's cross-attention layers
+}
+
+
+def _check_gpt2_variant(d: dict, path) -> None:
+    for key, value in _GPT2_VARIANT_KEYS.items():
+        if key in d and d[key] != value:
+            raise GPT2Error(f"{path}: {key} is {d[key]!r}; this GPT-2 implements only "
+                            f"{key} = {json.dumps(value)}, as OpenAI's released models have it")
+    inner = d.get("n_inner")
+    n_embd = d.get("n_embd")
+    if inner is not None and inner != (4 * n_embd if isinstance(n_embd, int) else inner):
+        raise GPT2Error(f"{path}: n_inner is {inner!r}; GPT-2's MLP is 4 x n_embd wide "
+                        f"({4 * n_embd}), the only width this implementation has")
 
 
 PRESETS: dict[str, GPT2Config] = {

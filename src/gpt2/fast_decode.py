@@ -60,6 +60,8 @@ from gpt2.generate import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    check_finite,
+    seeded_generator,
 )
 from gpt2.products import matmul_t, project
 
@@ -348,16 +350,13 @@ class StaticDecoder:
     def _decode(self, idx: torch.Tensor, max_new_tokens: int, options: SamplingOptions,
                 seed: int | None) -> Iterator[None]:
         """Prefill, then one step per further token; yields after each new token."""
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        generator = seeded_generator(seed, self.device)
         sampling = not options.greedy
         # inference_mode per step, not around the yields: the caller's code between
         # steps should run in its own mode
         with torch.inference_mode(), self._compile_config():  # what compiles runs here
             logits = self._prefill(idx)  # (B, V)
+            check_finite(logits)
             if sampling:
                 self.noise.exponential_(generator=generator)
             self._emit(self._pick(logits, options))

@@ -95,6 +95,31 @@ def check_top_p(p: float) -> None:
         raise GPT2Error(f"top-p must be in (0, 1] (1 keeps every token), got {p}")
 
 
+def seeded_generator(seed: int | None, device) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (None: fresh randomness); seeds
+    are integers in [0, 2**64), what a generator holds."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+        return generator
+    check_seed(seed)
+    return generator.manual_seed(seed)
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """GPT2Error unless every logit is finite: sampling from NaN would pick tokens silently
+    (one check of the prompt's logits per call; it waits for the device once)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise GPT2Error("the model's logits are NaN or infinite: its weights hold NaN or inf "
+                        "(gpt2 validate MODEL checks a forward pass), or its dtype overflows "
+                        "(try fp32)")
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise GPT2Error(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
 def check_repetition_penalty(penalty: float) -> None:
     if not penalty > 0.0 or penalty == float("inf"):
         raise GPT2Error(f"repetition penalty must be a finite number > 0 (1 means none), "
@@ -433,11 +458,7 @@ def _decode(
     B, T = idx.shape
     n_ctx = model.config.n_ctx
     device = idx.device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = seeded_generator(seed, device)
     seen = None  # (B, V) bool: which tokens each row holds, for the repetition penalty
     if options.repetition_penalty != 1.0:
         real = torch.ones_like(idx) if mask is None else mask
@@ -453,6 +474,7 @@ def _decode(
                      capacity=min(T + max_new_tokens, n_ctx))
     with torch.inference_mode():
         logits = window.prefill()  # (B, V)
+        check_finite(logits)
         for step in range(max_new_tokens):
             token = choose_next(logits, options, seen=seen, generator=generator)  # (B,)
             if stop_ids is not None:

@@ -101,6 +101,10 @@ def score(
                 total += _score_batch(model, tokens, batch, device)
     finally:
         model.train(was_training)
+    if not math.isfinite(total):
+        raise GPT2Error("the model's log-likelihoods are NaN or infinite: its weights hold "
+                        "NaN or inf (gpt2 validate MODEL checks a forward pass), or its "
+                        "dtype overflows (try fp32)")
     return ScoreResult.from_total(total, len(tokens) - 1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 NAME = "generate"
@@ -70,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt2.commands._common import load_model, read_text_arg
     from gpt2.errors import GPT2Error
-    from gpt2.generate import SamplingOptions
+    from gpt2.generate import SamplingOptions, check_seed
 
     # Check the options before loading a model that may take seconds to read.
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.seed is not None:
+        check_seed(args.seed)
     if args.max_new_tokens < 1:
         raise GPT2Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
@@ -98,10 +101,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _interactive(model, tokenizer, args: argparse.Namespace) -> None:
-    while True:
+    from gpt2._io import decode_utf8
+
+    for number in itertools.count(1):
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = decode_utf8(sys.stdin.buffer.readline(), f"stdin line {number}")
         if not line or not line.strip():
             return
         _sample(model, tokenizer, line.rstrip("\r\n"), args)

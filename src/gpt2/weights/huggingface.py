@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -43,6 +42,12 @@ def load_huggingface(
             raise GPT2Error(f"{path}: no {', '.join(WEIGHT_FILES)} in this folder")
     else:
         weights = path
+    from gpt2.quantize import quantization_info
+
+    if quantization_info(path) is not None:
+        raise GPT2Error(f"{folder}: an int8 checkpoint (written by gpt2 convert --quantize); "
+                        "it loads as it is (--model, GPT2.from_pretrained) but is no source "
+                        "for float weights: convert the model it was made from instead")
     raw = _read_tensors(weights)
     config_file = folder / "config.json"
     config = (
@@ -56,7 +61,10 @@ def load_huggingface(
     state = {}
     for hf_name in list(raw):
         tensor = raw.pop(hf_name)  # pop as we go: at most one extra tensor alive at a time
-        name = hf_to_ours(hf_name)
+        try:
+            name = hf_to_ours(hf_name)
+        except GPT2Error as e:
+            raise GPT2Error(f"{weights}: {e}") from None
         if name is None:  # old checkpoints' causal-mask buffers (attn.bias / masked_bias)
             continue
         if not tensor.is_floating_point():
@@ -207,7 +215,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         # runs. No mmap: a mapped file's pages would stay resident beside the transposed
         # copies (see read_safetensors).
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # arbitrary bytes fail in many ways (KeyError for a text file)
         raise _unsafe_or_corrupt(path, e) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPT2Error(f"{path}: expected a dict of tensors (a state dict)")
@@ -215,13 +225,20 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unsafe_or_corrupt(path: Path, e: Exception) -> GPT2Error:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "weights_only" in str(e) or "Unsupported global" in str(e):
+    """A one-line error for a pickle torch.load(weights_only=True) refused: one that names
+    a function or class outside its allow-list (code: refused), or anything else that is
+    not a checkpoint (corrupt, or another kind of file)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    code = next((line for line in lines if "unsupported global" in line.lower()), None)
+    if code is not None:
         return GPT2Error(
             f"{path}: refused to load: this pickle contains code or objects other than "
-            f"tensors, and checkpoints are loaded with weights_only=True ({first[:120]})"
+            f"tensors, and checkpoints are loaded with weights_only=True ({code[:120]})"
         )
-    return GPT2Error(f"{path}: not a readable PyTorch checkpoint ({first[:160]})")
+    why = next((line for line in lines if "Unsupported operand" in line), None) or \
+        f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return GPT2Error(f"{path}: not a readable PyTorch checkpoint (corrupt, or another kind "
+                     f"of file: {why[:120]})")
 
 
 def _config_from_shapes(raw: dict[str, torch.Tensor], source: Path) -> GPT2Config:
