@@ -87,6 +87,8 @@ def main() -> None:
                    help="CPU threads (default 1: steadier timings on a shared machine)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     args = p.parse_args()
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (the table shows quartiles)")
     torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)

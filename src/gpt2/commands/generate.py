@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CTRL-style penalty on tokens already present; > 1 discourages "
                         "repeats (default: %(default)s)")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
-                        help="end a sample before this string (repeatable)")
+                        help="end a sample before this string (repeatable; in bash, "
+                        "$'\\n\\n' is a blank line, while \"\\n\\n\" is backslash-n twice)")
     parser.add_argument("--seed", type=int, metavar="S",
                         help="random seed: the same seed and options give the same text")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N",
