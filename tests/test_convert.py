@@ -136,6 +136,13 @@ def test_non_empty_destination_needs_force(tf_fixture, tmp_path, run_cli):
     assert (dst / "model.safetensors").is_file() and not (dst / "keep.txt").exists()
 
 
+def test_destination_under_a_file_is_refused(tf_fixture, tmp_path, run_cli):
+    (tmp_path / "file").write_text("x")
+    result = run_cli("convert", tf_fixture("tiny"), tmp_path / "file" / "out")
+    assert result.code == 1 and result.err.count("\n") == 1
+    assert "file is a file, not a folder" in result.err
+
+
 def test_destination_holding_the_source_is_refused(tf_fixture, tmp_path, run_cli):
     src = shutil.copytree(tf_fixture("tiny"), tmp_path / "models" / "tiny")
     for dst in (src, src.parent):

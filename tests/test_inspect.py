@@ -400,6 +400,7 @@ def test_report_holds_the_models_numbers_and_escapes_the_text(vocab_ckpt, hf_tok
         (("attention", TEXT, "--head", "0", "--out", "{tmp}/a.png"), "--head needs --layer"),
         (("attention", "word " * 60, "--out", "{tmp}/a.png"), "context is 48"),
         (("attention", TEXT, "--out", "{tmp}/missing/a.png"), "does not exist"),
+        (("attention", TEXT, "--out", "{tmp}/one.txt/a.png"), "one.txt is a file, not a folder"),
         (("attention", TEXT, "--out", "{tmp}"), "must end in .png"),
         (("report", TEXT, "--out", "{tmp}/sub.html"), "is a folder"),
         (("logit-lens", "", "--out", "{tmp}/a.png"), "empty"),
@@ -416,6 +417,7 @@ def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_ckpt, tmp_path, arg
     r = run_cli("inspect", *args, "--model", vocab_ckpt.folder)
     assert r.code == 1, r.out + r.err
     assert message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert r.err.startswith(f"gpt2 inspect {args[0]}: error: ")  # names the subcommand
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "a file was left behind"
 
 

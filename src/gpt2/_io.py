@@ -56,6 +56,9 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise GPT2Error(f"{folder}: exists and is not a folder")
+    above = next((p for p in folder.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise GPT2Error(f"{folder}: {above} is a file, not a folder; choose another path")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
     try:

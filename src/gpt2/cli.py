@@ -65,16 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    # the command as typed, for messages: "gpt2 generate", "gpt2 inspect attention"
+    name = " ".join(["gpt2", args.command, *([args.what] if hasattr(args, "what") else [])])
     try:
         _check_utf8(args)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             return int(args._run(args) or 0)
     except GPT2Error as e:
-        print(f"gpt2 {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
-        print(f"gpt2 {args.command}: error: out of memory; ask for less at once (fewer "
+        print(f"{name}: error: out of memory; ask for less at once (fewer "
               "samples, a smaller batch, shorter texts, a smaller model) or use a machine "
               "with more memory", file=sys.stderr)
         return 1

@@ -83,6 +83,8 @@ def _check_out(path: str | None, suffixes: tuple[str, ...]) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise GPT2Error(f"--out {path}: is a folder; give a file name")
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise GPT2Error(f"--out {path}: {parent} is a file, not a folder; choose another path")
     if not os.path.isdir(parent):
         raise GPT2Error(f"--out {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
