@@ -7,6 +7,8 @@ models: logits error, greedy tokens).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -354,6 +356,24 @@ def test_truncated_int8_checkpoint_is_a_clear_error(hf_checkpoint, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(GPT2Error, match="model.safetensors") as e:
         load_quantized(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bits": 4}, "with 8 bits only"),
+    ({"method": "gptq"}, "unknown quantization"),
+    ({"version": 2}, "format version 2 is not one this gpt2 reads"),
+    ({"version": "1"}, "format version '1' is not one"),
+])
+def test_int8_checkpoint_of_another_format_is_refused(hf_checkpoint, tmp_path, change, message):
+    """A "quantization" entry this version does not write is refused, not read as its own."""
+    model = quantize_model(GPT2.from_pretrained(hf_checkpoint().folder), "int8")
+    folder = save_quantized(model, tmp_path / "int8")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"] |= change
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GPT2Error, match=message) as e:
+        GPT2.from_pretrained(folder)
     assert "\n" not in str(e.value)
 
 

@@ -684,10 +684,15 @@ def quantization_info(path: str | os.PathLike) -> dict | None:
         return None  # the float loader reports a broken config.json
     if info is None:
         return None
-    if not isinstance(info, dict) or info.get("method") != FORMAT:
+    if not isinstance(info, dict) or info.get("method") != FORMAT or info.get("bits") != 8:
         raise GPT2Error(
-            f"{config_file}: unknown quantization {info!r}; this version reads {FORMAT!r} only"
+            f"{config_file}: unknown quantization {info!r}; this version reads {FORMAT!r} "
+            "with 8 bits only"
         )
+    version = info.get("version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise GPT2Error(f"{config_file}: int8 format version {version!r} is not one this gpt2 "
+                        f"reads (up to {FORMAT_VERSION}); upgrade gpt2")
     return info
 
 
