@@ -259,6 +259,14 @@ BROKEN = [
 ]
 
 
+def test_size_that_is_not_the_models_is_refused(tiny, tf_fixture):
+    """--size picks a folder inside a Kaggle download; given with one model, it must name
+    that model's size, not be ignored."""
+    for path in (tiny.folder, tf_fixture("tiny")):
+        with pytest.raises(GPT2Error, match=r"are not those of 355M.*--size picks"):
+            GPT2.from_pretrained(path, size="355M")
+
+
 def test_configs_that_transformers_writes_for_gpt2_load(tiny, tmp_path):
     """GPT-2's own values of the variant options (and n_inner = 4 x n_embd) are fine."""
     folder = _edited_config(tiny, tmp_path / "ok", {

@@ -167,6 +167,16 @@ ALIASES: dict[str, str] = {
 }
 
 
+def check_size(config: GPT2Config, size: str, where, *,
+               advice: str = "the download is of another model") -> None:
+    """GPT2Error unless `config` has the layers, heads and width of the released `size`."""
+    want = PRESETS[resolve_size(size) or size]
+    got = (config.n_layer, config.n_head, config.n_embd)
+    if got != (want.n_layer, want.n_head, want.n_embd):
+        raise GPT2Error(f"{where}: layers/heads/width {got} are not those of {size} "
+                        f"{(want.n_layer, want.n_head, want.n_embd)}; {advice}")
+
+
 def resolve_size(name: str) -> str | None:
     """'gpt2-medium' -> '355M'; '124m' -> '124M'; anything else -> None."""
     key = {k.lower(): v for k, v in ALIASES.items()}.get(name.lower(), name.upper())

@@ -90,4 +90,8 @@ def load_checkpoint(
     from gpt2.weights.huggingface import load_huggingface
 
     config, state = load_huggingface(path, dtype=torch_dtype)
+    if size is not None:
+        from gpt2.weights.openai import check_named_size
+
+        check_named_size(config, size, path)
     return Checkpoint(config, state, layout, path)

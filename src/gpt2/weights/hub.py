@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from gpt2._io import fsync_dir
-from gpt2.config import ALIASES, PRESETS, GPT2Config, resolve_size
+from gpt2.config import ALIASES, PRESETS, GPT2Config, check_size, resolve_size
 from gpt2.errors import GPT2Error
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -396,7 +396,7 @@ def _verify_openai_folder(folder: Path, size: str) -> None:
                 f"{folder / name}: sha256 is {digest}, expected {expected}; the file was "
                 f"deleted, run the command again"
             )
-    _check_shape(GPT2Config.from_hparams(folder / "hparams.json"), size, folder / "hparams.json")
+    check_size(GPT2Config.from_hparams(folder / "hparams.json"), size, folder / "hparams.json")
     _verify_tf_checksums(folder)
 
 
@@ -423,7 +423,7 @@ def _verify_hf_folder(folder: Path, size: str) -> None:
     if missing:
         raise GPT2Error(f"{folder}: missing {', '.join(missing)} after the download; run again")
     config = GPT2Config.from_hf_config(folder / "config.json")
-    _check_shape(config, size, folder / "config.json")
+    check_size(config, size, folder / "config.json")
     weights = folder / "model.safetensors"
     expected = _hub_sha256(folder, weights.name)
     if expected is not None:
@@ -458,16 +458,6 @@ def _hub_sha256(folder: Path, name: str) -> str | None:
         return None
     etag = lines[1].strip().strip('"').lower() if len(lines) > 1 else ""
     return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
-
-
-def _check_shape(config: GPT2Config, size: str, where: Path) -> None:
-    want = PRESETS[size]
-    got = (config.n_layer, config.n_head, config.n_embd)
-    if got != (want.n_layer, want.n_head, want.n_embd):
-        raise GPT2Error(
-            f"{where}: layers/heads/width {got} are not those of {size} "
-            f"{(want.n_layer, want.n_head, want.n_embd)}; the download is of another model"
-        )
 
 
 def _place(partial: Path, final: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.config import PRESETS, GPT2Config, resolve_size
+from gpt2.config import PRESETS, GPT2Config, check_size, resolve_size
 from gpt2.errors import GPT2Error
 from gpt2.weights.names import check_shapes, expected_shapes, is_transposed, openai_to_ours
 from gpt2.weights.tf_checkpoint import TFCheckpoint
@@ -67,6 +67,13 @@ def load_openai(
     return config, state
 
 
+def check_named_size(config: GPT2Config, size: str, path: Path) -> None:
+    if resolve_size(size) is None:
+        raise GPT2Error(f"unknown GPT-2 size {size!r}; choose one of {', '.join(PRESETS)}")
+    check_size(config, size, path, advice="--size picks a size folder inside a Kaggle "
+               "download; drop it, or give the folder of the size you want")
+
+
 def resolve_openai_folder(path: str | os.PathLike, *, size: str | None = None) -> Path:
     """The size folder to load: `path` itself, or its `size` sub-folder (Kaggle's layout).
 
@@ -84,6 +91,8 @@ def resolve_openai_folder(path: str | os.PathLike, *, size: str | None = None) -
                 f"{path}: {missing[0]} not found beside {present[0]}; an OpenAI GPT-2 folder "
                 f"holds {' and '.join(_NEEDED)} and model.ckpt.data-*; re-download it"
             )
+        if size is not None:  # one model: --size must name it, not pick another
+            check_named_size(GPT2Config.from_hparams(path / "hparams.json"), size, path)
         return path
 
     found = {
