@@ -74,10 +74,15 @@ def test_step_logits_match_cached_path_and_transformers(tiny):
 
 @torch.no_grad()
 @pytest.mark.parametrize("step, rows", [(block_step, 2), (block_step_one_row, 1)])
-def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, rows):
+def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, rows,
+                                                          monkeypatch):
     """torch.compile must trace each block step whole (fullgraph) and reuse it across
     layers; "aot_eager" runs dynamo and AOT autograd's functionalisation (which
-    must handle the in-place cache writes) without the minute-long C++ build."""
+    must handle the in-place cache writes) without the minute-long C++ build. As in a
+    new process, no CPU kernel has been picked yet: the checks that pick one (torch.cpu's
+    feature tests) cannot be traced, so compiled code must not reach them."""
+    from gpt2 import cpu_kernels
+
     ckpt = hf_checkpoint(n_layer=3, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=2)
     model = GPT2.from_pretrained(ckpt.folder)
     idx = random_ids((rows, 6), seed=3)
@@ -89,6 +94,7 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, r
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
     token, pos = idx[:, -1], torch.tensor([6])
     want = decode_step(model, caches[0].k, caches[0].v, token, pos)
+    monkeypatch.setattr(cpu_kernels, "_gelu", {})  # none picked yet, as in a new process
     got = decode_step(model, caches[1].k, caches[1].v, token, pos, block_fn=compiled)
     assert torch.allclose(got, want, atol=STEP_ATOL, rtol=0)  # eager: oneDNN; compiled: MKL
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=STEP_ATOL, rtol=0)

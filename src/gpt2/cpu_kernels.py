@@ -115,6 +115,17 @@ def fp32_op() -> Callable | None:
     return _fp32 or None
 
 
+def compiling() -> bool:
+    """True while torch.compile traces this code (torch.compiler.is_compiling, PyTorch 2.3+;
+    torch._dynamo.is_compiling before it). The compiled code gets PyTorch's ops, which
+    inductor fuses: our kernels are for eager CPU inference, and the CPU checks that pick
+    them cannot be traced."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    if check is None:
+        from torch._dynamo import is_compiling as check
+    return check()
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, V) -> each row's index of its largest value (B,), as
     `logits.argmax(dim=-1)` gives it (the first of equal largest values; NaN counts as
@@ -122,6 +133,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     `argmax_rows_avx2`: PyTorch's reads a 50,257-wide row at ~0.8 GB/s (AVX-512) or
     ~0.4 (AVX2), 4% of an int8 step at batch 8."""
     global _argmax
+    if compiling():
+        return logits.argmax(dim=-1)
     if _argmax is None:  # asked once per token: remembered
         _argmax = _avx512_or_avx2("argmax_rows")
     if (_argmax and logits.dim() == 2 and logits.dtype == torch.float32
@@ -137,7 +150,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     to the exact function (it computes x / (1 + exp(-2u)); PyTorch's 1 + tanh(u)
     cancels for negative x, to no correct digits below x = -5.5). Anything else goes
     through F.gelu."""
-    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+    if (x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+            and not compiling()):  # fmt: skip
         if x.dtype not in _gelu:  # asked once per layer and step: remembered
             _gelu[x.dtype] = _gelu_op(x.dtype)
         op = _gelu[x.dtype]

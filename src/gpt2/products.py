@@ -54,7 +54,7 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     numbers up to rounding either way.
     """
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled() or _compiling():
+    if x.device.type != "cpu" or rows > 16 or torch.is_grad_enabled() or cpu_kernels.compiling():
         # (torch.compile lowers the product itself, and cannot follow _cpu_packed's cache)
         return F.linear(x, weight, bias)
     fp32 = weight.dtype == x.dtype == torch.float32
@@ -73,15 +73,6 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     xt = x.reshape(rows, x.size(-1)).t()  # (in, rows)
     y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (out, rows)
     return y.t().reshape(*x.shape[:-1], weight.size(0))  # (..., out)
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces this code (torch.compiler.is_compiling, PyTorch 2.3+;
-    torch._dynamo.is_compiling before it)."""
-    check = getattr(torch.compiler, "is_compiling", None)
-    if check is None:
-        from torch._dynamo import is_compiling as check
-    return check()
 
 
 # id(weight) -> (weak reference to the weight, its _version when packed, the packed copy);
