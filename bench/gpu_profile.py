@@ -226,6 +226,8 @@ def section_decode(a, clock: Clock) -> dict:
                 ("graph_one_row_sdpa_tuned", lambda: CudaGraphDecoder(
                     model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_compiled_layer_tuned", lambda: CudaGraphDecoder(
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row_realize_tuned", lambda: CudaGraphDecoder(
                     model, batch_size=B, max_len=prompt + new, dtype=None, compile=True))]
     for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
                              if v[0] in a.decode_variants else len(variants)):
@@ -239,6 +241,13 @@ def section_decode(a, clock: Clock) -> dict:
                                         "sdpa" if "_sdpa" in name else "reduce"))
             if name.endswith("efficient_sdpa"):
                 stack.enter_context(sdpa_backends(cudnn=False, flash=False))
+            if "_realize" in name:
+                # Inductor inlines a pointwise result into the kernels that read it
+                # unless it costs more than realize_opcount_threshold ops (30). GELU (~15)
+                # is then recomputed by the down-projection's reduction for each of its
+                # 768 outputs (a 5.2 us kernel, GPU_NOTES.md); at 8 it is stored once,
+                # in the up-projection's epilogue.
+                stack.enter_context(torch._inductor.config.patch(realize_opcount_threshold=8))
             # coordinate-descent tuning (the library's default) only for the tuned variants
             stack.enter_context(tuning(name.endswith("_tuned")))
             ref = decode_variant(a, clock, name, make, idx, new, out, ref)
@@ -424,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-variants", default="graph,graph_compiled_layer,graph_compiled_whole,"
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
-                   "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned")
+                   "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned,"
+                   "graph_one_row_realize_tuned")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,
