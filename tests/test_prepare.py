@@ -127,9 +127,32 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, case):
     assert len(r.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("case", ["not utf-8", "empty", "bad second file"])
+def test_a_failed_prepare_leaves_no_folder_behind(tmp_path, run_cli, case):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    files = {"not utf-8": [latin1], "empty": [empty], "bad second file": [good, latin1]}[case]
+    r = run_cli("prepare", *files, "--out", tmp_path / "new" / "data", "-q")
+    assert r.code == 1 and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "new").exists()  # nor the parent it made for it
+    # a folder that was there keeps what it held, and gets nothing new
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert run_cli("prepare", *files, "--out", kept, "-q").code == 1
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
 def test_reader_rejects_incomplete_folders(tmp_path, two_docs):
     with pytest.raises(GPT2Error, match="no such data folder"):
         open_tokens(tmp_path / "none")
+    with pytest.raises(GPT2Error, match="is a file, not a data folder; make one from it with "
+                       "`gpt2 prepare"):
+        open_tokens(two_docs[1])
     tmp_path.joinpath("empty").mkdir()
     with pytest.raises(GPT2Error, match="no meta.json"):
         open_tokens(tmp_path / "empty")

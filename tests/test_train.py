@@ -60,6 +60,17 @@ def synthetic(folder: Path, *, n: int = 4000, n_vocab: int = 64, seed: int = 0) 
     return write_tokens(folder, ids[: n * 9 // 10], ids[n * 9 // 10:], n_vocab=n_vocab)
 
 
+def with_gpt2_vocab(folder: Path) -> Path:
+    """Mark hand-written token files as made with GPT-2's vocabulary: a run on them writes
+    OUT/.vocab, as on files made by `gpt2 prepare`."""
+    from gpt2.tokenizer import Tokenizer
+
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["vocab_sha256"] = Tokenizer.from_pretrained().sha256()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
@@ -325,26 +336,210 @@ def _args(data, out, *extra):
             "--eval-interval", "0", "--device", "cpu", "-q", *extra]
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, tf_fixture):
-    data = synthetic(tmp_path / "d", n_vocab=50257)
+@pytest.fixture(scope="module")
+def vocab_data(tmp_path_factory) -> Path:
+    return with_gpt2_vocab(synthetic(tmp_path_factory.mktemp("vocab") / "d", n_vocab=50257))
+
+
+_SEED_RANGE = "--seed must be an integer from 0 to 2**64 - 1"
+_MIN_LR_RANGE = "--min-lr must be between 0 and --lr"
+# name -> (the flags after _args(DATA, OUT) or the whole argument list, the message); in
+# the lists, DATA, OUT, TEXT (a text file), NOPE (no such path), INIT (a TF checkpoint
+# with GPT-2's vocabulary, context 128) and TINY (one with a 16-token vocabulary)
+BAD_INPUTS = {
+    "missing data": (["--data", "NOPE"], "no such data folder"),
+    "empty data": (["--data", "EMPTY"], "no meta.json"),
+    "unwritable out": (["--out", "BLOCKED"], "cannot write here"),
+    "block above context": (["--init", "INIT", "--block-size", "256"], "longer than the context"),
+    "ids out of range": (["--init", "TINY"], "out of range"),
+    "resume nothing": (["--resume"], "no checkpoint"),
+    "negative seed": (["--seed", "-1"], _SEED_RANGE),
+    "huge seed": (["--seed", str(10**23)], _SEED_RANGE),
+    "negative min lr": (["--min-lr", "-1"], _MIN_LR_RANGE),
+    "min lr above lr": (["--lr", "1e-3", "--min-lr", "1e-2"], _MIN_LR_RANGE),
+    "stop at 0": (["--stop-at", "0"], "--stop-at must be at least 1"),
+    "stop at -1": (["--stop-at", "-1"], "--stop-at must be at least 1"),
+    "no sample tokens": (["--sample-tokens", "0", "--sample-interval", "1"],
+                         "--sample-tokens must be at least 1"),
+    "data is a file": (["--data", "TEXT"], "TEXT: is a file, not a data folder; make one from "
+                       "it with `gpt2 prepare TEXT --out DIR`, then pass --data DIR"),
+    "eval data is a file": (["eval", "--model", "124M", "--data", "TEXT"],
+                            "TEXT: is a file, not a data folder"),
+    "heads do not divide": (["--n-head", "3"], "--n-embd 16 must be a multiple of --n-head 3"),
+    "no such init": (["--init", "NOPE"], "neither an existing file"),
+    "block above data": (["--block-size", "100000"], "fewer than --block-size + 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, tf_fixture, vocab_data, case):
     (tmp_path / "empty").mkdir()
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    cases = {
-        "missing data": (_args(tmp_path / "nope", tmp_path / "o1"), "no such data folder"),
-        "empty data": (_args(tmp_path / "empty", tmp_path / "o2"), "no meta.json"),
-        "unwritable out": (_args(data, blocker / "sub"), "cannot write here"),
-        "block above context": (
-            _args(data, tmp_path / "o3", "--init", tf_fixture("vocab"), "--block-size", "256"),
-            "longer than the context"),
-        "ids out of range": (_args(data, tmp_path / "o4", "--init", tf_fixture("tiny")),
-                             "out of range"),
-        "resume nothing": (_args(data, tmp_path / "o5", "--resume"), "no checkpoint"),
-    }
-    for name, (args, expect) in cases.items():
-        r = run_cli(*args)
-        assert r.code == 1 and expect in r.err, (name, r.err)
-        assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err, name
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "t.txt").write_text("some text\n")
+    out = tmp_path / "out"
+    names = {"DATA": vocab_data, "OUT": out, "TEXT": tmp_path / "t.txt",
+             "NOPE": tmp_path / "nope", "EMPTY": tmp_path / "empty",
+             "BLOCKED": tmp_path / "file" / "sub",  # inside a file: cannot exist, even for root
+             "INIT": tf_fixture("vocab"), "TINY": tf_fixture("tiny")}
+    flags, expect = BAD_INPUTS[case]
+    flags = [str(names.get(f, f)) for f in flags]
+    args = flags if flags[0] == "eval" else [*_args(vocab_data, out), *flags]
+    for name, value in names.items():
+        expect = expect.replace(name, str(value))
+    r = run_cli(*args)
+    assert r.code == 1 and expect in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    # a failed run leaves no folder behind (nor OUT/.vocab, log.jsonl)
+    assert not out.exists(), [p.name for p in out.iterdir()]
+
+
+def test_a_failed_run_leaves_out_as_it_found_it(tmp_path, monkeypatch):
+    """A run that fails before it saved a model takes away what it wrote, and only that;
+    once it has saved a checkpoint, the run stays, to be resumed."""
+    import gpt2.train.trainer as trainer
+
+    data = with_gpt2_vocab(synthetic(tmp_path / "d", n_vocab=50257))
+    real, calls, meanwhile = trainer.sample_batch, [], []
+
+    def fails_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            for path in meanwhile:  # someone else's file, written while the run ran
+                path.write_text("theirs")
+            raise GPT2Error("bad batch")
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "sample_batch", fails_at_step_3)
+    kw = dict(data=str(data), n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2,
+              max_steps=5, eval_interval=0, device="cpu", progress=False)
+    with pytest.raises(GPT2Error, match="bad batch"):
+        train(TrainConfig(out=str(tmp_path / "new" / "run"), **kw))
+    assert not (tmp_path / "new").exists()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(GPT2Error, match="bad batch"):
+        train(TrainConfig(out=str(used), **kw))
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+    calls.clear()
+    meanwhile.append(tmp_path / "busy" / "theirs.txt")
+    with pytest.raises(GPT2Error, match="bad batch"):
+        train(TrainConfig(out=str(tmp_path / "busy"), **kw))
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["theirs.txt"]
+    meanwhile.clear()
+    calls.clear()
+    with pytest.raises(GPT2Error, match="bad batch"):
+        train(TrainConfig(out=str(tmp_path / "saved"), save_interval=1, **kw))
+    assert latest_checkpoint(tmp_path / "saved").name == "ckpt-0000002"
+    assert (tmp_path / "saved" / ".vocab").is_dir() and len(losses(tmp_path / "saved")) == 2
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """OUT of a run stopped at step 2 of 4 (its data folder beside it)."""
+    root = tmp_path_factory.mktemp("stopped")
+    data = synthetic(root / "d")
+    train(TrainConfig(data=str(data), out=str(root / "o"), **TINY, max_steps=4, stop_at=2,
+                      eval_interval=0, device="cpu"))
+    return root / "o"
+
+
+def _edit_json(**changes):
+    def edit(path: Path) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def _wrong_moment_shape(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors["state.0.exp_avg"] = torch.zeros(3)
+    save_file(tensors, str(path))
+
+
+def _rng_with_other_keys(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(3, dtype=torch.uint8)}, str(path))
+
+
+DAMAGE = {
+    "state is {}": ("train_state.json", lambda p: p.write_text("{}")),
+    "state not JSON": ("train_state.json", lambda p: p.write_text('{"step": ')),
+    "step is text": ("train_state.json", _edit_json(step="five")),
+    "setting of the wrong kind": ("train_state.json",
+                                  _edit_json(args={"n_layer": "two", "data": "d"})),
+    "scaler not an object": ("train_state.json", _edit_json(scaler=[1])),
+    "optimizer truncated": ("optimizer.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-50])),
+    "optimizer moments misshaped": ("optimizer.safetensors", _wrong_moment_shape),
+    "optimizer.json is []": ("optimizer.json", lambda p: p.write_text("[]")),
+    "optimizer groups renumbered": (
+        "optimizer.json",
+        lambda p: p.write_text(p.read_text().replace('"params": [\n', '"params": [\n   7,\n', 1))),
+    "betas not a pair": ("optimizer.json", lambda p: p.write_text(
+        p.read_text().replace('"betas": [', '"betas": [0.5, ', 1))),
+    "rng empty": ("rng.safetensors", lambda p: p.write_bytes(b"")),
+    "rng other keys": ("rng.safetensors", _rng_with_other_keys),
+    "rng missing": ("rng.safetensors", lambda p: p.unlink()),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, run_cli, stopped_run, case):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(stopped_run, out)
+    name, damage = DAMAGE[case]
+    damage(out / "ckpt-0000002" / name)
+    r = run_cli("train", "--out", out, "--resume", "--device", "cpu", "-q")
+    assert r.code == 1 and "Traceback" not in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1, r.err
+    assert f"{out / 'ckpt-0000002' / name}: damaged (" in r.err, r.err
+    assert "start it over with another --out" in r.err and f"--init {out}" in r.err, r.err
+
+
+def test_resume_finds_its_data_and_refuses_other_settings(tmp_path, run_cli, monkeypatch):
+    synthetic(tmp_path / "d")
+    synthetic(tmp_path / "other", n=3000)
+    out = tmp_path / "o"
+    monkeypatch.chdir(tmp_path)
+    first = _args("d", out, "--max-steps", "4")
+    assert run_cli(*first, "--stop-at", "2").code == 0
+    # the same command line with --resume goes on (given flags equal to the run's are fine)
+    assert run_cli(*first, "--stop-at", "3", "--resume").code == 0
+    monkeypatch.chdir(tmp_path / "other")  # elsewhere: the relative "d" means nothing here
+    resume = ["train", "--out", out, "--resume", "--device", "cpu", "-q"]
+    # a setting other than the run's is refused, by name (6 is the --n-layer default)
+    r = run_cli(*resume, "--n-layer", "6", "--lr", "0.1")
+    assert r.code == 1 and "--n-layer 6 (the run's: 1), --lr 0.1 (the run's: 0.0006)" in r.err
+    r = run_cli(*resume, "--data", tmp_path / "other")
+    assert r.code == 1 and "not the data the run" in r.err and "train_tokens 2700" in r.err
+    # no --data: the run's own folder, by its absolute path; no --max-steps: the run's own
+    # (4), not the flag's default
+    r = run_cli(*resume)
+    assert r.code == 0 and latest_checkpoint(out).name == "ckpt-0000004", r.err
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    (tmp_path / "d").rename(tmp_path / "moved")
+    r = run_cli(*resume, "--max-steps", "5")
+    assert r.code == 1 and "the run's data folder" in r.err and "pass --data" in r.err, r.err
+    r = run_cli(*resume, "--max-steps", "5", "--data", tmp_path / "moved")  # moved, and longer
+    assert r.code == 0 and latest_checkpoint(out).name == "ckpt-0000005", r.err
+
+
+def test_warmup_longer_than_the_run_is_allowed_and_said(tmp_path, run_cli, capsys):
+    data = synthetic(tmp_path / "d")
+    r = run_cli(*[a for a in _args(data, tmp_path / "o", "--warmup-steps", "10") if a != "-q"])
+    assert r.code == 0, r.err
+    assert "--warmup-steps 10 is more than --max-steps 2: the learning rate rises all run" in r.err
+    from gpt2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "more than --max-steps is allowed" in " ".join(capsys.readouterr().out.split())
 
 
 def test_ids_beyond_the_vocabulary_found_in_a_batch(tmp_path, run_cli):
@@ -352,6 +547,7 @@ def test_ids_beyond_the_vocabulary_found_in_a_batch(tmp_path, run_cli):
     data = write_tokens(tmp_path / "d", [1, 2, 3, 99] * 10, [1, 2, 3] * 5, n_vocab=16)
     r = run_cli(*_args(data, tmp_path / "o"))
     assert r.code == 1 and "token id 99 is out of range" in r.err, r.err
+    assert not (tmp_path / "o").exists()  # found after set-up: what the run made is gone
 
 
 def test_existing_run_is_left_untouched(tmp_path, run_cli):
@@ -364,6 +560,12 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     with pytest.raises(GPT2Error):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
+
+
+def test_demo_checks_the_device_before_preparing(tmp_path, run_cli):
+    r = run_cli("demo", "--out", tmp_path / "demo", "--device", "bogus")
+    assert r.code == 1 and "unknown device 'bogus'" in r.err, r.err
+    assert not (tmp_path / "demo" / "data").exists()
 
 
 def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):

@@ -52,14 +52,26 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from gpt2.commands._common import resolve_device
     from gpt2.errors import GPT2Error
     from gpt2.model import GPT2
     from gpt2.train.data import prepare
-    from gpt2.train.trainer import TrainConfig, train
+    from gpt2.train.trainer import TrainConfig, train, validated
 
     if args.steps < 1:
         raise GPT2Error(f"--steps must be at least 1, got {args.steps}")
     out = Path(args.out)
+    run_dir = out / "run"
+    cfg = TrainConfig(
+        data=str(out / "data"), out=str(run_dir), n_layer=4, n_head=4, n_embd=128,
+        block_size=128, batch_size=8, max_steps=args.steps, lr=3e-3, min_lr=3e-4,
+        warmup_steps=min(50, args.steps // 10), weight_decay=0.1,
+        eval_interval=max(1, args.steps // 6), eval_steps=8, save_interval=0,
+        device=args.device, seed=args.seed,
+    )
+    validated(cfg)  # a bad --seed (or --device, next) fails before any text is prepared
+    if args.device != "auto":
+        resolve_device(args.device)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -69,17 +81,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"1/3 text: {text} ({size / 1e6:.2f} MB of Python's help topics)")
     meta = prepare([text], out=out / "data", val_fraction=0.05)
     print(f"2/3 tokens: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val")
-    run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts over each time
     print(f"3/3 training a 4-layer, 128-wide GPT-2 for {args.steps} steps into {run_dir} "
           "(ln(50257) = 10.8 is the loss of a uniform guess)")
-    summary = train(TrainConfig(
-        data=str(out / "data"), out=str(run_dir), n_layer=4, n_head=4, n_embd=128,
-        block_size=128, batch_size=8, max_steps=args.steps, lr=3e-3, min_lr=3e-4,
-        warmup_steps=min(50, args.steps // 10), weight_decay=0.1,
-        eval_interval=max(1, args.steps // 6), eval_steps=8, save_interval=0,
-        device=args.device, seed=args.seed,
-    ))
+    summary = train(cfg)
     model = GPT2.from_pretrained(run_dir / "best" if (run_dir / "best").is_dir() else run_dir)
     tok = model_tokenizer(run_dir)
     idx = torch.tensor([tok.encode(args.prompt)])

@@ -6,6 +6,7 @@
     distributed.py  DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPUs)
     plot.py         loss.png
     progress.py     the stderr status line
+    _tidy.py        a failed prepare or train takes away what it wrote into --out
 
     >>> from gpt2.train import TrainConfig, prepare, train
     >>> prepare(["book.txt"], out="data/book")                      # doctest: +SKIP

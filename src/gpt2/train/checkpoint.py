@@ -195,18 +195,117 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_training_state(folder: Path) -> TrainingState:
-    """Read a checkpoint's optimizer, RNG and bookkeeping (the weights load via GPT2)."""
-    from safetensors.torch import load_file
+    """Read a checkpoint's optimizer, RNG and bookkeeping (the weights load via GPT2).
 
+    Every file is checked for what the trainer will use from it, so a damaged one is
+    one GPT2Error naming it (see `damaged`), not a KeyError half-way through set-up.
+    """
+    info = _read_json_file(folder, "train_state.json")
+    step = info.get("step") if isinstance(info, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        why = "no step" if step is None else f"step {step!r} is not a count of steps"
+        raise damaged(folder, "train_state.json", why)
+    if not isinstance(info.get("args", {}), dict) or \
+            not isinstance(info.get("scaler") or {}, dict):
+        raise damaged(folder, "train_state.json", "'args' or 'scaler' is not a JSON object")
+    best = info.get("best_val_loss")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, int | float)):
+        raise damaged(folder, "train_state.json", f"best_val_loss is {best!r}")
+    groups = _read_json_file(folder, "optimizer.json")
+    optimizer = _unflatten_optimizer(_read_tensors(folder, "optimizer.safetensors"), groups,
+                                     folder)
+    rng = _read_tensors(folder, "rng.safetensors")
+    cpu = rng.get("torch_cpu")
+    if cpu is None or cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
+        raise damaged(folder, "rng.safetensors", "no torch_cpu generator state of "
+                      f"{torch.get_rng_state().numel()} bytes")
+    cuda = rng.get("torch_cuda")
+    if cuda is not None and (cuda.dtype != torch.uint8 or cuda.dim() != 2):
+        raise damaged(folder, "rng.safetensors", "the torch_cuda state is not a (GPUs, bytes) "
+                      "uint8 tensor")
+    return TrainingState(step, info, optimizer, rng)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, folder: Path) -> None:
+    """Load a checkpoint's optimizer state into a freshly made `optimizer`, first checking
+    that it fits: the same groups and settings, and moments shaped like the parameters
+    (torch checks only the group sizes; anything else would fail at the first step)."""
+    fresh = optimizer.param_groups
+    groups = state["param_groups"]
+    if len(groups) != len(fresh) or any(len(g["params"]) != len(f["params"]) or
+                                        not _fits(g, f)
+                                        for g, f in zip(groups, fresh, strict=False)):
+        raise damaged(folder, "optimizer.json", "its param_groups do not fit the run's "
+                      "optimizer: their number, sizes or settings differ")
+    params = [p for f in fresh for p in f["params"]]
+    if [i for g in groups for i in g["params"]] != list(range(len(params))):
+        raise damaged(folder, "optimizer.json", "its groups do not number the parameters "
+                      f"0..{len(params) - 1}")
+    for index, entry in state["state"].items():
+        if index >= len(params):
+            raise damaged(folder, "optimizer.safetensors", f"state for parameter {index} of "
+                          f"{len(params)}")
+        shape = params[index].shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(key)
+            if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+                raise damaged(folder, "optimizer.safetensors",
+                              f"{key} of parameter {index} is not a float tensor of shape "
+                              f"{list(shape)}")
+        if not isinstance(entry.get("step"), torch.Tensor | int | float):
+            raise damaged(folder, "optimizer.safetensors", f"no step of parameter {index}")
+    optimizer.load_state_dict(state)
+
+
+def _fits(loaded: dict, fresh: dict) -> bool:
+    """Whether a loaded group's settings can stand for the fresh group's: each one both
+    have is of the same kind (a setting only one has is a torch version's difference,
+    which torch's load_state_dict fills in)."""
+    return all(_same_kind(loaded[k], v) for k, v in fresh.items()
+               if k != "params" and k in loaded)
+
+
+def _same_kind(a, b) -> bool:
+    """Whether a loaded JSON value can stand where b stands (numbers for numbers, ...)."""
+    if isinstance(b, tuple | list):
+        return isinstance(a, tuple | list) and len(a) == len(b) and \
+            all(_same_kind(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(b, bool) or b is None:  # flags such as foreach: None means "the default"
+        return a is None or isinstance(a, bool)
+    if isinstance(b, int | float):
+        return isinstance(a, int | float) and not isinstance(a, bool)
+    return type(a) is type(b)
+
+
+def damaged(folder: Path, name: str, why: str) -> GPT2Error:
+    """The error for a checkpoint file that cannot be resumed from. Older checkpoints are
+    deleted as newer ones are saved, so the way on is a new run or a fine-tune."""
+    out = folder.parent
+    return GPT2Error(f"{folder / name}: damaged ({why}); the run cannot resume from it: "
+                     f"start it over with another --out, or fine-tune from its model with "
+                     f"--init {out}")
+
+
+def _read_json_file(folder: Path, name: str):
     try:
-        info = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
-        groups = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / "rng.safetensors"))
-    except (OSError, ValueError) as e:
-        raise GPT2Error(f"{folder}: cannot read the training state ({e}); "
-                        "start again without --resume or restore the folder") from None
-    return TrainingState(int(info["step"]), info, _unflatten_optimizer(tensors, groups), rng)
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise damaged(folder, name, "missing") from None
+    except OSError as e:
+        raise damaged(folder, name, f"unreadable: {e.strerror or e}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise damaged(folder, name, f"not JSON: {e}") from None
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from gpt2.weights.huggingface import read_safetensors
+
+    path = folder / name
+    try:
+        return read_safetensors(path)
+    except GPT2Error as e:  # missing, truncated or not safetensors, said in one line
+        why = str(e).removeprefix(f"{path}: ").split(";")[0]
+        raise damaged(folder, name, why) from None
 
 
 # --- the optimizer state as tensors + JSON ----------------------------------------------------
@@ -225,15 +324,24 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: dict,
+                         folder: Path) -> dict:
     state: dict[int, dict] = {}
     for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
+        prefix, index, key = (name.split(".", 2) + ["", ""])[:3]
+        if prefix != "state" or not index.isdigit() or not key:
+            raise damaged(folder, "optimizer.safetensors", f"unexpected tensor {name!r}")
         state.setdefault(int(index), {})[key] = value
-    for index, entry in groups.get("scalars", {}).items():
+    scalars = groups.get("scalars", {}) if isinstance(groups, dict) else None
+    param_groups = groups.get("param_groups") if isinstance(groups, dict) else None
+    if not isinstance(scalars, dict) or not isinstance(param_groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in param_groups):
+        raise damaged(folder, "optimizer.json", "no param_groups with params")
+    for index, entry in scalars.items():
+        if not index.isdigit() or not isinstance(entry, dict):
+            raise damaged(folder, "optimizer.json", f"bad scalars entry {index!r}")
         state.setdefault(int(index), {}).update(entry)
-    param_groups = groups["param_groups"]
     for g in param_groups:
-        if "betas" in g:
+        if isinstance(g.get("betas"), list):  # JSON has no tuples; restore_optimizer checks it
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": param_groups}

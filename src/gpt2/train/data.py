@@ -47,11 +47,13 @@ import torch
 
 from gpt2._io import atomic_open, atomic_write_text, decode_utf8
 from gpt2.errors import GPT2Error
+from gpt2.train._tidy import undone_on_error
 
 DTYPE = np.uint16  # GPT-2's 50257 ids fit; a vocabulary above 65536 would need uint32
 FORMAT = "gpt2-tokens"
 VERSION = 1
 SPLITS = ("train", "val")
+FINGERPRINT = ("train_tokens", "val_tokens", "n_vocab", "vocab_sha256")  # meta.json keys
 
 # Just after a newline with a non-space on both sides: the pre-tokenizer makes that
 # newline a word of its own and no word crosses it (see gpt2.tokenizer._SAFE_CUT).
@@ -88,8 +90,18 @@ def prepare(
     tok = Tokenizer.from_pretrained(vocab) if vocab is not None else Tokenizer.from_pretrained()
     if tok.n_vocab > np.iinfo(DTYPE).max + 1:
         raise GPT2Error(f"vocabulary has {tok.n_vocab} tokens; uint16 token files hold 65536")
-    out = _make_out_dir(Path(out))
+    out = Path(out)
+    # a failure (text that is not UTF-8, empty files, Ctrl-C) takes away what this call
+    # added: a folder it made is removed again, one that was there keeps what it held
+    with undone_on_error(out, names=[*(f"{s}.bin" for s in SPLITS), "meta.json", "vocab"]):
+        _make_out_dir(out)
+        return _write_splits(paths, out, tok, val_fraction=val_fraction, append_eot=append_eot,
+                             vocab=vocab, progress=progress, chunk_bytes=chunk_bytes)
 
+
+def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, append_eot: bool,
+                  vocab, progress: bool, chunk_bytes: int) -> dict:
+    """prepare()'s work once its arguments are checked and `out` exists."""
     from gpt2.train.progress import StatusLine
 
     total = sum(p.stat().st_size for p in paths)
@@ -155,7 +167,7 @@ def _check_input(path: Path) -> Path:
     return path
 
 
-def _make_out_dir(out: Path) -> Path:
+def _make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -163,7 +175,6 @@ def _make_out_dir(out: Path) -> Path:
     except OSError as e:
         raise GPT2Error(f"{out}: cannot write the token files here ({e.strerror}); "
                         "choose another --out") from None
-    return out
 
 
 def _val_count(n: int, fraction: float) -> int:
@@ -270,6 +281,11 @@ class TokenData:
             raise GPT2Error(f"unknown split {name!r}; use train or val")
         return self.train if name == "train" else self.val
 
+    def fingerprint(self) -> dict:
+        """What identifies the data cheaply: token counts and the vocabulary (what a
+        resumed run checks a --data folder against)."""
+        return {k: self.meta.get(k) for k in FINGERPRINT}
+
     def tokenizer(self):
         """The vocabulary the ids were made with (checked against meta's sha256), or None
         for token files that record no vocabulary (written by other tools or tests)."""
@@ -290,6 +306,9 @@ class TokenData:
 def open_tokens(folder: str | os.PathLike) -> TokenData:
     """Open a folder written by `prepare` (or anything with the same three files)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise GPT2Error(f"{folder}: is a file, not a data folder; make one from it with "
+                        f"`gpt2 prepare {folder} --out DIR`, then pass --data DIR")
     if not folder.is_dir():
         raise GPT2Error(f"{folder}: no such data folder; make one with "
                         f"`gpt2 prepare FILES --out {folder}`")

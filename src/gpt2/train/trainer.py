@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,12 @@ import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
 from gpt2.train import distributed, flops
+from gpt2.train._tidy import undone_on_error
 from gpt2.train.checkpoint import (
+    damaged,
     latest_checkpoint,
     load_training_state,
+    restore_optimizer,
     save_best,
     save_checkpoint,
 )
@@ -43,18 +47,23 @@ from gpt2.train.data import TokenData, batch_seed, open_tokens, sample_batch
 
 VOCAB_DIR = ".vocab"  # the run's vocabulary files, linked into every checkpoint
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Settings that a resumed run may change; every other one is read from the checkpoint,
-# because changing it would make the resumed run a different run.
-RESUMABLE_CHANGES = ("out", "max_steps", "stop_at", "eval_interval", "eval_steps",
-                     "save_interval", "sample_interval", "sample_tokens", "device",
-                     "compile", "progress", "resume")
+# what a run writes into OUT before its first checkpoint or best/ (removed if it fails then)
+RUN_FILES = (VOCAB_DIR, "log.jsonl", "loss.png", "samples.txt", ".write-test",
+             ".ckpt-*.partial")  # the first checkpoint, cut short by Ctrl-C
+# On resume (see _merge_resumed): settings of one invocation rather than of the run, taken
+# as given; settings of the run that a resumed run may change when they are given (else
+# the run's own); every other setting is the run's own, because changing it would make
+# the resumed run a different run (--data may name the same data in another place).
+PER_INVOCATION = ("out", "resume", "stop_at", "device", "compile", "progress")
+RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_steps", "save_interval",
+                     "sample_interval", "sample_tokens")
 
 
 @dataclass
 class TrainConfig:
     """The settings of a run (the `gpt2 train` flags, one to one)."""
 
-    data: str
+    data: str | None  # a folder made by `gpt2 prepare`; None on resume: the run's own
     out: str
     init: str = "scratch"  # "scratch", a size name (124M, gpt2-medium, ...) or a checkpoint path
     n_layer: int = 6  # from scratch only: the network's shape
@@ -65,8 +74,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
     lr: float = 6e-4
-    min_lr: float | None = None  # the cosine schedule's floor; default lr / 10
-    warmup_steps: int = 100
+    min_lr: float | None = None  # the cosine schedule's floor, 0..lr; default lr / 10
+    warmup_steps: int = 100  # more than max_steps: the lr rises all run, never reaching lr
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 turns clipping off
     dropout: float = 0.0
@@ -79,7 +88,7 @@ class TrainConfig:
     save_interval: int = 500  # steps between checkpoints (0: only at the end)
     sample_interval: int = 0  # steps between generated samples (0: never)
     sample_tokens: int = 64
-    stop_at: int | None = None  # stop (with a checkpoint) after this step; --resume goes on
+    stop_at: int | None = None  # stop (with a checkpoint) after this step, >= 1; resume goes on
     resume: bool = False
     progress: bool = True
 
@@ -171,15 +180,31 @@ def eval_seed(seed: int, index: int) -> int:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> TrainSummary:
-    """Train (or fine-tune, or resume) as `cfg` says; checkpoints and logs go to cfg.out."""
+def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> TrainSummary:
+    """Train (or fine-tune, or resume) as `cfg` says; checkpoints and logs go to cfg.out.
+
+    explicit: the settings the caller chose (the CLI passes the flags on its command
+    line; None: those that differ from TrainConfig's defaults). On resume, one of them
+    that differs from the run's own is an error rather than silently ignored.
+
+    A run that fails before it has saved a model (a checkpoint or best/) takes away what
+    it wrote into cfg.out (RUN_FILES, and the folder if it made it and it is empty then),
+    so a failed first try leaves no litter; nothing that was there before is touched.
+    """
     from gpt2.commands._common import resolve_device
 
     if cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     info = distributed.setup(resolve_device(cfg.device))
+    out = Path(cfg.out)
+    had_best = (out / "best").is_dir()
+
+    def saved_a_model() -> bool:
+        return latest_checkpoint(out) is not None or (not had_best and (out / "best").is_dir())
+
     try:
-        return _Run(cfg, info).run()
+        with undone_on_error(out, names=RUN_FILES, keep=saved_a_model, enabled=info.is_main):
+            return _Run(cfg, info, explicit=explicit).run()
     finally:
         distributed.teardown(info)
 
@@ -187,23 +212,31 @@ def train(cfg: TrainConfig) -> TrainSummary:
 class _Run:
     """One training run: set up, loop, log, save. State lives here, not in globals."""
 
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo) -> None:
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, *,
+                 explicit: Collection[str] | None = None) -> None:
         self.info = info
         self.device = info.device
         self.out = Path(cfg.out)
-        resume_from = self._check_out(cfg)
+        # everything that can be checked is checked before the first file is written
+        self.resume_from = resume_from = self._find_checkpoint(cfg)
         self.state = load_training_state(resume_from) if resume_from else None
+        data_given = cfg.data is not None
         if self.state is not None:
-            cfg = _merge_resumed(cfg, self.state.info.get("args", {}))
-        self.cfg = _checked(cfg)
-        self.data = open_tokens(cfg.data)
-        self.tokenizer = self._tokenizer()
-        self.model = build_model(cfg, self.data, init=str(resume_from or cfg.init),
-                                 device=self.device)
+            cfg = _merge_resumed(cfg, self.state.info.get("args", {}), explicit=explicit,
+                                 folder=resume_from)
+        cfg = validated(cfg)
+        self.data = self._open_data(cfg, given=data_given)
+        # the run records where its data is, wherever it is resumed from
+        self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
         self.amp_dtype = AMP_DTYPES[cfg.dtype]
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" \
                 and not torch.cuda.is_bf16_supported():
             raise GPT2Error("--dtype bf16: this GPU has no bfloat16; use --dtype fp16")
+        tokenizer = self.data.tokenizer()
+        self.model = build_model(cfg, self.data, init=str(resume_from or cfg.init),
+                                 device=self.device)
+        self._make_out()
+        self.tokenizer = self._save_vocab(tokenizer)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         device=self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.dtype == "fp16")
@@ -234,7 +267,7 @@ class _Run:
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def _check_out(self, cfg: TrainConfig) -> Path | None:
+    def _find_checkpoint(self, cfg: TrainConfig) -> Path | None:
         out = self.out
         if out.exists() and not out.is_dir():
             raise GPT2Error(f"--out {out}: exists and is not a folder")
@@ -245,31 +278,60 @@ class _Run:
         if not cfg.resume and found is not None:
             raise GPT2Error(f"{out} already holds a training run (at {found.name}); "
                             "continue it with --resume or choose another --out")
-        if self.info.is_main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / ".write-test", "w"):
-                    pass
-                os.unlink(out / ".write-test")
-            except OSError as e:
-                raise GPT2Error(f"--out {out}: cannot write here ({e.strerror}); "
-                                "choose another folder") from None
         return found
 
-    def _tokenizer(self):
-        tok = self.data.tokenizer()
+    def _open_data(self, cfg: TrainConfig, *, given: bool) -> TokenData:
+        """The prepared data; on resume, --data may move it but not change it."""
+        if cfg.data is None:
+            raise GPT2Error("--data DIR is required: a folder made by `gpt2 prepare` (a run "
+                            "resumed with --resume uses its own when --data is left out)")
+        if self.state is not None and not given and not Path(cfg.data).is_dir():
+            raise GPT2Error(f"--resume: the run's data folder {cfg.data} is not there; pass "
+                            "--data DIR naming the same prepared data where it is now")
+        data = open_tokens(cfg.data)
+        expected = self.state.info.get("data_fingerprint") if self.state is not None else None
+        if isinstance(expected, dict) and data.fingerprint() != expected:
+            differ = ", ".join(f"{k} {data.fingerprint().get(k)} (the run's: {expected.get(k)})"
+                               for k in expected if data.fingerprint().get(k) != expected[k])
+            raise GPT2Error(f"--data {cfg.data}: not the data the run in {self.out} was trained "
+                            f"on ({differ}); resume with that data, or start a new run with "
+                            "another --out")
+        if len(data.train) < cfg.block_size + 1:
+            raise GPT2Error(f"--data {cfg.data}: the train split has {len(data.train)} tokens, "
+                            f"fewer than --block-size + 1 ({cfg.block_size + 1}); use a smaller "
+                            "--block-size or more text")
+        return data
+
+    def _make_out(self) -> None:
+        if not self.info.is_main:
+            return
+        out = self.out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / ".write-test", "w"):
+                pass
+            os.unlink(out / ".write-test")
+        except OSError as e:
+            raise GPT2Error(f"--out {out}: cannot write here ({e.strerror}); "
+                            "choose another folder") from None
+
+    def _save_vocab(self, tok):
         if tok is not None and self.info.is_main:
             # written once: every checkpoint links these files instead of re-serialising them
             tok.save_pretrained(self.out / VOCAB_DIR)
         return tok
 
     def _restore(self, state) -> None:
-        self.optimizer.load_state_dict(state.optimizer)
+        folder = self.resume_from
+        restore_optimizer(self.optimizer, state.optimizer, folder)
         self.step = state.step
         best = state.info.get("best_val_loss")
         self.best_val = math.inf if best is None else best
         if state.info.get("scaler"):
-            self.scaler.load_state_dict(state.info["scaler"])
+            try:
+                self.scaler.load_state_dict(state.info["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise damaged(folder, "train_state.json", f"bad GradScaler state: {e}") from None
         torch.set_rng_state(state.rng["torch_cpu"])
         if "torch_cuda" in state.rng and self.device.type == "cuda":
             cuda = state.rng["torch_cuda"]
@@ -287,6 +349,12 @@ class _Run:
         self._say(f"training {self.model.num_parameters():,} parameters on {self.device}"
                   f"{f' x {self.info.world_size} processes' if self.info.enabled else ''}, "
                   f"steps {self.step}..{last}, {self._tokens_per_step():,} tokens per step")
+        if cfg.warmup_steps > cfg.max_steps:
+            peak = lr_at(cfg.max_steps - 1, lr=cfg.lr, min_lr=cfg.min_lr,
+                         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+            self._say(f"note: --warmup-steps {cfg.warmup_steps} is more than --max-steps "
+                      f"{cfg.max_steps}: the learning rate rises all run and peaks at {peak:.2e}, "
+                      f"not --lr {cfg.lr:g}")
         loss = val = None
         saved_at = self.step if self.state is not None else None
         while self.step < last:
@@ -411,6 +479,8 @@ class _Run:
         self.model.eval()
         prompt = torch.tensor([[self.tokenizer.eot_token]], device=self.device)
         n = min(self.cfg.sample_tokens, self.model.config.n_ctx - 1)
+        if n < 1:
+            return  # a context of one position leaves no room after the prompt
         with self._autocast():
             ids = generate(self.model, prompt, max_new_tokens=n, temperature=0.8, top_k=200,
                            seed=self.cfg.seed)
@@ -431,6 +501,7 @@ class _Run:
             "data_position": {"seed": self.cfg.seed, "next_step": self.step,
                               "rule": "micro-batch m of step s on rank r is seeded by "
                                       "(seed, s, m * world_size + r)"},
+            "data_fingerprint": self.data.fingerprint(),
             "world_size": self.info.world_size,
             "tokens_seen": self.step * self._tokens_per_step(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -488,8 +559,10 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
     return model.to(device).train()
 
 
-def _checked(cfg: TrainConfig) -> TrainConfig:
-    positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_steps")
+def validated(cfg: TrainConfig) -> TrainConfig:
+    """cfg with its ranges checked (a GPT2Error naming the flag) and min_lr filled in."""
+    positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_steps",
+                "sample_tokens")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise GPT2Error(f"--{name.replace('_', '-')} must be at least 1, "
@@ -498,21 +571,74 @@ def _checked(cfg: TrainConfig) -> TrainConfig:
                  "weight_decay", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise GPT2Error(f"--{name.replace('_', '-')} must not be negative")
-    if not cfg.lr > 0:
+    if not 0 < cfg.lr < math.inf:
         raise GPT2Error(f"--lr must be positive, got {cfg.lr}")
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if not 0 <= min_lr <= cfg.lr:
+        raise GPT2Error(f"--min-lr must be between 0 and --lr ({cfg.lr:g}), got {min_lr:g}: "
+                        "the cosine schedule falls from --lr to --min-lr")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or \
+            not 0 <= cfg.seed < 2**64:
+        raise GPT2Error(f"--seed must be an integer from 0 to 2**64 - 1, got {cfg.seed!r}")
+    if cfg.stop_at is not None and cfg.stop_at < 1:
+        raise GPT2Error(f"--stop-at must be at least 1 (the step after which to save and stop; "
+                        f"leave it out to train to --max-steps), got {cfg.stop_at}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise GPT2Error(f"--dropout must be at least 0 and below 1, got {cfg.dropout}")
     if cfg.dtype not in AMP_DTYPES:
         raise GPT2Error(f"--dtype must be fp32, bf16 or fp16, got {cfg.dtype!r}")
-    if cfg.min_lr is None:
-        cfg = dataclasses.replace(cfg, min_lr=cfg.lr / 10)
-    return cfg
+    if cfg.init == "scratch":
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(cfg, name) < 1:
+                raise GPT2Error(f"--{name.replace('_', '-')} must be at least 1, "
+                                f"got {getattr(cfg, name)}")
+        if cfg.n_embd % cfg.n_head:
+            raise GPT2Error(f"--n-embd {cfg.n_embd} must be a multiple of --n-head "
+                            f"{cfg.n_head} (each head gets n-embd / n-head dimensions)")
+    return dataclasses.replace(cfg, min_lr=min_lr)
 
 
-def _merge_resumed(cfg: TrainConfig, saved: dict) -> TrainConfig:
-    """The saved run's settings, with the few a resumed run may change taken from cfg."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    merged = {k: v for k, v in saved.items() if k in known}
-    merged.update({k: getattr(cfg, k) for k in RESUMABLE_CHANGES})
+def _merge_resumed(cfg: TrainConfig, saved: dict, *, explicit: Collection[str] | None,
+                   folder: Path) -> TrainConfig:
+    """The saved run's settings, with those a resumed run may change taken from cfg.
+
+    Settings chosen for the resumed run (`explicit`, see train) are applied where
+    RESUMABLE_CHANGES allows; one that differs from the run's own elsewhere is an error:
+    silently dropped, the user would get a run they did not ask for. Repeating the run's
+    own values (the same command line plus --resume) is fine, and a setting left out is
+    the run's own, --max-steps included (not the flag's default).
+    """
+    merged, conflicts = {}, []
+    for f in dataclasses.fields(TrainConfig):
+        name, mine = f.name, getattr(cfg, f.name)
+        chosen = name in explicit if explicit is not None else mine != f.default
+        if name not in saved or name in PER_INVOCATION:
+            merged[name] = mine
+            continue
+        theirs = saved[name]
+        if not _is_kind(theirs, f.type):
+            raise damaged(folder, "train_state.json", f"setting {name} is {theirs!r}")
+        if name == "data":  # the same data may have moved: _Run._open_data checks it
+            merged[name] = theirs if mine is None else mine
+        elif name in RESUMABLE_CHANGES:
+            merged[name] = mine if chosen else theirs
+        else:
+            merged[name] = theirs
+            if chosen and mine != theirs:
+                conflicts.append(f"--{name.replace('_', '-')} {mine} (the run's: {theirs})")
+    if conflicts:
+        out = cfg.out
+        raise GPT2Error(f"--resume goes on with the run's own settings, but {', '.join(conflicts)} "
+                        f"differ; leave them out to resume, or start a new run with another --out "
+                        f"(--init {out} starts from this run's model)")
     return TrainConfig(**merged)
+
+
+def _is_kind(value: object, annotation: str) -> bool:
+    """Whether a value read from JSON fits a TrainConfig annotation such as 'int | None'."""
+    kinds = {"None": type(None), "bool": bool, "int": int, "float": (int, float), "str": str}
+    return any(isinstance(value, kinds[t]) and (t == "bool" or not isinstance(value, bool))
+               for t in annotation.split(" | "))
 
 
 def _read_log(path: Path, *, upto: int) -> list[dict]:
