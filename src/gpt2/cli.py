@@ -47,6 +47,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"gpt2: warning: {message}", file=sys.stderr)
 
 
+def _error(message: str) -> None:
+    """Print the one-line error; on a terminal, over a progress line left unfinished
+    (prepare's MB/s, train's step line) instead of after it."""
+    clear = "\r\x1b[K" if sys.stderr.isatty() else ""
+    print(f"{clear}{message}", file=sys.stderr)
+
+
 def _check_utf8(args: argparse.Namespace) -> None:
     """Arguments that were not UTF-8 bytes (Python keeps such bytes as lone surrogates)
     would reach the tokenizer as U+FFFD: refuse them, as files that are not UTF-8 are."""
@@ -73,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _one_line_warning
             return int(args._run(args) or 0)
     except GPT2Error as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        _error(f"{name}: error: {e}")
         return 1
     except MemoryError:
-        print(f"{name}: error: out of memory; ask for less at once (fewer "
-              "samples, a smaller batch, shorter texts, a smaller model) or use a machine "
-              "with more memory", file=sys.stderr)
+        _error(f"{name}: error: out of memory; ask for less at once (fewer samples, a "
+               "smaller batch, shorter texts, a smaller model) or use a machine with more "
+               "memory")
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
