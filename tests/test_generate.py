@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gpt2.errors import GPT2Error
+from gpt2.fast_decode import StaticDecoder
 from gpt2.generate import TextStream, generate, generate_batch, stream
 from gpt2.model import GPT2
 
@@ -101,7 +102,6 @@ def test_model_generate_takes_every_option_of_generate_with_its_defaults():
 def test_weights_that_give_non_finite_logits_are_an_error_not_tokens(hf_checkpoint, bad):
     """One NaN (or inf) weight makes every logit NaN; sampling from them would still pick
     tokens (the first, or the stop token) and scoring would print nan: both refuse."""
-    from gpt2.fast_decode import StaticDecoder
     from gpt2.score import score
 
     model = GPT2.from_pretrained(hf_checkpoint(n_ctx=48, std=0.3).folder)
@@ -398,3 +398,70 @@ def test_cli_sliding_window_allows_long_output(run_cli, vocab_model):
                 "--seed", "3", "--json")
     assert r.code == 0, r.err
     assert len(json.loads(r.out)["samples"][0]["ids"]) >= 1
+
+
+# --------------------------------------------------------------------------- Python API input
+
+
+def _tiny(dropout: float = 0.0) -> GPT2:
+    from gpt2.config import GPT2Config
+
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8, dropout=dropout))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate(torch.tensor([[1.7, 2.2]]), 2), "not token ids"),
+    (lambda m: m.generate(torch.tensor([[True, False]]), 2), "not token ids"),
+    (lambda m: m(torch.tensor([[1.0, 2.0]])), "idx must be token ids"),
+    (lambda m: m(torch.tensor([1, 2, 3])), "idx must be token ids"),
+    (lambda m: m([[1, 2, 3]]), "idx must be token ids"),
+    (lambda m: m(torch.tensor([[1, 2, 3]]), keep_last=0), "keep_last must be an integer >= 1"),
+    (lambda m: m(torch.tensor([[1, 2, 3]]), cache=m.new_cache(2)), "the KV cache holds 2 rows"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, stop_tokens=[99]), "99 is not a token id"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, stop_tokens=[-1]), "-1 is not a token id"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, stop_tokens=[1.5]), "1.5 is not a token"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, stop_tokens="5"), "stop_tokens must be"),
+    (lambda m: m.generate(torch.tensor([[1, 2, 3]]), 2,
+                          attention_mask=torch.tensor([[0.5, 1, 1]])), r"only 0 \(padding\)"),
+    (lambda m: m.generate(torch.tensor([[1, 2, 3]]), 2,
+                          attention_mask=torch.tensor([[1, 0, 1]])), "a gap inside the prompt"),
+    (lambda m: StaticDecoder(m, batch_size=1, max_len=8, dtype="int8"), "unknown dtype"),
+])
+def test_bad_python_api_input_is_a_gpt2error(call, message):
+    """Found by an audit: these ran on silently (float ids truncated, stop ids or mask
+    values that can never match, all positions for keep_last=0) or failed deep in torch."""
+    with pytest.raises(GPT2Error, match=message) as e:
+        call(_tiny())
+    assert "\n" not in str(e.value)
+
+
+def test_kv_cache_past_its_length_is_a_gpt2error():
+    model = _tiny()
+    cache = model.new_cache(1, max_len=4)
+    model(torch.tensor([[1, 2, 3]]), cache=cache)
+    with pytest.raises(GPT2Error, match="KV cache is full: 5 positions > max_len 4"):
+        model(torch.tensor([[4, 5]]), cache=cache)
+
+
+def test_generate_on_a_training_model_runs_without_dropout_and_keeps_its_mode():
+    """Dropout made greedy decoding differ between calls; the model is put in eval mode
+    for the call and back in training mode after it."""
+    model = _tiny(dropout=0.5).train()
+    idx = torch.tensor([[1, 2, 3]])
+    runs = [model.generate(idx, 5, temperature=0.0) for _ in range(4)]
+    assert model.training
+    model.eval()
+    assert all(torch.equal(r, model.generate(idx, 5, temperature=0.0)) for r in runs)
+
+
+def test_an_int8_model_refuses_negative_ids_and_bf16():
+    """Its embedding indexed weight[idx], where -1 read the last row."""
+    from gpt2.config import GPT2Config
+    from gpt2.quantize import prepare_bf16, quantize_model
+
+    model = quantize_model(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)), "int8")
+    with pytest.raises(IndexError):  # as nn.Embedding does for the float model
+        model(torch.tensor([[-1]]))
+    with pytest.raises(GPT2Error, match="this model is quantized"):
+        prepare_bf16(model)

@@ -172,8 +172,22 @@ def test_low_temperature_approaches_argmax(row):
 
 
 def test_temperature_scales_the_logits():
+    """Divided by the temperature, less each row's largest (which softmax ignores)."""
     x = torch.tensor([[2.0, -4.0, 1.0]])
-    assert torch.equal(apply_temperature(x, 2.0), torch.tensor([[1.0, -2.0, 0.5]]))
+    assert torch.equal(apply_temperature(x, 2.0), torch.tensor([[0.0, -3.0, -0.5]]))
+    torch.testing.assert_close(torch.softmax(apply_temperature(x, 2.0), -1),
+                               torch.softmax(x / 2.0, -1))
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-30])
+def test_a_tiny_temperature_samples_the_largest_logit(temperature):
+    """x / 1e-45 overflows to inf and softmax of it is NaN, from which the sampler took
+    the last id: with the row's largest taken off first, the sample is the argmax."""
+    logits = torch.tensor([[2.0, 5.0, -1.0, 4.9], [-3.0, -7.0, -2.5, -9.0]])
+    options = SamplingOptions(temperature=temperature)
+    for seed in range(5):
+        got = choose_next(logits, options, generator=torch.Generator().manual_seed(seed))
+        assert got.tolist() == [1, 2]
 
 
 # --------------------------------------------------------------------------- repetition penalty

@@ -498,7 +498,11 @@ class CudaGraphDecoder(StaticDecoder):
 
 
 def _in_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """The model itself when it already is in dtype, else a converted copy."""
+    """The model itself when it already is in dtype, else a converted copy. dtype: a
+    torch.dtype or a name ("fp32", "bf16", "fp16"), as GPT2.from_pretrained takes."""
+    from gpt2.weights import parse_dtype
+
+    dtype = parse_dtype(dtype)
     if dtype is None or model.wte.weight.dtype == dtype:
         return model
     if getattr(model, "quantization", None):

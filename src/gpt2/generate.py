@@ -29,7 +29,7 @@ only the newest token. Three front ends share it:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,12 +155,17 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide by the temperature: < 1 sharpens the distribution, > 1 flattens it.
 
     Temperature 0 is greedy decoding, which never samples; it is handled by the
-    caller (`choose_next`), so here it must be > 0.
+    caller (`choose_next`), so here it must be > 0. Each row's largest logit is taken
+    off first (softmax does not change): at a tiny temperature the others then go to
+    -inf and the largest stays 0, where dividing as they are would overflow to inf and
+    make softmax NaN.
     """
     check_temperature(temperature)
     if temperature == 0.0:
         raise GPT2Error("temperature 0 is greedy decoding: take the argmax instead of scaling")
-    return logits if temperature == 1.0 else logits / temperature
+    if temperature == 1.0:
+        return logits
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -331,7 +336,7 @@ def stream(
             "(sliding_window=True) to keep only the most recent tokens"
         )
     return _decode(model, idx, attention_mask, max_new_tokens, options,
-                   _stop_set(stop_tokens), seed)
+                   _stop_set(stop_tokens, model.config.n_vocab), seed)
 
 
 def generate(
@@ -431,7 +436,7 @@ def generate_batch(
         stop_tokens=stop_tokens, seed=seed,
         attention_mask=mask.to(device) if padded else None, sliding_window=sliding_window,
     )
-    stops = _stop_set(stop_tokens)
+    stops = _stop_set(stop_tokens, model.config.n_vocab)
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     for token in steps:
@@ -454,7 +459,25 @@ def _decode(
     stops: frozenset[int],
     seed: int | None,
 ) -> Iterator[torch.Tensor]:
-    """The loop behind `stream`: prefill, then one cached position per new token."""
+    """The loop behind `stream`: prefill, then one cached position per new token, with
+    the model in evaluation mode (no dropout) and put back as it was at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _decode_steps(model, idx, mask, max_new_tokens, options, stops, seed)
+    finally:
+        model.train(was_training)
+
+
+def _decode_steps(
+    model,
+    idx: torch.Tensor,
+    mask: torch.Tensor | None,
+    max_new_tokens: int,
+    options: SamplingOptions,
+    stops: frozenset[int],
+    seed: int | None,
+) -> Iterator[torch.Tensor]:
     B, T = idx.shape
     n_ctx = model.config.n_ctx
     device = idx.device
@@ -594,6 +617,9 @@ def _check_prompt(model, idx, attention_mask):
     """Validate idx (B, T) and its mask; an empty prompt becomes <|endoftext|>."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise GPT2Error("idx must be a 2-D LongTensor (batch, tokens)")
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise GPT2Error(f"idx holds {idx.dtype}, not token ids: give an integer tensor "
+                        "(torch.long)")
     if idx.size(0) == 0:
         raise GPT2Error("idx has no rows: give at least one prompt")
     device = model.wte.weight.device
@@ -608,21 +634,40 @@ def _check_prompt(model, idx, attention_mask):
         if tuple(attention_mask.shape) != tuple(idx.shape):
             raise GPT2Error(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                             f"expected {tuple(idx.shape)} like idx")
-        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise GPT2Error("attention_mask must be a tensor of 0 (padding) and 1 (token)")
+        binary = attention_mask.to(device=device)
+        if not bool(((binary == 0) | (binary == 1)).all()):
+            raise GPT2Error("attention_mask must hold only 0 (padding) and 1 (a token)")
+        attention_mask = binary.to(dtype=torch.long)
         if bool((attention_mask[:, -1] == 0).any()):
             raise GPT2Error("attention_mask: pad prompts on the LEFT (the last column must be "
                             "a real token in every row)")
+        if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+            raise GPT2Error("attention_mask: padding goes before the prompt (LEFT), as one "
+                            "block: a 0 after a 1 in a row is a gap inside the prompt")
         if bool(attention_mask.all()):
             attention_mask = None  # nothing is padded: let attention take its unmasked path
     return idx, attention_mask
 
 
-def _stop_set(stop_tokens: Sequence[int] | None) -> frozenset[int]:
+def _stop_set(stop_tokens: Sequence[int] | None, n_vocab: int) -> frozenset[int]:
+    """stop_tokens (ids, or one id) as a set, each checked to be a token id of the model."""
     if stop_tokens is None:
         return frozenset()
-    if isinstance(stop_tokens, int):
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.reshape(-1).tolist()
+    elif isinstance(stop_tokens, int) and not isinstance(stop_tokens, bool):
         stop_tokens = [stop_tokens]
-    return frozenset(int(t) for t in stop_tokens)
+    elif isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise GPT2Error(f"stop_tokens must be token ids (a list of ints), got {stop_tokens!r}")
+    ids = list(stop_tokens)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+           or not 0 <= t < n_vocab]
+    if bad:
+        raise GPT2Error(f"stop_tokens: {bad[0]!r} is not a token id of this model (integers "
+                        f"in [0, {n_vocab}))")
+    return frozenset(ids)
 
 
 def _pad_id(model) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from gpt2.config import GPT2Config
+from gpt2.errors import GPT2Error
 
 
 class KVCache:
@@ -45,7 +46,8 @@ class KVCache:
         """
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
-            raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
+            raise GPT2Error(f"KV cache is full: {end} positions > max_len {self.max_len}; "
+                            "make it with a larger max_len (at most the model's n_ctx)")
         # (narrow + copy_ rather than slice assignment: the same copy, without Python's
         # index parsing, which costs more than the copy itself for one new position)
         k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)

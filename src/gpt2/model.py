@@ -238,7 +238,18 @@ class GPT2(nn.Module):
         keep_last: compute logits for the last `keep_last` positions only (scoring with a
             stride needs only the new positions; the unembedding is the costliest matmul).
         """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype == torch.bool \
+                or idx.is_floating_point() or idx.is_complex():
+            raise GPT2Error("idx must be token ids: an integer tensor (batch, tokens), got "
+                            + (f"{idx.dtype} of shape {tuple(idx.shape)}"
+                               if isinstance(idx, torch.Tensor) else type(idx).__name__))
+        if keep_last is not None and (isinstance(keep_last, bool)
+                                      or not isinstance(keep_last, int) or keep_last < 1):
+            raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")
         B, T = idx.shape
+        if cache is not None and cache.k.size(1) != B:
+            raise GPT2Error(f"the KV cache holds {cache.k.size(1)} rows but idx has {B}; make "
+                            f"it with model.new_cache({B}, ...)")
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_ctx:
             raise GPT2Error(

@@ -430,8 +430,11 @@ class Int8Embedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[idx].float() * self.weight_scale[idx].float().unsqueeze(-1)
-        return rows.to(self.dtype)  # (..., C)
+        # F.embedding, not weight[idx]: a negative id is an error, as in nn.Embedding,
+        # instead of a row counted from the end
+        rows = F.embedding(idx, self.weight).float()  # (..., C)
+        scale = F.embedding(idx, self.weight_scale.unsqueeze(-1)).float()  # (..., 1)
+        return (rows * scale).to(self.dtype)  # (..., C)
 
     def extra_repr(self) -> str:
         return f"{self.weight.size(0)}, {self.weight.size(1)}, int8 rows of the LM head"
@@ -602,6 +605,9 @@ def prepare_bf16(model: nn.Module) -> nn.Module:
     >>> model.wte.weight.dtype
     torch.bfloat16
     """
+    if getattr(model, "quantization", None):
+        raise GPT2Error(f"this model is quantized ({model.quantization['method']}); it runs in "
+                        "its own precision: load the float model for bf16")
     device = model.wte.weight.device
     if device.type == "cpu" and not cpu_supports_bf16():
         raise GPT2Error(

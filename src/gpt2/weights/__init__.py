@@ -26,12 +26,13 @@ DTYPES = {
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """"fp32", "bf16", "fp16" -> the torch dtype; a floating torch dtype or None as it is."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise GPT2Error(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+    found = DTYPES.get(dtype.lower()) if isinstance(dtype, str) else None
+    if found is None:
+        raise GPT2Error(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return found
 
 
 @dataclass
