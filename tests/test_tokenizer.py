@@ -352,6 +352,24 @@ def test_explain(tok):
     assert special.ids == [64, 50256] and special.words[1].special
 
 
+@pytest.mark.parametrize("text", [None, 5, b"hi", ["hi"]])
+def test_encode_takes_text_only(tok, text):
+    with pytest.raises(GPT2Error, match="encode takes a str"):
+        tok.encode(text)
+
+
+@pytest.mark.parametrize("ids", [None, 5, "abc"])
+def test_decode_takes_ids_only(tok, ids):
+    with pytest.raises(GPT2Error, match="decode takes token ids"):
+        tok.decode(ids)
+
+
+def test_decode_takes_a_0d_tensor_as_one_id(tok):
+    import torch
+
+    assert tok.decode(torch.tensor(995)) == tok.decode([995]) == " world"
+
+
 def test_decode_rejects_bad_ids(tok):
     for bad in ([50257], [-1], [1, "2"], [None]):
         with pytest.raises(GPT2Error, match="not in the vocabulary"):

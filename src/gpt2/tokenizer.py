@@ -458,6 +458,10 @@ class Tokenizer:
             >>> Tokenizer.from_pretrained().encode(" DON'T")
             [23917, 6, 51]
         """
+        if not isinstance(text, str):
+            raise GPT2Error(f"encode takes a str, got {type(text).__name__}"
+                            + ("; decode bytes first (bytes.decode('utf-8'))"
+                               if isinstance(text, (bytes, bytearray)) else ""))
         if not allowed_special:
             return self._encode_ordinary(text)
         out: list[int] = []
@@ -612,7 +616,10 @@ class Tokenizer:
         """The bytes the ids stand for, joined: exactly the UTF-8 text that was encoded."""
         if hasattr(ids, "tolist"):  # a tensor or array
             ids = ids.tolist()
+            ids = [ids] if isinstance(ids, int) else ids  # a 0-d tensor: one id
         elif not isinstance(ids, (list, tuple)):
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+                raise GPT2Error(f"decode takes token ids (a list of ints), got {ids!r:.60}")
             ids = list(ids)  # we may need a second pass to name a bad id
         try:
             return b"".join(map(self._bytes.__getitem__, ids))
