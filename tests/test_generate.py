@@ -427,6 +427,14 @@ def _tiny(dropout: float = 0.0) -> GPT2:
     (lambda m: m.generate(torch.tensor([[1, 2, 3]]), 2,
                           attention_mask=torch.tensor([[1, 0, 1]])), "a gap inside the prompt"),
     (lambda m: StaticDecoder(m, batch_size=1, max_len=8, dtype="int8"), "unknown dtype"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, temperature="0.5"), "temperature must be"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, top_p="0.5"), "top-p must be a number"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, repetition_penalty=None),
+     "repetition penalty must be a number"),
+    (lambda m: generate_batch(m, ["hello"], max_new_tokens=2), "list of token-id lists"),
+    (lambda m: generate_batch(m, [1, 2, 3], max_new_tokens=2), "list of token-id lists"),
+    (lambda m: generate_batch(m, torch.tensor([[1, 2]]), max_new_tokens=2), "use generate"),
+    (lambda m: generate_batch(m, [[1.5, 2]], max_new_tokens=2), "must hold token ids"),
 ])
 def test_bad_python_api_input_is_a_gpt2error(call, message):
     """Found by an audit: these ran on silently (float ids truncated, stop ids or mask

@@ -259,6 +259,15 @@ BROKEN = [
 ]
 
 
+@pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'"),
+                                             ("cuda:0", "no CUDA GPU is available here")])
+def test_a_device_that_is_not_there_is_refused_before_loading(tiny, device, message,
+                                                             monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(GPT2Error, match=message):
+        GPT2.from_pretrained(tiny.folder, device=device)
+
+
 def test_size_that_is_not_the_models_is_refused(tiny, tf_fixture):
     """--size picks a folder inside a Kaggle download; given with one model, it must name
     that model's size, not be ignored."""

@@ -79,7 +79,13 @@ class SamplingOptions:
         return self.temperature == 0.0
 
 
+def _check_number(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GPT2Error(f"{name} must be a number, got {value!r}")
+
+
 def check_temperature(temperature: float) -> None:
+    _check_number(temperature, "temperature")
     if not temperature >= 0.0 or temperature == float("inf"):  # `not >=` also rejects NaN
         raise GPT2Error(f"temperature must be a finite number >= 0 (0 means greedy), "
                         f"got {temperature}")
@@ -91,6 +97,7 @@ def check_top_k(k: int) -> None:
 
 
 def check_top_p(p: float) -> None:
+    _check_number(p, "top-p")
     if not 0.0 < p <= 1.0:
         raise GPT2Error(f"top-p must be in (0, 1] (1 keeps every token), got {p}")
 
@@ -121,6 +128,7 @@ def check_seed(seed: int) -> None:
 
 
 def check_repetition_penalty(penalty: float) -> None:
+    _check_number(penalty, "repetition penalty")
     if not penalty > 0.0 or penalty == float("inf"):
         raise GPT2Error(f"repetition penalty must be a finite number > 0 (1 means none), "
                         f"got {penalty}")
@@ -418,10 +426,16 @@ def generate_batch(
     >>> [len(r) for r in generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)]
     [2, 2]
     """
+    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) \
+            or any(isinstance(p, (str, bytes)) or not isinstance(p, Sequence) for p in prompts):
+        raise GPT2Error("prompts must be a list of token-id lists (tokenizer.encode each "
+                        "text); for a (B, T) tensor of equal-length prompts use generate")
     if not prompts:
         return []
     eot = _pad_id(model)
     rows = [list(p) if len(p) else [eot] for p in prompts]
+    if any(isinstance(t, bool) or not isinstance(t, int) for r in rows for t in r):
+        raise GPT2Error("prompts must hold token ids: integers")
     width = max(len(r) for r in rows)
     device = model.wte.weight.device
     idx = torch.full((len(rows), width), eot, dtype=torch.long)

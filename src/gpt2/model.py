@@ -424,9 +424,11 @@ class GPT2(nn.Module):
         >>> model = GPT2.from_pretrained("124M")  # doctest: +SKIP
         """
         from gpt2 import quantize as q
+        from gpt2.commands._common import resolve_device
         from gpt2.weights import load_checkpoint, parse_dtype
         from gpt2.weights.hub import resolve_model
 
+        device = resolve_device(device)  # before the slow part: reading the weights
         if quantize is not None and quantize not in q.METHODS:
             raise GPT2Error(
                 f"unknown quantization {quantize!r}; choose one of {', '.join(q.METHODS)}"
