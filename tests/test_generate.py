@@ -444,6 +444,20 @@ def test_bad_python_api_input_is_a_gpt2error(call, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("hooks, message", [
+    ({"blocks.0.attn.z": 3}, "is not a function"),
+    ({"blocks.0.attn.z": lambda z: 3}, "returned int; return a float tensor"),
+    ({"blocks.0.attn.z": lambda z: z.long()}, "returned Tensor of torch.int64"),
+    ([("blocks.0.attn.z", None)], "hooks takes a dict"),
+])
+def test_bad_hooks_are_a_gpt2error(hooks, message):
+    model = _tiny()
+    with pytest.raises(GPT2Error, match=message), model.hooks(hooks):
+        model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(GPT2Error, match="names must be activation names"):
+        model.run_with_cache(torch.tensor([[1, 2]]), names=3)
+
+
 def test_kv_cache_past_its_length_is_a_gpt2error():
     model = _tiny()
     cache = model.new_cache(1, max_len=4)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,6 +75,10 @@ class Taps:
         if fn is not None:
             out = fn(x)
             if out is not None:
+                if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                    raise GPT2Error(f"hook on {name} returned {type(out).__name__}"
+                                    f"{f' of {out.dtype}' if isinstance(out, torch.Tensor) else ''}"
+                                    "; return a float tensor shaped like its input, or None")
                 if out.shape != x.shape:
                     raise GPT2Error(
                         f"hook on {name} returned shape {tuple(out.shape)}, "
@@ -307,7 +311,12 @@ class GPT2(nn.Module):
         >>> with model.hooks({"blocks.0.attn.z": zero_head_0}):
         ...     logits = model(torch.tensor([[1, 2, 3]]))
         """
+        if not isinstance(fns, Mapping):
+            raise GPT2Error("hooks takes a dict {activation name: function}")
         self._check_names(fns)
+        not_callable = [name for name, fn in fns.items() if not callable(fn)]
+        if not_callable:
+            raise GPT2Error(f"the hook for {not_callable[0]!r} is not a function")
         previous = self._taps
         keep = previous.keep if previous is not None else set()
         self._taps = Taps({**(previous.hooks if previous else {}), **fns}, keep)
@@ -329,6 +338,8 @@ class GPT2(nn.Module):
         """
         if isinstance(names, str):
             names = [names]
+        if names is not None and not isinstance(names, Iterable):
+            raise GPT2Error(f"names must be activation names (a list of str), got {names!r}")
         keep = set(self.activation_names() if names is None else names)
         self._check_names(keep)
         previous = self._taps
