@@ -24,10 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.inspect import (
     ablate_heads,
     attention_patterns,
+    check_layer_head,
     logit_lens,
     next_tokens,
     render_report,
@@ -439,3 +441,174 @@ def test_report_page_is_package_data():
     assert page.is_file()
     text = Path(str(page)).read_text(encoding="utf-8")
     assert "/*REPORT_DATA*/" in text and "{{TITLE}}" in text
+
+
+# -- bad input to the Python API -------------------------------------------------------------
+
+
+def small(**kw) -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=16, n_ctx=8, **kw))
+
+
+INSPECTORS = {
+    "attention": lambda m, ids: attention_patterns(m, ids),
+    "next": lambda m, ids: next_tokens(m, ids, top=3),
+    "lens": lambda m, ids: logit_lens(m, ids),
+    "ablate": lambda m, ids: ablate_heads(m, ids),
+}
+
+
+def _numbers(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, list):  # next_tokens' predictions
+        return [torch.tensor([[p.id, p.prob] for p in result])]
+    return [v for v in vars(result).values() if isinstance(v, torch.Tensor)] + \
+        [torch.tensor(getattr(result, "base_loss", 0.0))]
+
+
+@pytest.mark.parametrize("name", INSPECTORS)
+def test_a_model_in_train_mode_is_inspected_without_dropout(name):
+    model = small(dropout=0.5).train()
+    first = _numbers(INSPECTORS[name](model, [1, 2, 3, 4]))
+    assert model.training  # the mode it was in comes back
+    again = _numbers(INSPECTORS[name](model, [1, 2, 3, 4]))
+    expected = _numbers(INSPECTORS[name](copy.deepcopy(model).eval(), [1, 2, 3, 4]))
+    for a, b, c in zip(first, again, expected, strict=True):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("name", INSPECTORS)
+@pytest.mark.parametrize("ids, message", [
+    ("1 2 3", "ids must be a list of integer token ids or an integer tensor, got str"),
+    (None, "ids must be a list of integer token ids or an integer tensor, got NoneType"),
+    ([1.7, 2], "ids must be a list of integer token ids, found 1.7"),
+    ([True, 2], "ids must be a list of integer token ids, found True"),
+    (torch.tensor([1.0, 2.0]), "ids must be integers, got a tensor of dtype torch.float32"),
+    (torch.tensor([True, False]), "ids must be integers, got a tensor of dtype torch.bool"),
+    ([1, 16], "token ids must be in [0, 16) for this model, found 1..16"),
+    ([-1, 2], "token ids must be in [0, 16) for this model, found -1..2"),
+    (list(range(9)), "the text is 9 tokens but this model's context is 8"),
+    ([], "expected the ids of one text (a non-empty list)"),
+])
+def test_bad_ids_are_gpt2_errors(name, ids, message):
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        INSPECTORS[name](small(), ids)
+
+
+def test_integer_ids_of_any_form_are_read():
+    model = small()
+    expected = next_tokens(model, [1, 2, 3])
+    for ids in ([1, 2, 3], (1, 2, 3), torch.tensor([1, 2, 3], dtype=torch.int32),
+                torch.tensor([1, 2, 3]).numpy()):
+        assert next_tokens(model, ids) == expected
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, "2", 1.5, True])
+def test_ablation_batch_size_must_be_a_positive_integer(batch_size):
+    with pytest.raises(GPT2Error, match="batch_size must be an integer >= 1"):
+        ablate_heads(small(), [1, 2, 3, 4], batch_size=batch_size)
+
+
+def test_ablation_in_batches_of_one_equals_one_batch():
+    model = small()
+    one = ablate_heads(model, [1, 2, 3, 4], batch_size=1)
+    torch.testing.assert_close(one.losses, ablate_heads(model, [1, 2, 3, 4]).losses)
+
+
+@pytest.mark.parametrize("top", [0, "3", None, 2.5, True])
+def test_next_tokens_top_must_be_a_positive_integer(top):
+    with pytest.raises(GPT2Error, match="top must be an integer >= 1"):
+        next_tokens(small(), [1, 2, 3], top=top)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([], "layers must be a non-empty list"),
+    (1, "layers must be a non-empty list"),
+    ("0", "layers must be a non-empty list"),
+    ([0.0], "layer 0.0 does not exist: this model has layers 0..0"),
+    ([False], "layer False does not exist"),
+    ([-1], "layer -1 does not exist"),
+])
+def test_attention_layers_must_be_a_list_of_layer_numbers(layers, message):
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        attention_patterns(small(), [1, 2, 3], layers=layers)
+
+
+@pytest.mark.parametrize("where", [{"layer": 0.5}, {"layer": False}, {"head": 0.0},
+                                   {"head": True}, {"head": 2}, {"layer": -1}])
+def test_check_layer_head_wants_integers_in_range(where):
+    with pytest.raises(GPT2Error, match="does not exist"):
+        check_layer_head(small().config, **where)
+
+
+def test_logit_lens_of_an_int8_model_reads_through_its_own_head():
+    from gpt2.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)), "int8")
+    ids = [1, 2, 3, 4, 5]
+    lens = logit_lens(model, ids)
+    with torch.no_grad():
+        probs = F.softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
+    p, i = probs.max(dim=-1)
+    assert torch.equal(lens.top_ids[-1], i)  # the last depth is the model's own output
+    torch.testing.assert_close(lens.top_probs[-1], p)
+    assert lens.top_ids.shape == (2, len(ids))
+
+
+@pytest.fixture(scope="module")
+def patterns():
+    return torch.softmax(torch.randn(2, 3, 4, 4), -1)  # (L, H, T, T)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layer": 5}, "layer 5 does not exist: the patterns have layers 0..1"),
+    ({"layer": -1}, "layer -1 does not exist"),
+    ({"layer": 1.0}, "layer 1.0 does not exist"),
+    ({"layer": 0, "head": 7}, "head 7 does not exist: the patterns have heads 0..2"),
+    ({"layer": 0, "head": -1}, "head -1 does not exist"),
+    ({"head": 0}, "--head needs --layer too"),
+])
+def test_plot_attention_checks_layer_and_head(patterns, kwargs, message):
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        plot_attention(patterns, list("abcd"), **kwargs)
+
+
+@pytest.mark.parametrize("bad, labels, message", [
+    (torch.zeros(3, 4, 4), list("abcd"), "patterns must be a tensor of shape "
+                                         "(n_layer, n_head, T, T), got (3, 4, 4)"),
+    (torch.zeros(2, 3, 4, 5), list("abcd"), "got (2, 3, 4, 5)"),
+    ([[[[1.0]]]], ["a"], "patterns must be a tensor of shape (n_layer, n_head, T, T), got list"),
+    (None, list("abcd"), "got NoneType"),
+    (torch.zeros(2, 3, 4, 4), list("abc"), "labels must hold one entry per token (4), got 3"),
+    (torch.zeros(2, 3, 4, 4), "abcd", "labels must hold one entry per token (4), got 4"),
+])
+def test_plot_attention_checks_patterns_and_labels(bad, labels, message):
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        plot_attention(bad, labels, layer=0)
+
+
+def test_bf16_patterns_and_lenses_are_drawn(patterns):
+    labels = list("abcd")
+    for kw in ({}, {"layer": 1}, {"layer": 1, "head": 2}):
+        assert png_bytes(plot_attention(patterns.bfloat16(), labels, **kw))[:4] == b"\x89PNG"
+    lens = logit_lens(small(), [1, 2, 3, 4])
+    lens16 = copy.copy(lens)
+    object.__setattr__(lens16, "top_probs", lens.top_probs.bfloat16())
+    tops = [["x"] * 4 for _ in lens.names]
+    assert png_bytes(plot_logit_lens(lens16, labels, tops))[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("inputs, tops, message", [
+    (list("abc"), [["x"] * 4] * 2, "input_labels must hold one entry per token (4), got 3"),
+    (list("abcd"), [["x"] * 4], "top_labels must hold one entry per depth (2), got 1"),
+    (list("abcd"), [["x"] * 4, ["x"] * 3], "each row of top_labels must hold one entry per "
+                                           "token (4), got 3"),
+])
+def test_plot_logit_lens_checks_its_labels(inputs, tops, message):
+    lens = logit_lens(small(), [1, 2, 3, 4])
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        plot_logit_lens(lens, inputs, tops)

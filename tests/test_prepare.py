@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -198,3 +199,27 @@ def test_tokens_per_line_of_the_big_file(tiktoken_gpt2):
     line = "The quick brown fox jumps over the lazy dog." * 20 + "\n"
     assert len(line) == 881
     assert len(tiktoken_gpt2.encode_ordinary(line * 3)) == 3 * _tokens_per_line()
+
+
+def test_a_single_path_is_one_file(tmp_path, two_docs):
+    a, _ = two_docs
+    one = prepare(str(a), out=tmp_path / "str", progress=False)
+    listed = prepare([a], out=tmp_path / "list", progress=False)
+    assert one["train_tokens"] == listed["train_tokens"] > 0
+    assert prepare(a, out=tmp_path / "pathlike", progress=False)["train_tokens"] == \
+        listed["train_tokens"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"chunk_bytes": 0}, "chunk_bytes must be an integer >= 1"),
+    ({"chunk_bytes": 1.5}, "chunk_bytes must be an integer >= 1"),
+    ({"val_fraction": "0.1"}, "--val-fraction must be a number in [0, 1)"),
+    ({"val_fraction": math.nan}, "--val-fraction must be a number in [0, 1)"),
+    ({"files": None}, "files must be a path or a list of paths"),
+    ({"files": [3]}, "files must be a path or a list of paths"),
+])
+def test_bad_arguments_are_gpt2_errors(tmp_path, two_docs, kwargs, message):
+    kwargs = {"files": [two_docs[0]], **kwargs}
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        prepare(out=tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -649,3 +650,34 @@ def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkey
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grad_clip", math.nan, "--grad-clip must be a finite number, got nan"),
+    ("weight_decay", math.inf, "--weight-decay must be a finite number, got inf"),
+    ("lr", math.nan, "--lr must be a finite number, got nan"),
+    ("min_lr", math.nan, "--min-lr must be a finite number, got nan"),
+    ("warmup_steps", math.nan, "--warmup-steps must be an integer, got nan"),
+    ("max_steps", 2.5, "--max-steps must be an integer, got 2.5"),
+    ("batch_size", 2.0, "--batch-size must be an integer, got 2.0"),
+    ("block_size", "16", "--block-size must be an integer, got '16'"),
+    ("stop_at", True, "--stop-at must be an integer or None, got True"),
+    ("dropout", "0.1", "--dropout must be a number, got '0.1'"),
+    ("compile", 1, "--compile must be True or False, got 1"),
+    ("device", None, "--device must be a string, got None"),
+    ("out", None, "--out must be a string, got None"),
+])
+def test_config_types_are_checked_up_front(tmp_path, field, value, message):
+    data = synthetic(tmp_path / "d", n=200)
+    kw = {"data": str(data), "out": str(tmp_path / "o"), **TINY, "max_steps": 2, field: value}
+    cfg = TrainConfig(**kw)
+    with pytest.raises(GPT2Error, match="^" + re.escape(message) + "$"):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_takes_paths(tmp_path):
+    data = synthetic(tmp_path / "d", n=2000)
+    s = train(TrainConfig(data=data, out=tmp_path / "o", **{**TINY, "max_steps": 1},
+                          device="cpu"))
+    assert s.step == 1 and (tmp_path / "o" / "log.jsonl").is_file()

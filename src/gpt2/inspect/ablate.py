@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.inspect.attention import as_batch
+from gpt2.inspect.attention import as_batch, check_count, eval_mode
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,20 @@ def ablate_heads(
     >>> ablate_heads(model, [1, 2, 3]).deltas.shape
     torch.Size([2, 2])
     """
-    idx = as_batch(ids, model.wte.weight.device)  # (1, T)
+    idx = as_batch(ids, model)  # (1, T)
     T = idx.size(1)
     if T < 2:
         raise GPT2Error("ablation needs a text of at least 2 tokens (a loss needs a next token)")
-    n_layer, n_head = model.config.n_layer, model.config.n_head
     if batch_size is None:
         batch_size = max(1, (1 << 28) // (T * model.config.n_vocab))  # 2^28 fp32 = 1 GiB
+    check_count("batch_size", batch_size)
+    with eval_mode(model):
+        return _ablate(model, idx, batch_size)
+
+
+def _ablate(model, idx: torch.Tensor, batch_size: int) -> HeadAblation:
+    T = idx.size(1)
+    n_layer, n_head = model.config.n_layer, model.config.n_head
     base = float(next_token_loss(model(idx), idx)[0])
     losses = torch.empty(n_layer, n_head)
     for layer in range(n_layer):

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpt2.errors import GPT2Error
-from gpt2.inspect.attention import as_batch
+from gpt2.inspect.attention import as_batch, check_count, eval_mode
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,10 @@ def next_tokens(model, ids: Sequence[int] | torch.Tensor, *, top: int = 10) -> l
     >>> len(next_tokens(model, [1, 2, 3], top=3))
     3
     """
-    if top < 1:
-        raise GPT2Error(f"--top must be at least 1, got {top}")
-    logits = model(as_batch(ids, model.wte.weight.device), last_only=True)  # (1, 1, V)
+    check_count("top", top)
+    idx = as_batch(ids, model)  # (1, T)
+    with eval_mode(model):
+        logits = model(idx, last_only=True)  # (1, 1, V)
     probs = F.softmax(logits[0, -1].float(), dim=-1)  # (V,)
     p, i = probs.topk(min(top, probs.numel()))
     return [Prediction(int(a), float(b)) for a, b in zip(i.tolist(), p.tolist(), strict=True)]
@@ -62,16 +62,17 @@ def logit_lens(model, ids: Sequence[int] | torch.Tensor) -> LogitLens:
     >>> lens.names, lens.top_ids.shape
     (['embed', 'block 0', 'block 1'], torch.Size([3, 3]))
     """
-    idx = as_batch(ids, model.wte.weight.device)  # (1, T)
+    idx = as_batch(ids, model)  # (1, T)
     n_layer = model.config.n_layer
     # the stream entering block 0 is embed + pos_embed
     names = ["blocks.0.resid_pre"] + [f"blocks.{i}.resid_post" for i in range(n_layer)]
-    _, cache = model.run_with_cache(idx, names=names)
+    with eval_mode(model):
+        _, cache = model.run_with_cache(idx, names=names)
     targets = idx[0, 1:]  # (T - 1,)
     top_ids, top_probs, target_probs = [], [], []
     # one depth at a time: all of them at once would be (L + 1, T, n_vocab) floats
     for name in names:
-        logits = F.linear(model.ln_f(cache.pop(name)[0]), model.wte.weight)  # (T, V)
+        logits = _unembed(model, model.ln_f(cache.pop(name)))[0]  # (T, V)
         probs = F.softmax(logits.float(), dim=-1)  # (T, V)
         p, i = probs.max(dim=-1)  # (T,), (T,)
         top_ids.append(i.cpu())
@@ -83,3 +84,11 @@ def logit_lens(model, ids: Sequence[int] | torch.Tensor) -> LogitLens:
         top_probs=torch.stack(top_probs),
         target_probs=torch.stack(target_probs),
     )
+
+
+def _unembed(model, x: torch.Tensor) -> torch.Tensor:
+    """x (1, T, C) -> logits (1, T, V) through the model's own head: a quantized model's
+    int8 or packed copy of wte where it has one (its wte may hold int8 rows), else wte."""
+    if model.lm_head is not None:
+        return model.lm_head(x)
+    return F.linear(x, model.wte.weight)

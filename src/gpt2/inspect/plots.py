@@ -17,6 +17,7 @@ import torch
 
 from gpt2._io import atomic_write_bytes
 from gpt2.errors import GPT2Error
+from gpt2.inspect.attention import is_int
 
 # Axes show every token up to this many; beyond it, numbered ticks only.
 MAX_LABELLED_TOKENS = 64
@@ -52,6 +53,29 @@ def _token_axes(ax, labels: Sequence[str], *, x: bool = True, y: bool = True) ->
         ax.set_yticks(ticks, texts, fontsize=8)
 
 
+def _probs(t, name: str, shape: str) -> torch.Tensor:
+    """t as a float32 CPU tensor (numpy has no bf16) of the documented shape, e.g.
+    "(n_layer, n_head, T, T)", or a GPT2Error naming what was given."""
+    dims = shape.strip("()").split(", ")
+    if not isinstance(t, torch.Tensor) or t.dim() != len(dims) or \
+            (dims[-1] == dims[-2] == "T" and t.size(-1) != t.size(-2)):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise GPT2Error(f"{name} must be a tensor of shape {shape}, got {got}")
+    return t.detach().float().cpu()
+
+
+def _check_labels(labels, n: int, name: str = "labels", per: str = "token") -> None:
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) != n:
+        got = len(labels) if isinstance(labels, Sequence) else type(labels).__name__
+        raise GPT2Error(f"{name} must hold one entry per {per} ({n}), got {got}")
+
+
+def _check_index(name: str, value, count: int) -> None:
+    if not is_int(value) or not 0 <= value < count:
+        raise GPT2Error(f"{name} {value!r} does not exist: the patterns have {name}s "
+                        f"0..{count - 1}")
+
+
 def _clamp(inches: float, low: float, high: float) -> float:
     return max(low, min(high, inches))
 
@@ -75,9 +99,14 @@ def plot_attention(
     >>> plot_attention(p, ["a", "b", "c"], layer=0, head=1).get_size_inches().tolist()
     [5.0, 4.5]
     """
+    patterns = _probs(patterns, "patterns", "(n_layer, n_head, T, T)")
     L, H, T, _ = patterns.shape
     if head is not None and layer is None:
         raise GPT2Error("--head needs --layer too (a head is numbered within its layer)")
+    if layer is not None:
+        _check_index("layer", layer, L)
+    if head is not None:
+        _check_index("head", head, H)
     if layer is not None and head is not None:
         return plot_head(patterns[layer, head], labels, layer=layer, head=head,
                          figsize=figsize, dpi=dpi)
@@ -91,7 +120,9 @@ def plot_head(
     figsize: tuple[float, float] | None = None, dpi: int = 100,
 ):
     """One head's (T, T) attention map with the tokens on both axes."""
+    pattern = _probs(pattern, "pattern", "(T, T)")
     T = pattern.size(0)
+    _check_labels(labels, T)
     side = _clamp(1.5 + 0.22 * T, 4.5, 24.0)
     fig = _figure(figsize or (side + 0.5, side), dpi)
     ax = fig.add_subplot()
@@ -109,7 +140,9 @@ def plot_layer(
     figsize: tuple[float, float] | None = None, dpi: int = 100,
 ):
     """One layer's heads (n_head, T, T) as small multiples."""
+    patterns = _probs(patterns, "patterns", "(n_head, T, T)")
     H, T, _ = patterns.shape
+    _check_labels(labels, T)
     cols = math.ceil(math.sqrt(H))
     rows = math.ceil(H / cols)
     cell = _clamp(0.12 * T + 1.0, 2.0, 8.0)
@@ -141,6 +174,7 @@ def plot_all_heads(
 ):
     """Every head (n_layer, n_head, T, T) at a glance, as one mosaic image (a single
     imshow stays fast even for 48 x 25 heads)."""
+    patterns = _probs(patterns, "patterns", "(n_layer, n_head, T, T)")
     L, H, T, _ = patterns.shape
     gap = max(1, T // 8)
     mosaic = torch.full((L * (T + gap) - gap, H * (T + gap) - gap), float("nan"))
@@ -180,12 +214,18 @@ def plot_logit_lens(
     Each cell is the top next-token guess at that depth and position, coloured by
     its probability; input_labels name the columns, top_labels[d][t] the cells.
     """
-    D, T = lens.top_probs.shape
+    top_probs = _probs(getattr(lens, "top_probs", None), "lens.top_probs", "(depths, T)")
+    D, T = top_probs.shape
+    _check_labels(input_labels, T, "input_labels")
+    _check_labels(getattr(lens, "names", None), D, "lens.names", "depth")
+    _check_labels(top_labels, D, "top_labels", "depth")
+    for row in top_labels:
+        _check_labels(row, T, "each row of top_labels")
     width = _clamp(1.8 + 0.8 * T, 5.0, 40.0)
     height = _clamp(1.6 + 0.32 * D, 3.0, 30.0)
     fig = _figure(figsize or (width, height), dpi)
     ax = fig.add_subplot()
-    image = ax.imshow(lens.top_probs.numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
+    image = ax.imshow(top_probs.numpy(), cmap="viridis", vmin=0.0, vmax=1.0,
                       aspect="auto", interpolation="nearest")
     if T <= MAX_LABELLED_TOKENS:
         ax.set_xticks(range(T), [_text(s) for s in input_labels], rotation=90, fontsize=8)
@@ -193,7 +233,7 @@ def plot_logit_lens(
     if T <= 40 and D <= 60:
         for d in range(D):
             for t in range(T):
-                p = float(lens.top_probs[d, t])
+                p = float(top_probs[d, t])
                 ax.text(t, d, _text(top_labels[d][t][:10]), ha="center", va="center",
                         fontsize=7, color="black" if p > 0.6 else "white")
     ax.set_xlabel("input token (the cell is the guess for the token after it)")
@@ -206,7 +246,7 @@ def plot_ablation(
     ablation, *, figsize: tuple[float, float] | None = None, dpi: int = 100
 ):
     """Loss increase per zeroed head as a layers x heads heatmap (red: the head helped)."""
-    deltas = ablation.deltas  # (L, H)
+    deltas = _probs(ablation.deltas, "ablation.deltas", "(n_layer, n_head)")  # (L, H)
     L, H = deltas.shape
     fig = _figure(figsize or (_clamp(0.55 * H + 2.5, 5.0, 24.0), _clamp(0.4 * L + 1.8, 3.5, 24.0)),
                   dpi)

@@ -65,7 +65,7 @@ _COPY_TOKENS = 1 << 24  # tokens copied per slice from the scratch file into a s
 
 
 def prepare(
-    files: Sequence[str | os.PathLike],
+    files: Sequence[str | os.PathLike] | str | os.PathLike,
     *,
     out: str | os.PathLike,
     val_fraction: float = 0.005,
@@ -82,8 +82,18 @@ def prepare(
     """
     from gpt2.tokenizer import Tokenizer
 
-    if not 0.0 <= val_fraction < 1.0:
-        raise GPT2Error(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or \
+            not 0.0 <= val_fraction < 1.0:  # also False for NaN
+        raise GPT2Error(f"--val-fraction must be a number in [0, 1), got {val_fraction!r}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise GPT2Error(f"chunk_bytes must be an integer >= 1, got {chunk_bytes!r}")
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]  # one file, not a list of its name's characters
+    bad = [files] if not isinstance(files, Sequence) else \
+        [f for f in files if not isinstance(f, (str, os.PathLike))]
+    if bad:
+        raise GPT2Error(f"files must be a path or a list of paths to text files, got "
+                        f"{bad[0]!r}")
     paths = [_check_input(Path(f)) for f in files]
     if not paths:
         raise GPT2Error("no input files given; name one or more UTF-8 text files")

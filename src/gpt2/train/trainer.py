@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> Train
     """
     from gpt2.commands._common import resolve_device
 
+    cfg = _typed(cfg)  # before cfg.device and cfg.out are used
     if cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     info = distributed.setup(resolve_device(cfg.device))
@@ -560,7 +561,9 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
 
 
 def validated(cfg: TrainConfig) -> TrainConfig:
-    """cfg with its ranges checked (a GPT2Error naming the flag) and min_lr filled in."""
+    """cfg with its types and ranges checked (a GPT2Error naming the flag) and min_lr
+    filled in."""
+    cfg = _typed(cfg)
     positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_steps",
                 "sample_tokens")
     for name in positive:
@@ -596,6 +599,26 @@ def validated(cfg: TrainConfig) -> TrainConfig:
             raise GPT2Error(f"--n-embd {cfg.n_embd} must be a multiple of --n-head "
                             f"{cfg.n_head} (each head gets n-embd / n-head dimensions)")
     return dataclasses.replace(cfg, min_lr=min_lr)
+
+
+def _typed(cfg: TrainConfig) -> TrainConfig:
+    """cfg with paths as str, or a GPT2Error naming the first flag whose value is not of its
+    type: an int that is 2.5 or "16", a float that is NaN or infinite (it would pass every
+    range check below and poison the run silently), None where a value is needed."""
+    paths = {n: os.fspath(getattr(cfg, n)) for n in ("data", "out", "init")
+             if isinstance(getattr(cfg, n), os.PathLike)}
+    cfg = dataclasses.replace(cfg, **paths)
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), f"--{f.name.replace('_', '-')}"
+        kinds = f.type.split(" | ")
+        if not _is_kind(value, f.type):
+            wanted = {"int": "an integer", "float": "a number", "str": "a string",
+                      "bool": "True or False", "None": "None"}
+            raise GPT2Error(f"{flag} must be {' or '.join(wanted[k] for k in kinds)}, "
+                            f"got {value!r}")
+        if "float" in kinds and value is not None and not math.isfinite(value):
+            raise GPT2Error(f"{flag} must be a finite number, got {value!r}")
+    return cfg
 
 
 def _merge_resumed(cfg: TrainConfig, saved: dict, *, explicit: Collection[str] | None,
