@@ -458,6 +458,18 @@ def test_bad_hooks_are_a_gpt2error(hooks, message):
         model.run_with_cache(torch.tensor([[1, 2]]), names=3)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.new_cache(-1), "batch_size must be an integer >= 1"),
+    (lambda m: m.new_cache(1, max_len=0), "max_len must be an integer >= 1"),
+    (lambda m: m.new_cache(1).crop(-3), "crop takes a length >= 0"),
+    (lambda m: __import__("gpt2.quantize").quantize.quantize_model(torch.nn.Linear(4, 4)),
+     "quantize_model takes a GPT2 model"),
+])
+def test_bad_cache_and_quantize_arguments_are_a_gpt2error(call, message):
+    with pytest.raises(GPT2Error, match=message):
+        call(_tiny())
+
+
 def test_kv_cache_past_its_length_is_a_gpt2error():
     model = _tiny()
     cache = model.new_cache(1, max_len=4)

@@ -33,6 +33,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GPT2Error(f"KV cache: {name} must be an integer >= 1, got {value!r}")
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -66,4 +69,6 @@ class KVCache:
 
     def crop(self, length: int) -> None:
         """Forget positions >= length (used to slide a window or retry)."""
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise GPT2Error(f"KV cache: crop takes a length >= 0, got {length!r}")
         self.length = min(self.length, length)

@@ -405,7 +405,7 @@ class GPT2(nn.Module):
         return KVCache(
             self.config,
             batch_size=batch_size,
-            max_len=max_len or self.config.n_ctx,
+            max_len=self.config.n_ctx if max_len is None else max_len,
             dtype=self.kv_cache_dtype or p.dtype,
             device=p.device,
         )

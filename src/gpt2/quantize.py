@@ -554,6 +554,8 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
     'Int8Linear'
     """
     activations = _activations_for(method)
+    if not all(hasattr(model, name) for name in ("config", "wte", "h")):
+        raise GPT2Error(f"quantize_model takes a GPT2 model, got {type(model).__name__}")
     if getattr(model, "quantization", None):
         raise GPT2Error("this model is already quantized; load the float checkpoint instead")
     act_dtype = model.wte.weight.dtype
