@@ -247,7 +247,8 @@ class StaticDecoder:
         same prompt length). max_len: prompt + new tokens the cache holds (at most
         n_ctx); the step attends over all max_len slots, so keep it close to what
         you need. dtype: run in this precision; None keeps the model's. A model in
-        another dtype is converted into a copy (the caller's model is not changed).
+        another dtype is converted into a copy (the caller's model is not changed);
+        a model used as it is is put in evaluation mode (decoding has no dropout).
     compile: pass the per-layer step and the sampler through `torch.compile` with
         `compile_mode` (None: PyTorch's default; "max-autotune-no-cudagraphs" tunes
         the matrix products too, at minutes of compile time). The per-layer step is
