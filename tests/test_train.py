@@ -295,6 +295,9 @@ def test_finetune_hf_checkpoint_then_generate(tmp_path, hf_checkpoint, topics_da
     assert r.code == 0, r.err
     assert r.out.startswith("Hello")
     assert s.val_loss is not None
+    # its shape came from --init: a shape flag on --resume says so, not "the run's: 6"
+    r = run_cli("train", "--out", out, "--resume", "--n-layer", "9", "-q")
+    assert r.code == 1 and f"came from --init {ckpt.folder}, whose shape it keeps" in r.err
 
 
 def test_finetune_openai_layout(tmp_path, tf_fixture, topics_data, run_cli):

@@ -648,13 +648,21 @@ def _merge_resumed(cfg: TrainConfig, saved: dict, *, explicit: Collection[str] |
         else:
             merged[name] = theirs
             if chosen and mine != theirs:
-                conflicts.append(f"--{name.replace('_', '-')} {mine} (the run's: {theirs})")
+                flag = f"--{name.replace('_', '-')} {mine}"
+                if name in _SHAPE and saved.get("init", "scratch") != "scratch":
+                    conflicts.append(f"{flag} (the run's model came from --init "
+                                     f"{saved['init']}, whose shape it keeps)")
+                else:
+                    conflicts.append(f"{flag} (the run's: {theirs})")
     if conflicts:
         out = cfg.out
         raise GPT2Error(f"--resume goes on with the run's own settings, but {', '.join(conflicts)} "
                         f"differ; leave them out to resume, or start a new run with another --out "
                         f"(--init {out} starts from this run's model)")
     return TrainConfig(**merged)
+
+
+_SHAPE = ("n_layer", "n_head", "n_embd")  # the network's shape: from scratch only
 
 
 def _is_kind(value: object, annotation: str) -> bool:
