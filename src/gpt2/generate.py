@@ -36,6 +36,7 @@ import torch
 
 from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
+from gpt2.model import eval_mode
 
 EOT = 50256  # <|endoftext|>: unconditional samples start from it, finished rows are padded with it
 
@@ -475,12 +476,8 @@ def _decode(
 ) -> Iterator[torch.Tensor]:
     """The loop behind `stream`: prefill, then one cached position per new token, with
     the model in evaluation mode (no dropout) and put back as it was at the end."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         yield from _decode_steps(model, idx, mask, max_new_tokens, options, stops, seed)
-    finally:
-        model.train(was_training)
 
 
 def _decode_steps(

@@ -514,6 +514,19 @@ def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Ten
     return F.linear(x, F.pad(wte, (0, 0, 0, pad)))[..., :V]  # (..., V)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in evaluation mode (no dropout: the same input gives the same numbers)
+    for the block, then back in the mode it was in, also after an exception: for
+    generating, scoring and inspecting in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     """drop(x), skipped where it would return x anyway (evaluation, or p = 0): a decode
     step would otherwise spend some 25 module calls on doing nothing."""

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
 from gpt2.generate import EOT  # <|endoftext|>, put before the text by bos=True
+from gpt2.model import eval_mode
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,10 @@ def score(
                         f"least two, as the first is only context{hint}")
 
     device = model.wte.weight.device
-    was_training = model.training
-    model.eval()  # dropout off, also when called in the middle of training
     total = 0.0
-    try:
-        with torch.inference_mode():
-            for batch in _batches(_windows(len(tokens), max_length, stride), batch_size):
-                total += _score_batch(model, tokens, batch, device)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for batch in _batches(_windows(len(tokens), max_length, stride), batch_size):
+            total += _score_batch(model, tokens, batch, device)
     if not math.isfinite(total):
         raise GPT2Error("the model's log-likelihoods are NaN or infinite: its weights hold "
                         "NaN or inf (gpt2 validate MODEL checks a forward pass), or its "

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.inspect.attention import as_batch, check_count, eval_mode
+from gpt2.inspect.attention import as_batch, check_count
+from gpt2.model import eval_mode
 
 
 @dataclass(frozen=True)

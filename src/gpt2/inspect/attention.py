@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from gpt2.errors import GPT2Error
+from gpt2.model import eval_mode
 
 
 def is_int(value) -> bool:
@@ -64,18 +64,6 @@ def as_batch(ids: Sequence[int] | torch.Tensor, model) -> torch.Tensor:
         raise GPT2Error(f"the text is {idx.numel()} tokens but this model's context is "
                         f"{config.n_ctx}; shorten the text")
     return idx.to(model.wte.weight.device).unsqueeze(0)  # (1, T)
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """The model in eval mode (dropout off: the same input gives the same numbers) for the
-    block, then back in the mode it was in, also when called in the middle of training."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
