@@ -268,6 +268,18 @@ def test_a_device_that_is_not_there_is_refused_before_loading(tiny, device, mess
         GPT2.from_pretrained(tiny.folder, device=device)
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (64, 64), (65, 130), (768, 2304), (3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_transpose_is_the_transpose(shape, dtype):
+    """The loaders' blocked transpose: equal to t.t(), contiguous, a new tensor."""
+    from gpt2.weights.names import transpose
+
+    t = torch.randn(shape).to(dtype)
+    got = transpose(t)
+    assert got.is_contiguous() and got.data_ptr() != t.data_ptr()
+    assert torch.equal(got, t.t())
+
+
 def test_size_that_is_not_the_models_is_refused(tiny, tf_fixture):
     """--size picks a folder inside a Kaggle download; given with one model, it must name
     that model's size, not be ignored."""

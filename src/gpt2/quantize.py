@@ -711,7 +711,7 @@ def load_quantized_state(path: str | os.PathLike):
     """
     from gpt2.config import GPT2Config
     from gpt2.weights.huggingface import read_safetensors
-    from gpt2.weights.names import is_transposed
+    from gpt2.weights.names import is_transposed, transpose
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -725,7 +725,7 @@ def load_quantized_state(path: str | os.PathLike):
     for hf_name, t in raw.items():
         # not names.hf_to_ours: it knows GPT-2's parameters, not the int8 scales beside them
         name = hf_name.removeprefix("transformer.")
-        state[name] = t.t().contiguous() if is_transposed(name) else t
+        state[name] = transpose(t) if is_transposed(name) else t
     _check_quantized_state(state, config, info, str(weights))
     return config, state, info
 

@@ -22,7 +22,13 @@ import torch
 from gpt2._io import atomic_folder, atomic_write_text
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
-from gpt2.weights.names import check_state_dict, hf_to_ours, is_transposed, ours_to_hf
+from gpt2.weights.names import (
+    check_state_dict,
+    hf_to_ours,
+    is_transposed,
+    ours_to_hf,
+    transpose,
+)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -70,7 +76,7 @@ def load_huggingface(
         if not tensor.is_floating_point():
             raise GPT2Error(f"{weights}: tensor {hf_name!r} is {tensor.dtype}, not a float")
         if is_transposed(name):
-            tensor = tensor.t().contiguous()
+            tensor = transpose(tensor)  # (in, out) -> (out, in), as nn.Linear keeps it
         state[name] = tensor.to(dtype) if dtype is not None else tensor
     check_state_dict(state, config, str(weights))
     return config, state

@@ -20,7 +20,13 @@ import torch
 
 from gpt2.config import PRESETS, GPT2Config, check_size, resolve_size
 from gpt2.errors import GPT2Error
-from gpt2.weights.names import check_shapes, expected_shapes, is_transposed, openai_to_ours
+from gpt2.weights.names import (
+    check_shapes,
+    expected_shapes,
+    is_transposed,
+    openai_to_ours,
+    transpose,
+)
 from gpt2.weights.tf_checkpoint import TFCheckpoint
 
 __all__ = ["load_openai", "resolve_openai_folder"]
@@ -62,7 +68,7 @@ def load_openai(
         if not tensor.is_floating_point():
             raise GPT2Error(f"{source}: tensor {tf_names[name]!r} is {tensor.dtype}, not a float")
         if is_transposed(name):
-            tensor = tensor[0].t().contiguous()  # [1, in, out] -> [out, in]
+            tensor = transpose(tensor[0])  # [1, in, out] -> [out, in]
         state[name] = tensor
     return config, state
 
