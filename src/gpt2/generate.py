@@ -476,19 +476,6 @@ def _decode(
 ) -> Iterator[torch.Tensor]:
     """The loop behind `stream`: prefill, then one cached position per new token, with
     the model in evaluation mode (no dropout) and put back as it was at the end."""
-    with eval_mode(model):
-        yield from _decode_steps(model, idx, mask, max_new_tokens, options, stops, seed)
-
-
-def _decode_steps(
-    model,
-    idx: torch.Tensor,
-    mask: torch.Tensor | None,
-    max_new_tokens: int,
-    options: SamplingOptions,
-    stops: frozenset[int],
-    seed: int | None,
-) -> Iterator[torch.Tensor]:
     B, T = idx.shape
     n_ctx = model.config.n_ctx
     device = idx.device
@@ -506,7 +493,7 @@ def _decode_steps(
     history = _History(idx, mask, max_new_tokens) if T + max_new_tokens > n_ctx else None
     window = _Window(model, idx[:, -n_ctx:], None if mask is None else mask[:, -n_ctx:],
                      capacity=min(T + max_new_tokens, n_ctx))
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         logits = window.prefill()  # (B, V)
         check_finite(logits)
         for step in range(max_new_tokens):
