@@ -56,6 +56,26 @@ def test_kernels_build_wherever_they_can_run():
     assert cpu_kernels.amx_available() == HAS_AMX  # (where Linux allows the tiles)
 
 
+def test_the_build_uses_the_headers_cpp_extension_names():
+    """The include paths are spelled out (importing cpp_extension pulls in setuptools,
+    0.2 s on the first forward of every process); they must stay what it would give."""
+    from torch.utils.cpp_extension import include_paths
+
+    assert [str(p) for p in cpu_kernels._include_paths()] == include_paths()
+
+
+def test_loading_built_kernels_imports_no_build_tools():
+    """Where the kernels are already built, a process loads them without importing
+    torch.utils.cpp_extension or setuptools."""
+    if not CAN_BUILD:
+        pytest.skip("cannot build here")
+    code = ("import sys; from gpt2 import cpu_kernels; ok = cpu_kernels.load(); "
+            "print(ok, 'setuptools' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, check=True)
+    assert done.stdout.split() == ["True", "False", "False"]
+
+
 # -- bf16 ----------------------------------------------------------------------------------
 
 

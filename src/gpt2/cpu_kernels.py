@@ -349,14 +349,19 @@ def _compiler() -> str:
     return cxx
 
 
-def _command(cxx: str, output: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths
+def _include_paths() -> list[Path]:
+    """torch's C++ headers: what torch.utils.cpp_extension.include_paths() gives for the
+    CPU, without importing it (it imports setuptools: 0.2 s on every first forward)."""
+    include = Path(torch.__file__).parent / "include"
+    return [include, include / "torch" / "csrc" / "api" / "include"]
 
+
+def _command(cxx: str, output: Path) -> list[str]:
     lib = Path(torch.__file__).parent / "lib"
     # no fused multiply-adds the source did not ask for: each kernel rounds its epilogue
     # the same way, whichever path a row count takes
     return [cxx, "-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC",
-            "-fvisibility=hidden", *(f"-I{p}" for p in include_paths()), str(SOURCE),
+            "-fvisibility=hidden", *(f"-I{p}" for p in _include_paths()), str(SOURCE),
             "-o", str(output), f"-L{lib}", f"-Wl,-rpath,{lib}", "-ltorch_cpu", "-lc10"]  # fmt: skip
 
 
