@@ -50,6 +50,41 @@ def test_hf_safetensors_folder(tiny):
     assert_same_logits(model, tiny.model, 128)
 
 
+def test_changing_a_loaded_model_leaves_its_file_alone(tiny, tmp_path):
+    """The weights are views of the mapped file, mapped copy-on-write: training or
+    editing the model in memory must never write through to the checkpoint."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.folder, folder)
+    before = (folder / "model.safetensors").read_bytes()
+    model = GPT2.from_pretrained(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert_same_logits(GPT2.from_pretrained(folder), tiny.model, 128)
+
+
+def test_safetensors_whose_tensors_are_not_aligned_load(tiny, tmp_path):
+    """A header whose length is not a multiple of 4 leaves float32 data misaligned for
+    its type (safetensors' own writer pads it; others need not): read by copying."""
+    raw = load_file(str(tiny.folder / "model.safetensors"))
+    offsets, blobs, at = {}, [], 0
+    for name, t in raw.items():
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        offsets[name] = {"dtype": "F32", "shape": list(t.shape),
+                         "data_offsets": [at, at + len(data)]}
+        blobs.append(data)
+        at += len(data)
+    header = json.dumps(offsets).encode()
+    header += b" " * ((4 - len(header) % 4) % 4 + 1)  # 8 + len(header) is 1 mod 4
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny.folder / "config.json", folder)
+    (folder / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"".join(blobs))
+    assert_same_logits(GPT2.from_pretrained(folder), tiny.model, 128)
+
+
 def test_hf_pytorch_model_bin(tiny, tmp_path):
     shutil.copy(tiny.folder / "config.json", tmp_path)
     state = tiny.model.state_dict()  # includes the tied lm_head.weight, as old files do
@@ -441,8 +476,13 @@ MEMORY_PROBE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_loading_124m_peaks_under_1_5x_the_weights(hf_124m):
-    """HF safetensors here; pytorch_model.bin and the OpenAI layout: bench/load.py."""
+def test_loading_124m_copies_only_what_it_transposes(hf_124m):
+    """From safetensors the file is mapped: the tensors kept as they are (wte, wpe, biases,
+    LayerNorms) are the file's own pages, not copies, and the pages under each projection
+    weight are handed back once it is transposed. So loading grows the process by the
+    transposed weights and a little more, no further (reading every tensor into memory
+    grew it by 1.03x the weights; mapping without handing back, by 1.37x).
+    pytorch_model.bin and the OpenAI layout: bench/load.py."""
     folder, probe = hf_124m
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(folder)],
@@ -450,8 +490,13 @@ def test_loading_124m_peaks_under_1_5x_the_weights(hf_124m):
     ).stdout
     m = json.loads(out)
     assert m["bytes"] == 124_439_808 * 4
-    growth = (m["peak"] - m["before"]) / m["bytes"]
-    assert growth <= 1.5, f"peak RSS grew by {growth:.2f}x the weights"
+    c = PRESETS["124M"].n_embd
+    transposed = PRESETS["124M"].n_layer * (3 * c * c + c * c + 4 * c * c + 4 * c * c) * 4
+    growth = m["peak"] - m["before"]
+    # measured: the transposed weights + 17 MB (a tensor in flight, the model's objects)
+    assert growth <= transposed + 0.1 * m["bytes"], (
+        f"peak RSS grew by {growth / 1e6:.0f} MB; the transposed weights are "
+        f"{transposed / 1e6:.0f} MB")
     for key, value in probe.items():  # and it loaded the right numbers
         assert m[key] == pytest.approx(value, rel=1e-9), key
 

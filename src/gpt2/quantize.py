@@ -720,12 +720,13 @@ def load_quantized_state(path: str | os.PathLike):
         raise GPT2Error(f"{folder}: config.json has no \"quantization\"; not an int8 checkpoint")
     config = GPT2Config.from_hf_config(folder / "config.json")
     weights = folder / "model.safetensors"
-    raw = read_safetensors(weights)  # GPT2Error for a missing, truncated or corrupt file
-    state = {}
-    for hf_name, t in raw.items():
-        # not names.hf_to_ours: it knows GPT-2's parameters, not the int8 scales beside them
-        name = hf_name.removeprefix("transformer.")
-        state[name] = transpose(t) if is_transposed(name) else t
+
+    def convert(hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        return transpose(t) if is_transposed(hf_name.removeprefix("transformer.")) else t
+
+    raw = read_safetensors(weights, convert)  # GPT2Error: missing, truncated or corrupt
+    # not names.hf_to_ours: it knows GPT-2's parameters, not the int8 scales beside them
+    state = {hf_name.removeprefix("transformer."): t for hf_name, t in raw.items()}
     _check_quantized_state(state, config, info, str(weights))
     return config, state, info
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,7 +56,7 @@ def load_huggingface(
         raise GPT2Error(f"{folder}: an int8 checkpoint (written by gpt2 convert --quantize); "
                         "it loads as it is (--model, GPT2.from_pretrained) but is no source "
                         "for float weights: convert the model it was made from instead")
-    raw = _read_tensors(weights)
+    raw = _read_tensors(weights, _in_our_orientation(weights, dtype))
     config_file = folder / "config.json"
     config = (
         GPT2Config.from_hf_config(config_file)
@@ -65,19 +67,10 @@ def load_huggingface(
     if lm_head is not None:
         _check_tied(lm_head, raw.get("transformer.wte.weight", raw.get("wte.weight")), weights)
     state = {}
-    for hf_name in list(raw):
-        tensor = raw.pop(hf_name)  # pop as we go: at most one extra tensor alive at a time
-        try:
-            name = hf_to_ours(hf_name)
-        except GPT2Error as e:
-            raise GPT2Error(f"{weights}: {e}") from None
-        if name is None:  # old checkpoints' causal-mask buffers (attn.bias / masked_bias)
-            continue
-        if not tensor.is_floating_point():
-            raise GPT2Error(f"{weights}: tensor {hf_name!r} is {tensor.dtype}, not a float")
-        if is_transposed(name):
-            tensor = transpose(tensor)  # (in, out) -> (out, in), as nn.Linear keeps it
-        state[name] = tensor.to(dtype) if dtype is not None else tensor
+    for hf_name, tensor in raw.items():
+        name = hf_to_ours(hf_name)  # checked by the conversion already
+        if name is not None:  # not old checkpoints' causal-mask buffers (attn.bias, ...)
+            state[name] = tensor
     check_state_dict(state, config, str(weights))
     return config, state
 
@@ -92,10 +85,30 @@ def _check_tied(lm_head: torch.Tensor, wte: torch.Tensor | None, source: Path) -
         )
 
 
-def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+def _in_our_orientation(weights: Path, dtype: torch.dtype | None):
+    """The conversion of each tensor as it is read: projection weights transposed from
+    (in, out) to (out, in), as nn.Linear keeps them, and everything cast to dtype."""
+
+    def convert(hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            name = hf_to_ours(hf_name)
+        except GPT2Error as e:
+            raise GPT2Error(f"{weights}: {e}") from None
+        if name is None:  # the tied lm_head (compared with wte later); causal-mask buffers
+            return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            raise GPT2Error(f"{weights}: tensor {hf_name!r} is {tensor.dtype}, not a float")
+        if is_transposed(name):
+            tensor = transpose(tensor)
+        return tensor.to(dtype) if dtype is not None else tensor
+
+    return convert
+
+
+def _read_tensors(weights: Path, convert) -> dict[str, torch.Tensor]:
     name = weights.name
     if name.endswith(".safetensors"):
-        return read_safetensors(weights)
+        return read_safetensors(weights, convert)
     if name.endswith(".index.json"):
         try:
             index = json.loads(weights.read_text(encoding="utf-8"))
@@ -104,10 +117,13 @@ def _read_tensors(weights: Path) -> dict[str, torch.Tensor]:
             raise GPT2Error(f"{weights}: not a safetensors index ({e})") from None
         tensors: dict[str, torch.Tensor] = {}
         for shard in shards:
-            tensors.update(read_safetensors(weights.parent / shard))
+            tensors.update(read_safetensors(weights.parent / shard, convert))
         return tensors
     if name.endswith((".bin", ".pt", ".pth")):
-        return _read_pickle(weights)
+        state = _read_pickle(weights)
+        for key in list(state):  # one extra tensor alive at a time
+            state[key] = convert(key, state.pop(key))
+        return state
     raise GPT2Error(
         f"{weights}: unknown weights format; expected .safetensors, "
         ".safetensors.index.json or pytorch_model.bin"
@@ -123,16 +139,20 @@ _ST_DTYPES = {
 _MAX_HEADER = 100 << 20  # the header of a real file is a few kB; refuse absurd lengths
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors file into private memory, one tensor at a time.
+def read_safetensors(
+    path: Path, convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, as views of the file mapped into memory.
 
     The format is an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw bytes. We read
-    it with plain file reads rather than the `safetensors` package's memory map:
-    the mapped file's pages stay resident next to the copies we make to transpose
-    the projection weights, which took loading to 1.5-2x the weights' size; read
-    this way the peak is the weights plus one tensor. Tensors are little-endian,
-    as on every platform PyTorch ships for.
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw bytes. The file
+    is mapped copy-on-write, so reading it copies nothing: a tensor's pages are the
+    page cache's until something writes to them (that page then becomes private).
+    Tensors are little-endian, as on every platform PyTorch ships for.
+
+    convert(name, tensor), when given, is applied to each tensor in file order; where
+    it returns a copy (a transpose, another dtype) the view's pages are handed back at
+    once, so loading peaks near the size of the result, not the file's plus the copies'.
     """
     if not path.is_file():
         raise GPT2Error(f"{path}: file not found")
@@ -140,12 +160,40 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header, data_start = _safetensors_header(f, size, path)
-            tensors = {}
-            for name, (dtype, shape, begin, end) in header.items():
-                tensors[name] = _read_tensor(f, data_start + begin, end - begin, dtype, shape, path)
-            return tensors
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header else None
     except OSError as e:
         raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
+    tensors = {}
+    for name, (dtype, shape, begin, end) in header.items():
+        offset, nbytes = data_start + begin, end - begin
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        if offset % dtype.itemsize:  # misaligned for its dtype: copied, not viewed
+            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+            view = raw.clone().view(dtype).view(shape)
+        else:
+            view = torch.frombuffer(
+                mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset
+            ).view(shape)
+        tensor = view if convert is None else convert(name, view)
+        if offset % dtype.itemsize or not _same_memory(tensor, view):
+            _hand_back(mapped, offset, nbytes)
+        tensors[name] = tensor
+    return tensors
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _hand_back(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop the whole pages inside [offset, offset + nbytes) from this process: they
+    are the file's, unmodified, so nothing is lost (reading them again refetches them)."""
+    page = mmap.PAGESIZE
+    start, end = -(-offset // page) * page, (offset + nbytes) // page * page
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def safetensors_header(path: Path) -> dict[str, tuple]:
@@ -200,26 +248,11 @@ def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
     return dict(sorted(header.items(), key=lambda kv: kv[1][2])), data_start
 
 
-def _read_tensor(f, offset: int, nbytes: int, dtype, shape, path: Path) -> torch.Tensor:
-    tensor = torch.empty(shape, dtype=dtype)
-    if nbytes == 0:
-        return tensor
-    buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())  # the tensor's own bytes
-    f.seek(offset)
-    done = 0
-    while done < nbytes:
-        got = f.readinto(buf[done:])
-        if not got:
-            raise GPT2Error(f"{path}: ends early, inside a tensor; download or convert it again")
-        done += got
-    return tensor
-
-
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: the unpickler accepts tensors and plain containers, nothing that
-        # runs. No mmap: a mapped file's pages would stay resident beside the transposed
-        # copies (see read_safetensors).
+        # runs. No mmap=True: torch.load's mapping cannot hand pages back as
+        # read_safetensors does, so they would stay resident beside the transposed copies.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
