@@ -499,3 +499,23 @@ def test_an_int8_model_refuses_negative_ids_and_bf16():
         model(torch.tensor([[-1]]))
     with pytest.raises(GPT2Error, match="this model is quantized"):
         prepare_bf16(model)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: generate(m, torch.tensor([[1]]), max_new_tokens=1),
+    lambda m: generate_batch(m, [[1]], max_new_tokens=1),
+    lambda m: __import__("gpt2").score(m, [1, 2, 3]),
+    lambda m: __import__("gpt2.inspect").inspect.attention_patterns(m, [1, 2]),
+    lambda m: __import__("gpt2.inspect").inspect.logit_lens(m, [1, 2]),
+    lambda m: __import__("gpt2.inspect").inspect.ablate_heads(m, [1, 2]),
+    lambda m: StaticDecoder(m, batch_size=1),
+], ids=["generate", "generate_batch", "score", "attention", "lens", "ablate", "static"])
+def test_a_module_that_is_not_gpt2_is_one_clear_error(call):
+    """Found by an audit: another module failed with an AttributeError from inside."""
+    with pytest.raises(GPT2Error, match="expected a gpt2.GPT2 model .* got Linear"):
+        call(torch.nn.Linear(4, 4))
+
+
+def test_sliding_window_takes_a_bool():
+    with pytest.raises(GPT2Error, match="sliding_window must be True or False, got 'no'"):
+        generate(_tiny(), torch.tensor([[1]]), max_new_tokens=1, sliding_window="no")

@@ -63,6 +63,7 @@ from gpt2.generate import (
     check_finite,
     seeded_generator,
 )
+from gpt2.model import check_model
 from gpt2.products import matmul_t, project
 
 __all__ = [
@@ -273,6 +274,7 @@ class StaticDecoder:
         compile: bool = False,
         compile_mode: str | None = None,
     ) -> None:
+        check_model(model)
         n_ctx = model.config.n_ctx
         max_len = n_ctx if max_len is None else max_len
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -452,6 +454,7 @@ class CudaGraphDecoder(StaticDecoder):
         compile: bool = True,
         compile_mode: str | None = None,
     ) -> None:
+        check_model(model)
         device = model.wte.weight.device
         if device.type != "cuda":
             raise GPT2Error(f"CUDA-graph decoding needs the model on a CUDA GPU, it is on "

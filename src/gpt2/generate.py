@@ -36,7 +36,7 @@ import torch
 
 from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
-from gpt2.model import eval_mode
+from gpt2.model import check_model, eval_mode
 
 EOT = 50256  # <|endoftext|>: unconditional samples start from it, finished rows are padded with it
 
@@ -331,7 +331,10 @@ def stream(
     ...                             temperature=0.0)]  # doctest: +ELLIPSIS
     [[...], [...]]
     """
+    check_model(model)
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
+    if not isinstance(sliding_window, bool):
+        raise GPT2Error(f"sliding_window must be True or False, got {sliding_window!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 1:
         raise GPT2Error(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -427,6 +430,7 @@ def generate_batch(
     >>> [len(r) for r in generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)]
     [2, 2]
     """
+    check_model(model)
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) \
             or any(isinstance(p, (str, bytes)) or not isinstance(p, Sequence) for p in prompts):
         raise GPT2Error("prompts must be a list of token-id lists (tokenizer.encode each "

@@ -514,6 +514,15 @@ def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Ten
     return F.linear(x, F.pad(wte, (0, 0, 0, pad)))[..., :V]  # (..., V)
 
 
+def check_model(model) -> None:
+    """GPT2Error unless `model` is a GPT-2 of ours: a GPT2, or a wrapper that passes its
+    attributes through (torch.compile's). Generate, score and inspect call it first, so
+    another module is one clear error rather than an AttributeError from inside them."""
+    if not isinstance(getattr(model, "config", None), GPT2Config):
+        raise GPT2Error(f"expected a gpt2.GPT2 model (GPT2.from_pretrained(...)), got "
+                        f"{type(model).__name__}")
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """The model in evaluation mode (no dropout: the same input gives the same numbers)

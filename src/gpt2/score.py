@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
 from gpt2.generate import EOT  # <|endoftext|>, put before the text by bos=True
-from gpt2.model import eval_mode
+from gpt2.model import check_model, eval_mode
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def score(
     >>> score(model, [3, 1, 4, 1, 5], bos=False).tokens
     4
     """
+    check_model(model)
     n_ctx = model.config.n_ctx
     max_length = n_ctx if max_length is None else max_length
     stride = max_length if stride is None else stride

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from gpt2.errors import GPT2Error
-from gpt2.model import eval_mode
+from gpt2.model import check_model, eval_mode
 
 
 def is_int(value) -> bool:
@@ -38,6 +38,7 @@ def check_layer_head(config, *, layer: int | None = None, head: int | None = Non
 def as_batch(ids: Sequence[int] | torch.Tensor, model) -> torch.Tensor:
     """One text's ids -> (1, T) LongTensor on the model's device, checked against its
     vocabulary and context (a float or bool id would otherwise be truncated silently)."""
+    check_model(model)
     config = model.config
     if isinstance(ids, np.ndarray):
         ids = torch.from_numpy(ids) if ids.dtype.kind in "iufcb" else ids
@@ -80,6 +81,7 @@ def attention_patterns(
     >>> attention_patterns(model, [1, 2, 3]).shape
     torch.Size([2, 2, 3, 3])
     """
+    check_model(model)
     if layers is None:
         layers = list(range(model.config.n_layer))
     elif isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers) > 0:

@@ -24,6 +24,7 @@ from gpt2.inspect.ablate import ablate_heads
 from gpt2.inspect.attention import attention_patterns
 from gpt2.inspect.lens import logit_lens, next_tokens
 from gpt2.inspect.tokens import encode_for_model, token_labels
+from gpt2.model import check_model
 
 _PLACEHOLDER = "/*REPORT_DATA*/"
 
@@ -40,6 +41,7 @@ def report_data(model, tok, text: str, *, top: int = 10, ablate: bool = True) ->
     ablate: also zero each head in turn (n_layer batched forward passes; the
     section is left out for a one-token text, which has no loss).
     """
+    check_model(model)
     config = model.config
     ids = encode_for_model(tok, text, n_ctx=config.n_ctx)
     labels = token_labels(tok, ids)
