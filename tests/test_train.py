@@ -566,6 +566,20 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
 
 
+def test_a_new_run_starts_its_own_log(tmp_path):
+    """The log and samples of a run that never saved a checkpoint (killed, say) are not
+    continued by the next run in that folder: they were appended to."""
+    data = synthetic(tmp_path / "d")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 7, "loss": 9.0}\n')
+    (out / "samples.txt").write_text("an old sample\n")
+    train(TrainConfig(data=str(data), out=str(out), **TINY, max_steps=3, eval_interval=3,
+                      device="cpu"))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
+    assert not (out / "samples.txt").exists()  # this run wrote none (no vocabulary)
+
+
 def test_demo_checks_the_device_before_preparing(tmp_path, run_cli):
     r = run_cli("demo", "--out", tmp_path / "demo", "--device", "bogus")
     assert r.code == 1 and "unknown device 'bogus'" in r.err, r.err

@@ -241,6 +241,10 @@ class _Run:
         self.model = build_model(cfg, self.data, init=str(resume_from or cfg.init),
                                  device=self.device)
         self._make_out()
+        if self.state is None and info.is_main:
+            # left by a run that never saved a checkpoint: a new run does not continue them
+            for name in ("log.jsonl", "samples.txt"):
+                (self.out / name).unlink(missing_ok=True)
         self.tokenizer = self._save_vocab(tokenizer)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         device=self.device)
