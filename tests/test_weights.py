@@ -50,17 +50,23 @@ def test_hf_safetensors_folder(tiny):
     assert_same_logits(model, tiny.model, 128)
 
 
-def test_changing_a_loaded_model_leaves_its_file_alone(tiny, tmp_path):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_changing_a_loaded_model_leaves_its_file_alone(weights, tiny, tmp_path):
     """The weights are views of the mapped file, mapped copy-on-write: training or
     editing the model in memory must never write through to the checkpoint."""
     folder = tmp_path / "m"
-    shutil.copytree(tiny.folder, folder)
-    before = (folder / "model.safetensors").read_bytes()
+    folder.mkdir()
+    shutil.copy(tiny.folder / "config.json", folder)
+    if weights.endswith(".bin"):
+        torch.save(tiny.model.state_dict(), folder / weights)
+    else:
+        shutil.copy(tiny.folder / weights, folder)
+    before = (folder / weights).read_bytes()
     model = GPT2.from_pretrained(folder)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    assert (folder / "model.safetensors").read_bytes() == before
+    assert (folder / weights).read_bytes() == before
     assert_same_logits(GPT2.from_pretrained(folder), tiny.model, 128)
 
 
@@ -90,6 +96,14 @@ def test_hf_pytorch_model_bin(tiny, tmp_path):
     state = tiny.model.state_dict()  # includes the tied lm_head.weight, as old files do
     assert "lm_head.weight" in state
     torch.save(state, tmp_path / "pytorch_model.bin")
+    assert_same_logits(GPT2.from_pretrained(tmp_path), tiny.model, 128)
+
+
+def test_hf_pytorch_model_bin_in_the_format_before_zip(tiny, tmp_path):
+    """torch.save's format before PyTorch 1.6 cannot be mapped: it is read into memory."""
+    shutil.copy(tiny.folder / "config.json", tmp_path)
+    torch.save(tiny.model.state_dict(), tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
     assert_same_logits(GPT2.from_pretrained(tmp_path), tiny.model, 128)
 
 
@@ -398,6 +412,10 @@ def hf_124m(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf-124M")
     hf = make_hf_model(PRESETS["124M"], seed=5)
     hf.save_pretrained(folder)
+    pickled = folder / "bin"  # the same weights as pytorch_model.bin (tied lm_head included)
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled)
+    torch.save(hf.state_dict(), pickled / "pytorch_model.bin")
     probe = {  # values the loaded model must hold, taken from HF's tensors
         "wte": hf.transformer.wte.weight.double().sum().item(),
         "c_attn_11": hf.transformer.h[11].attn.c_attn.weight.double().sum().item(),
@@ -476,14 +494,16 @@ MEMORY_PROBE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_loading_124m_copies_only_what_it_transposes(hf_124m):
-    """From safetensors the file is mapped: the tensors kept as they are (wte, wpe, biases,
-    LayerNorms) are the file's own pages, not copies, and the pages under each projection
-    weight are handed back once it is transposed. So loading grows the process by the
-    transposed weights and a little more, no further (reading every tensor into memory
-    grew it by 1.03x the weights; mapping without handing back, by 1.37x).
-    pytorch_model.bin and the OpenAI layout: bench/load.py."""
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_loading_124m_copies_only_what_it_transposes(layout, hf_124m):
+    """The file is mapped (safetensors, and torch.save's zip format): the tensors kept as
+    they are (wte, wpe, biases, LayerNorms) are the file's own pages, not copies, and the
+    pages under each projection weight are handed back once it is transposed. So loading
+    grows the process by the transposed weights and a little more, no further (reading
+    every tensor into memory grew it by 1.03x the weights; mapping without handing back,
+    by 1.37x). The OpenAI layout: bench/load.py."""
     folder, probe = hf_124m
+    folder = folder / "bin" if layout == "bin" else folder
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(folder)],
         capture_output=True, text=True, timeout=300, check=True,

@@ -12,10 +12,14 @@ so a checkpoint can never run code.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
 import os
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +81,10 @@ def load_huggingface(
 
 def _check_tied(lm_head: torch.Tensor, wte: torch.Tensor | None, source: Path) -> None:
     """GPT-2's LM head is wte; a file that stores a different one is another model."""
-    tied = wte is None or (wte.shape == lm_head.shape and torch.equal(wte.to(lm_head), lm_head))
+    same_memory = wte is not None and wte.data_ptr() == lm_head.data_ptr() and \
+        wte.stride() == lm_head.stride() and wte.dtype == lm_head.dtype
+    tied = wte is None or (wte.shape == lm_head.shape and (  # (a tied .bin: same memory)
+        same_memory or torch.equal(wte.to(lm_head), lm_head)))
     if not tied:
         raise GPT2Error(
             f"{source}: lm_head.weight differs from wte.weight; GPT-2 ties them, "
@@ -120,9 +127,11 @@ def _read_tensors(weights: Path, convert) -> dict[str, torch.Tensor]:
             tensors.update(read_safetensors(weights.parent / shard, convert))
         return tensors
     if name.endswith((".bin", ".pt", ".pth")):
-        state = _read_pickle(weights)
+        state, mapped = _read_pickle(weights)
         for key in list(state):  # one extra tensor alive at a time
-            state[key] = convert(key, state.pop(key))
+            tensor = state.pop(key)
+            state[key] = _converted(key, tensor, tensor, convert) if mapped and \
+                tensor.is_contiguous() else convert(key, tensor)
         return state
     raise GPT2Error(
         f"{weights}: unknown weights format; expected .safetensors, "
@@ -169,31 +178,43 @@ def read_safetensors(
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
         if offset % dtype.itemsize:  # misaligned for its dtype: copied, not viewed
-            raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
             view = raw.clone().view(dtype).view(shape)
         else:
-            view = torch.frombuffer(
-                mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset
-            ).view(shape)
-        tensor = view if convert is None else convert(name, view)
-        if offset % dtype.itemsize or not _same_memory(tensor, view):
-            _hand_back(mapped, offset, nbytes)
-        tensors[name] = tensor
+            view = raw.view(dtype).view(shape)
+        tensors[name] = _converted(name, view, raw, convert)
     return tensors
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _converted(name: str, tensor: torch.Tensor, source: torch.Tensor, convert) -> torch.Tensor:
+    """convert(name, tensor), where `source` is the tensor's bytes in a file mapped
+    copy-on-write; if the result is a copy, not those bytes, their pages are handed back."""
+    result = tensor if convert is None else convert(name, tensor)
+    if result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        _hand_back(source.data_ptr(), source.numel() * source.element_size())
+    return result
 
 
-def _hand_back(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
-    """Drop the whole pages inside [offset, offset + nbytes) from this process: they
-    are the file's, unmodified, so nothing is lost (reading them again refetches them)."""
+def _hand_back(address: int, nbytes: int) -> None:
+    """Drop the whole pages inside [address, address + nbytes), part of a file mapped
+    copy-on-write that nothing has written to, from this process: they are the file's,
+    so nothing is lost (reading them again refetches them). Linux only; elsewhere they
+    stay until the file is unmapped."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
     page = mmap.PAGESIZE
-    start, end = -(-offset // page) * page, (offset + nbytes) // page * page
-    if end > start and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                        mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def safetensors_header(path: Path) -> dict[str, tuple]:
@@ -248,19 +269,20 @@ def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
     return dict(sorted(header.items(), key=lambda kv: kv[1][2])), data_start
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the state dict, whether its tensors are views of the file mapped copy-on-write:
+    so are those of torch.save's zip format; the older format is read into memory)."""
+    mapped = zipfile.is_zipfile(path)
     try:
-        # weights_only: the unpickler accepts tensors and plain containers, nothing that
-        # runs. No mmap=True: torch.load's mapping cannot hand pages back as
-        # read_safetensors does, so they would stay resident beside the transposed copies.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: the unpickler accepts tensors and plain containers, nothing that runs
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except MemoryError:
         raise
     except Exception as e:  # arbitrary bytes fail in many ways (KeyError for a text file)
         raise _unsafe_or_corrupt(path, e) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GPT2Error(f"{path}: expected a dict of tensors (a state dict)")
-    return state
+    return state, mapped
 
 
 def _unsafe_or_corrupt(path: Path, e: Exception) -> GPT2Error:
