@@ -422,12 +422,18 @@ def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     footer = handles.ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
     Path(f"{prefix}.index").write_bytes(data_block + meta_block + index_block + footer)
     with open(f"{prefix}.data-00000-of-00001", "wb") as f:
-        f.truncate(offset)
+        # zeros written out, not a sparse file: a mapped hole is not what a download is
+        # (reading one cost 0.13x the weights more resident memory)
+        for start in range(0, offset, 1 << 24):
+            f.write(bytes(min(1 << 24, offset - start)))
     return offset
 
 
 @pytest.mark.slow
-def test_loading_124m_grows_memory_by_less_than_one_and_a_half_times_the_weights(tmp_path):
+def test_loading_124m_grows_memory_by_the_weights_and_no_more(tmp_path):
+    """The data file is mapped: every page is read once for its crc32c, the tensors kept
+    as stored stay the file's pages, and those under each transposed weight are handed
+    back once it is copied (reading into memory first grew it by 1.26x the weights)."""
     config = GPT2Config.preset("124M")
     ours = expected_shapes(config)
     openai_shapes = {}
@@ -453,4 +459,4 @@ def test_loading_124m_grows_memory_by_less_than_one_and_a_half_times_the_weights
     ).stdout
     before, peak, loaded = map(int, out.split())
     assert loaded == weight_bytes
-    assert peak - before < 1.5 * weight_bytes, f"grew {(peak - before) / weight_bytes:.2f}x"
+    assert peak - before < 1.1 * weight_bytes, f"grew {(peak - before) / weight_bytes:.2f}x"

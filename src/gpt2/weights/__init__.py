@@ -84,9 +84,7 @@ def load_checkpoint(
         from gpt2.weights.openai import load_openai, resolve_openai_folder
 
         folder = resolve_openai_folder(path if path.is_dir() else path.parent, size=size)
-        config, state = load_openai(folder)
-        if torch_dtype is not None:
-            state = {k: v.to(torch_dtype) for k, v in state.items()}
+        config, state = load_openai(folder, dtype=torch_dtype)
         return Checkpoint(config, state, layout, folder)
     from gpt2.weights.huggingface import load_huggingface
 

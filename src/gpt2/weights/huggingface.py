@@ -12,15 +12,10 @@ so a checkpoint can never run code.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
-import mmap
 import os
-import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +23,7 @@ import torch
 from gpt2._io import atomic_folder, atomic_write_text
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
+from gpt2.weights import mapping
 from gpt2.weights.names import (
     check_state_dict,
     hf_to_ours,
@@ -130,7 +126,7 @@ def _read_tensors(weights: Path, convert) -> dict[str, torch.Tensor]:
         state, mapped = _read_pickle(weights)
         for key in list(state):  # one extra tensor alive at a time
             tensor = state.pop(key)
-            state[key] = _converted(key, tensor, tensor, convert) if mapped and \
+            state[key] = mapping.converted(key, tensor, tensor, convert) if mapped and \
                 tensor.is_contiguous() else convert(key, tensor)
         return state
     raise GPT2Error(
@@ -149,7 +145,7 @@ _MAX_HEADER = 100 << 20  # the header of a real file is a few kB; refuse absurd 
 
 
 def read_safetensors(
-    path: Path, convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    path: Path, convert: mapping.Convert | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors of a .safetensors file, as views of the file mapped into memory.
 
@@ -169,7 +165,7 @@ def read_safetensors(
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header, data_start = _safetensors_header(f, size, path)
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if header else None
+            mapped = mapping.map_file(f) if header else None
     except OSError as e:
         raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
     tensors = {}
@@ -178,43 +174,9 @@ def read_safetensors(
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
-        if offset % dtype.itemsize:  # misaligned for its dtype: copied, not viewed
-            view = raw.clone().view(dtype).view(shape)
-        else:
-            view = raw.view(dtype).view(shape)
-        tensors[name] = _converted(name, view, raw, convert)
+        tensor, raw = mapping.view(mapped, offset, nbytes, dtype, shape)
+        tensors[name] = mapping.converted(name, tensor, raw, convert)
     return tensors
-
-
-def _converted(name: str, tensor: torch.Tensor, source: torch.Tensor, convert) -> torch.Tensor:
-    """convert(name, tensor), where `source` is the tensor's bytes in a file mapped
-    copy-on-write; if the result is a copy, not those bytes, their pages are handed back."""
-    result = tensor if convert is None else convert(name, tensor)
-    if result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-        _hand_back(source.data_ptr(), source.numel() * source.element_size())
-    return result
-
-
-def _hand_back(address: int, nbytes: int) -> None:
-    """Drop the whole pages inside [address, address + nbytes), part of a file mapped
-    copy-on-write that nothing has written to, from this process: they are the file's,
-    so nothing is lost (reading them again refetches them). Linux only; elsewhere they
-    stay until the file is unmapped."""
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    page = mmap.PAGESIZE
-    start, end = -(-address // page) * page, (address + nbytes) // page * page
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                        mmap.MADV_DONTNEED)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def safetensors_header(path: Path) -> dict[str, tuple]:

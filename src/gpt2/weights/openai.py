@@ -35,14 +35,15 @@ _NEEDED = ("hparams.json", "model.ckpt.index")
 
 
 def load_openai(
-    folder: str | os.PathLike, *, size: str | None = None
+    folder: str | os.PathLike, *, size: str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
     """An OpenAI/Kaggle folder -> (config, state dict under our names, nn.Linear orientation).
 
     Shapes are checked from the index before any tensor is read; tensors are then
-    read one at a time (each checked against its crc32c) and the projection weights
-    turned from [1, in, out] into [out, in], so the peak memory is the weights plus
-    one tensor.
+    read one at a time from the mapped data (each checked against its crc32c) and the
+    projection weights turned from [1, in, out] into [out, in], so the peak memory is
+    the weights plus one tensor (gpt2.weights.mapping). dtype: cast each tensor as it
+    is read (default: as stored, float32).
     """
     folder = resolve_openai_folder(folder, size=size)
     config = GPT2Config.from_hparams(folder / "hparams.json")
@@ -62,14 +63,14 @@ def load_openai(
         shapes[name] = _our_shape(name, tf_name, ckpt.shape(tf_name), source)
     check_shapes(shapes, config, source)
 
-    state: dict[str, torch.Tensor] = {}
-    for name in expected_shapes(config):
-        tensor = ckpt.read(tf_names[name])
+    def ours(tf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
-            raise GPT2Error(f"{source}: tensor {tf_names[name]!r} is {tensor.dtype}, not a float")
-        if is_transposed(name):
+            raise GPT2Error(f"{source}: tensor {tf_name!r} is {tensor.dtype}, not a float")
+        if is_transposed(openai_to_ours(tf_name)):
             tensor = transpose(tensor[0])  # [1, in, out] -> [out, in]
-        state[name] = tensor
+        return tensor if dtype is None else tensor.to(dtype)
+
+    state = {name: ckpt.read(tf_names[name], ours) for name in expected_shapes(config)}
     return config, state
 
 

@@ -21,6 +21,8 @@ quietly talks nonsense.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import struct
 import sys
@@ -32,6 +34,7 @@ import torch
 
 from gpt2.config import resolve_size
 from gpt2.errors import GPT2Error
+from gpt2.weights import mapping
 
 __all__ = ["TFCheckpoint"]
 
@@ -53,7 +56,7 @@ _DTYPE_NAMES = {7: "string", 8: "complex64", 18: "complex128", 20: "resource", 2
 _TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's kTableMagicNumber, the table's last 8 bytes
 _FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the magic
 _BLOCK_TRAILER_SIZE = 5  # compression type byte + masked crc32c
-# google_crc32c takes only `bytes`, not a view of our tensor: checksum a copy of one
+# google_crc32c takes only `bytes`, not a view of the mapping: checksum a copy of one
 # piece at a time. 1 MiB pieces stay in malloc's heap (bigger ones are mmapped and
 # page-faulted afresh each time, which costs more than the copy).
 _CRC_CHUNK = 1 << 20
@@ -101,6 +104,7 @@ class TFCheckpoint:
             else:
                 name = key.decode("utf-8", "replace")
                 self._entries[name] = self._parse_entry(value, name)
+        self._maps: dict[int, mmap.mmap | None] = {}
         self.shard_paths = [
             Path(f"{self.prefix}.data-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)
         ]
@@ -143,8 +147,10 @@ class TFCheckpoint:
     def nbytes(self, name: str) -> int:
         return self._entry(name).size
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor's values, read straight into a new tensor and checked against its crc32c."""
+    def read(self, name: str, convert: mapping.Convert | None = None) -> torch.Tensor:
+        """The tensor's values, checked against its crc32c: a view of its shard, mapped
+        copy-on-write (see gpt2.weights.mapping), or convert(name, view) when given,
+        in which case a copy's pages in the file are handed back."""
         entry = self._entry(name)
         if entry.sliced:
             raise GPT2Error(
@@ -152,40 +158,46 @@ class TFCheckpoint:
                 "reader does not support; re-save it as a single variable"
             )
         dtype = self.dtype(name)
-        out = torch.empty(entry.shape, dtype=dtype)
-        expected = out.numel() * out.element_size()
+        expected = math.prod(entry.shape) * dtype.itemsize
         if entry.size != expected:
             raise GPT2Error(
                 f"{self.index_path}: tensor {name!r} has {entry.size} bytes, but shape "
                 f"{list(entry.shape)} of {dtype} needs {expected}; the index is corrupt"
             )
-        # A flat byte view of `out`: the file's bytes land in the tensor with no copy.
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         path = self.shard_paths[entry.shard_id]
-        with open(path, "rb", buffering=0) as f:
-            file_size = os.fstat(f.fileno()).st_size
-            if entry.offset + entry.size > file_size:
-                raise GPT2Error(
-                    f"{path}: tensor {name!r} ends at byte {entry.offset + entry.size}, past "
-                    f"the end of the {file_size}-byte file; truncated download? "
-                    f"{_redownload_hint(self.prefix)}"
-                )
-            f.seek(entry.offset)
-            done = 0
-            while done < entry.size:  # readinto may return less than asked for
-                n = f.readinto(buf[done:])
-                if not n:
-                    raise GPT2Error(f"{path}: unexpected end of file reading tensor {name!r}")
-                done += n
+        mapped = self._mapped(entry.shard_id)
+        file_size = len(mapped) if mapped is not None else 0
+        if entry.offset + entry.size > file_size:
+            raise GPT2Error(
+                f"{path}: tensor {name!r} ends at byte {entry.offset + entry.size}, past "
+                f"the end of the {file_size}-byte file; truncated download? "
+                f"{_redownload_hint(self.prefix)}"
+            )
+        if entry.size == 0:
+            return torch.empty(entry.shape, dtype=dtype)
         crc = 0
-        for start in range(0, entry.size, _CRC_CHUNK):
-            crc = google_crc32c.extend(crc, bytes(buf[start : start + _CRC_CHUNK]))
+        for start in range(entry.offset, entry.offset + entry.size, _CRC_CHUNK):
+            crc = google_crc32c.extend(crc, mapped[start : min(start + _CRC_CHUNK,
+                                                              entry.offset + entry.size)])
         if _mask(crc) != entry.crc32c:
             raise GPT2Error(
                 f"{path}: tensor {name!r} fails its crc32c check; corrupted download? "
                 f"{_redownload_hint(self.prefix)}"
             )
-        return out
+        tensor, raw = mapping.view(mapped, entry.offset, entry.size, dtype, entry.shape)
+        return mapping.converted(name, tensor, raw, convert)
+
+    def _mapped(self, shard: int) -> mmap.mmap | None:
+        """The shard mapped copy-on-write (None for an empty file), mapped once."""
+        if shard not in self._maps:
+            path = self.shard_paths[shard]
+            try:
+                with open(path, "rb") as f:
+                    empty = os.fstat(f.fileno()).st_size == 0
+                    self._maps[shard] = None if empty else mapping.map_file(f)
+            except OSError as e:
+                raise GPT2Error(f"{path}: cannot read ({e.strerror or e})") from None
+        return self._maps[shard]
 
     def _entry(self, name: str) -> _Entry:
         try:

@@ -1,0 +1,78 @@
+"""Checkpoint files mapped into memory copy-on-write, and their pages handed back.
+
+Loaders read tensors as views of the mapped file instead of copying them: the
+tensors a model keeps as stored (wte, wpe, biases, LayerNorms) stay the page
+cache's pages, shared and never copied. A tensor that is converted on the way in
+(a projection weight transposed to nn.Linear's (out, in), or a cast) is copied once,
+and the file's pages under it are handed back at once, so loading peaks near the
+size of the loaded weights rather than the file's plus the copies'. The mapping is
+private (copy-on-write): training or editing the model never writes to the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import mmap
+import sys
+from collections.abc import Callable
+
+import torch
+
+Convert = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def map_file(f) -> mmap.mmap:
+    """An open, non-empty file mapped copy-on-write (the mapping outlives the file object).
+
+    Mapped in small pages only: where the page cache holds the file in 2 MB folios, a
+    fault could map a whole folio at once, taking back in the pages of a neighbouring
+    tensor that were just handed back (+2 MB per small tensor read after its weight)."""
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+            mapped.madvise(mmap.MADV_NOHUGEPAGE)
+    return mapped
+
+
+def view(mapped: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype,
+         shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the tensor stored at [offset, offset + nbytes), those bytes as a uint8 view).
+
+    The tensor is a view of the mapping too, unless its offset is misaligned for its
+    dtype (formats need not align their data): then it is a copy."""
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+    tensor = raw.clone() if offset % dtype.itemsize else raw
+    return tensor.view(dtype).view(shape), raw
+
+
+def converted(name: str, tensor: torch.Tensor, source: torch.Tensor,
+              convert: Convert | None) -> torch.Tensor:
+    """convert(name, tensor), where `source` is the tensor's bytes in a mapped file;
+    if the result is a copy, not those bytes, their pages are handed back."""
+    result = tensor if convert is None else convert(name, tensor)
+    if result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        hand_back(source.data_ptr(), source.numel() * source.element_size())
+    return result
+
+
+def hand_back(address: int, nbytes: int) -> None:
+    """Drop the whole pages inside [address, address + nbytes), part of a file mapped
+    copy-on-write that nothing has written to, from this process: they are the file's,
+    so nothing is lost (reading them again refetches them). Linux only; elsewhere they
+    stay until the file is unmapped."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                        mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
