@@ -170,6 +170,35 @@ def test_int8_linear_follows_load_state_dict():
     assert (a(x) - b(x)).abs().max() <= 0.05 * b(x).abs().max()
 
 
+def test_int8_linear_follows_a_cast_and_packs_once_otherwise(monkeypatch):
+    """The kernel's copy is rebuilt when a move or cast changes the tensors (here the
+    bias, cast to bf16), and not when it changes nothing (`.to` the device it is on):
+    loading an int8 124M packed every layer three times, and its peak memory followed."""
+    layer = Int8Linear.from_linear(random_linear(64, 32))
+    packs = []
+    monkeypatch.setattr(Int8Linear, "pack", lambda self: packs.append(1) or real_pack(self))
+    layer.to("cpu").cpu()
+    assert packs == []
+    layer.to(torch.bfloat16)
+    assert packs == [1] and layer.bias.dtype == torch.bfloat16
+    x = torch.randn(2, 64)
+    exact, bound = int8_reference(layer, x)
+    assert ((layer(x) - exact).abs() <= bound + 2 ** -8 * exact.abs()).all()  # a bf16 bias
+
+
+def test_loading_an_int8_checkpoint_packs_each_layer_once(hf_checkpoint, tmp_path,
+                                                          monkeypatch):
+    folder = save_quantized(quantize_model(GPT2.from_pretrained(hf_checkpoint().folder),
+                                           "int8"), tmp_path / "int8")
+    packs = []
+    monkeypatch.setattr(Int8Linear, "pack", lambda self: packs.append(1) or real_pack(self))
+    model = GPT2.from_pretrained(folder)
+    assert len(packs) == sum(isinstance(m, Int8Linear) for m in model.modules())
+
+
+real_pack = Int8Linear.pack
+
+
 # -- whole models against transformers ----------------------------------------------------
 
 

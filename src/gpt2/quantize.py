@@ -185,9 +185,16 @@ class _KernelCopy(nn.Module):
         self.pack()
 
     def _apply(self, fn, recurse=True):
+        before = self._tensors()
         out = super()._apply(fn, recurse)
-        self.pack()
+        if self._tensors() != before:  # moved or cast (`.to(device)` where it is: nothing)
+            self.pack()
         return out
+
+    def _tensors(self) -> list[tuple]:
+        return [(t.data_ptr(), t.dtype, t.device) for t in self._buffers.values()
+                if t is not None] + [(p.data_ptr(), p.dtype, p.device)
+                                     for p in self._parameters.values() if p is not None]
 
 
 class Int8Linear(_KernelCopy):
@@ -776,19 +783,21 @@ def model_from_quantized_state(
     with torch.device("meta"):
         model = GPT2(config)
     act_dtype = state["ln_f.weight"].dtype
-    for owner, attr, name in _block_linears(model):
-        layer = Int8Linear.from_quantized(
-            state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale"),
-            state.pop(f"{name}.bias"), bias_dtype=act_dtype, activations=activations,
-        )
-        setattr(owner, attr, layer)
+    linears = {name: [state.pop(f"{name}.{key}") for key in ("weight", "weight_scale", "bias")]
+               for _, _, name in _block_linears(model)}
     head = bool(info.get("lm_head"))
-    if head:
-        q, scale = state.pop("wte.weight"), state.pop("wte.weight_scale")
-        if not _has_lm_head_slot(model):
-            raise GPT2Error("this checkpoint's LM head is int8, but GPT2 has no lm_head slot")
-        _attach_int8_head(model, q, scale, activations)  # wte reads the head's rows
+    if head and not _has_lm_head_slot(model):
+        raise GPT2Error("this checkpoint's LM head is int8, but GPT2 has no lm_head slot")
+    head_tensors = (state.pop("wte.weight"), state.pop("wte.weight_scale")) if head else None
+    # the float tensors before the int8 layers are attached: load_state_dict makes every
+    # int8 layer it passes rebuild its kernel's copy of the weight (_repack_after_load)
     model.load_state_dict(state, strict=False, assign=True)
+    for owner, attr, name in _block_linears(model):
+        q, scale, bias = linears[name]
+        setattr(owner, attr, Int8Linear.from_quantized(
+            q, scale, bias, bias_dtype=act_dtype, activations=activations))
+    if head:
+        _attach_int8_head(model, *head_tensors, activations)  # wte reads the head's rows
     if head:
         model.wte.dtype = act_dtype
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
