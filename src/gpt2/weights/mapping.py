@@ -7,6 +7,9 @@ cache's pages, shared and never copied. A tensor that is converted on the way in
 and the file's pages under it are handed back at once, so loading peaks near the
 size of the loaded weights rather than the file's plus the copies'. The mapping is
 private (copy-on-write): training or editing the model never writes to the file.
+A file rewritten in place by someone else while mapped would show through (or,
+shrunk, crash the reader with SIGBUS); gpt2 writes every file beside its destination
+and renames it into place (gpt2._io), which leaves a mapped old file untouched.
 """
 
 from __future__ import annotations
