@@ -70,6 +70,21 @@ def test_changing_a_loaded_model_leaves_its_file_alone(weights, tiny, tmp_path):
     assert_same_logits(GPT2.from_pretrained(folder), tiny.model, 128)
 
 
+def test_a_loaded_model_saved_over_its_own_folder_stays_whole(tiny, tmp_path):
+    """Writers put a new file in place by renaming, so the model still mapping the old
+    one (its wte, biases, LayerNorms are views of it) keeps its weights."""
+    from gpt2.weights.huggingface import save_huggingface
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.folder, folder)
+    model = GPT2.from_pretrained(folder)
+    doubled = {name: t * 2 for name, t in model.state_dict().items()}
+    save_huggingface(doubled, model.config, folder, overwrite=True)
+    assert_same_logits(model, tiny.model, 128)  # the loaded model: unchanged
+    again = GPT2.from_pretrained(folder)
+    assert torch.equal(again.wte.weight, 2 * model.wte.weight)  # the folder: the new one
+
+
 def test_safetensors_whose_tensors_are_not_aligned_load(tiny, tmp_path):
     """A header whose length is not a multiple of 4 leaves float32 data misaligned for
     its type (safetensors' own writer pads it; others need not): read by copying."""
