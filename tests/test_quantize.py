@@ -318,6 +318,27 @@ def test_bf16_logits_close_to_fp32(hf_checkpoint):
     assert err <= 0.1 * ref.std().item(), err
 
 
+def test_a_bf16_checkpoint_loads_with_the_packed_layers(hf_checkpoint, tmp_path):
+    """Stored bf16 and loaded as stored (no dtype): packed like dtype="bf16" where the CPU
+    has native bf16 (plain bf16 F.linear ran at fp32's speed), plain bf16 elsewhere."""
+    from gpt2.weights.huggingface import save_huggingface
+
+    ckpt = hf_checkpoint()
+    float_model = GPT2.from_pretrained(ckpt.folder)
+    save_huggingface(float_model.state_dict(), float_model.config, tmp_path / "bf16",
+                     dtype=torch.bfloat16)
+    model = GPT2.from_pretrained(tmp_path / "bf16")
+    assert model.wte.weight.dtype == torch.bfloat16
+    packed = isinstance(model.h[0].attn.c_attn, PackedBF16Linear)
+    assert packed == quantize.cpu_supports_bf16()
+    idx = torch.randint(0, ckpt.config.n_vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = hf_logits(ckpt.model, idx)
+    with torch.no_grad():
+        err = (model(idx).float() - ref).abs().max().item()
+    assert err <= 0.1 * ref.std().item(), err  # as test_bf16_logits_close_to_fp32
+    assert GPT2.from_pretrained(tmp_path / "bf16", dtype="fp32").wte.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("shape", [(4, 64), (1, 1, 64)])  # several rows: oneDNN; one: mv
 def test_packed_bf16_linear_equals_plain_bf16_linear(shape):
     linear = random_linear(64, 96)
