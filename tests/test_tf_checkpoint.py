@@ -374,10 +374,11 @@ def test_check_state_dict():
 # --- memory ---------------------------------------------------------------------------
 
 
-def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]]) -> int:
-    """A float32 bundle of zeros, written from the LevelDB and tensor_bundle specs (the
-    data file is sparse, so 500 MB cost no disk). Only the memory test uses it: the
-    format itself is checked against TensorFlow's own files above."""
+def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]], *,
+                      overlap: bool = False) -> int:
+    """A float32 bundle of zeros, written from the LevelDB and tensor_bundle specs. The
+    memory and overlap tests use it: the format itself is checked against TensorFlow's
+    own files above. overlap: every tensor's bytes start at offset 0."""
 
     def varint(n: int) -> bytes:
         out = bytearray()
@@ -391,6 +392,7 @@ def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]]) -> int:
 
     zeros = bytes(1 << 20)
     entries, offset = [(b"", varint(1 << 3) + varint(1) + field(3, varint(1 << 3) + varint(1)))], 0
+    length = 0
     for name in sorted(shapes, key=str.encode):
         size = 4 * int(np.prod(shapes[name]))
         crc = 0
@@ -402,7 +404,8 @@ def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]]) -> int:
         entry += varint(4 << 3) + varint(offset) + varint(5 << 3) + varint(size)
         entry += bytes([6 << 3 | 5]) + struct.pack("<I", masked)
         entries.append((name.encode(), entry))
-        offset += size
+        length = max(length, offset + size)
+        offset = 0 if overlap else offset + size
 
     def block(items: list[tuple[bytes, bytes]]) -> bytes:
         body, restarts = bytearray(), []
@@ -424,9 +427,17 @@ def write_zero_bundle(prefix: Path, shapes: dict[str, tuple[int, ...]]) -> int:
     with open(f"{prefix}.data-00000-of-00001", "wb") as f:
         # zeros written out, not a sparse file: a mapped hole is not what a download is
         # (reading one cost 0.13x the weights more resident memory)
-        for start in range(0, offset, 1 << 24):
-            f.write(bytes(min(1 << 24, offset - start)))
-    return offset
+        for start in range(0, length, 1 << 24):
+            f.write(bytes(min(1 << 24, length - start)))
+    return length
+
+
+def test_tensors_that_overlap_in_the_data_are_refused(tmp_path):
+    """Two entries over the same bytes: mapped, they would be one memory."""
+    write_zero_bundle(tmp_path / "model.ckpt", {"model/a": (4, 8), "model/b": (8,)},
+                      overlap=True)
+    with pytest.raises(GPT2Error, match="'model/a' and 'model/b' overlap in .*data-00000"):
+        TFCheckpoint(tmp_path / "model.ckpt")
 
 
 @pytest.mark.slow

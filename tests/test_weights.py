@@ -218,6 +218,21 @@ def header_garbage(tiny, tmp_path):
     return folder, "not a valid safetensors file .header is not JSON"
 
 
+def overlapping_tensors(tiny, tmp_path):
+    """Two tensors over the same bytes (safetensors forbids it): mapped, they would be
+    one memory, and training one would change the other."""
+    folder = _with_config(tiny, tmp_path / "overlap")
+    data = bytearray((tiny.folder / "model.safetensors").read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    names = [k for k in header if k != "__metadata__" and header[k]["shape"] == [64]]
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    (folder / "model.safetensors").write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
+    return folder, "not a valid safetensors file .tensors .* overlap in the file"
+
+
 def missing_tensor(tiny, tmp_path):
     folder = _edited_safetensors(
         tiny, tmp_path / "missing", lambda s: s.pop("transformer.h.1.ln_2.bias"))
@@ -316,7 +331,8 @@ def other_mlp_width(tiny, tmp_path):
 
 
 BROKEN = [
-    truncated, header_garbage, missing_tensor, wrong_shape, wrong_weight_shape, untied_lm_head,
+    truncated, header_garbage, overlapping_tensors, missing_tensor, wrong_shape,
+    wrong_weight_shape, untied_lm_head,
     unknown_tensor, not_gpt2_folder, other_model_type, no_such_path, int_weights,
     epsilon_text, epsilon_negative, attention_unscaled, attention_scaled_by_layer,
     other_mlp_width,

@@ -120,6 +120,21 @@ class TFCheckpoint:
                     f"{self.index_path}: tensor {name!r} is in shard {entry.shard_id}, but "
                     f"the checkpoint has {num_shards}; the index is corrupt"
                 )
+        self._check_no_overlap()
+
+    def _check_no_overlap(self) -> None:
+        """Tensors are read as views of their shard: two over the same bytes would be
+        one memory (a bundle never writes that; a corrupt index could say it)."""
+        reached: dict[int, tuple[int, str]] = {}  # shard -> furthest end so far, its tensor
+        for name, e in sorted(self._entries.items(), key=lambda kv: kv[1].offset):
+            end, last = reached.get(e.shard_id, (0, ""))
+            if e.offset < end and e.size > 0:
+                raise GPT2Error(
+                    f"{self.index_path}: tensors {last!r} and {name!r} overlap in "
+                    f"{self.shard_paths[e.shard_id].name}; the index is corrupt"
+                )
+            if e.offset + e.size > end:
+                reached[e.shard_id] = (e.offset + e.size, name)
 
     def names(self) -> list[str]:
         """Tensor names in the index's (sorted) order."""
