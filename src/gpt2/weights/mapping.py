@@ -65,17 +65,22 @@ def hand_back(address: int, nbytes: int) -> None:
     copy-on-write that nothing has written to, from this process: they are the file's,
     so nothing is lost (reading them again refetches them). Linux only; elsewhere they
     stay until the file is unmapped."""
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
+    madvise = _madvise()
     page = mmap.PAGESIZE
     start, end = -(-address // page) * page, (address + nbytes) // page * page
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                        mmap.MADV_DONTNEED)
+    if madvise is not None and end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
+def _madvise():
+    """libc's madvise, or None where there is none to call (handing back is only a saving:
+    without it, loading works and peaks higher)."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
