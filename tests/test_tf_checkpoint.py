@@ -111,6 +111,16 @@ def test_reader_matches_tensorflow(fixture):
         assert got.tobytes() == want.tobytes(), name  # bit-exact, NaNs and -0.0 included
 
 
+def test_each_read_is_a_tensor_of_its_own():
+    """The data is mapped, but read() without a conversion copies: editing what one
+    read gave changes neither another read nor the next one (nor its crc32c check)."""
+    ckpt = TFCheckpoint(FIXTURES / "tiny" / "model.ckpt")
+    a, b = ckpt.read("model/wte"), ckpt.read("model/wte")
+    want = b.clone()
+    a.fill_(7.0)
+    assert torch.equal(b, want) and torch.equal(ckpt.read("model/wte"), want)
+
+
 def test_names_are_in_tensorflow_key_order():
     meta, _ = reference("deep")
     ckpt = TFCheckpoint(FIXTURES / "deep" / "model.ckpt")

@@ -566,18 +566,31 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
 
 
-def test_a_new_run_starts_its_own_log(tmp_path):
+def test_a_new_run_starts_its_own_log(tmp_path, monkeypatch):
     """The log and samples of a run that never saved a checkpoint (killed, say) are not
-    continued by the next run in that folder: they were appended to."""
+    continued by the next run in that folder: they were appended to. A run that fails
+    before its first step leaves them as they were."""
+    import gpt2.train.trainer as trainer
+
     data = synthetic(tmp_path / "d")
     out = tmp_path / "o"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 7, "loss": 9.0}\n')
     (out / "samples.txt").write_text("an old sample\n")
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "sample_batch", lambda *a, **k: (_ for _ in ()).throw(
+            GPT2Error("no batch")))
+        with pytest.raises(GPT2Error, match="no batch"):
+            train(TrainConfig(data=str(data), out=str(out), **TINY, max_steps=3,
+                              device="cpu"))
+    assert (out / "log.jsonl").read_text() == '{"step": 7, "loss": 9.0}\n'
+    assert (out / "samples.txt").read_text() == "an old sample\n"
     train(TrainConfig(data=str(data), out=str(out), **TINY, max_steps=3, eval_interval=3,
                       device="cpu"))
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
-    assert not (out / "samples.txt").exists()  # this run wrote none (no vocabulary)
+    # this run wrote no samples (no vocabulary): the old ones are still there, as a file
+    # the run did not write is (its log replaced the old one at its first line)
+    assert (out / "samples.txt").read_text() == "an old sample\n"
 
 
 def test_demo_checks_the_device_before_preparing(tmp_path, run_cli):

@@ -62,10 +62,16 @@ def test_changing_a_loaded_model_leaves_its_file_alone(weights, tiny, tmp_path):
     else:
         shutil.copy(tiny.folder / weights, folder)
     before = (folder / weights).read_bytes()
-    model = GPT2.from_pretrained(folder)
+    import mmap
+
+    # torch.load maps shared (writing through) where the process's default says so,
+    # which another library may have set: ours must map privately regardless
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        model = GPT2.from_pretrained(folder)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
+    del model
     assert (folder / weights).read_bytes() == before
     assert_same_logits(GPT2.from_pretrained(folder), tiny.model, 128)
 
@@ -115,11 +121,21 @@ def test_hf_pytorch_model_bin(tiny, tmp_path):
 
 
 def test_hf_pytorch_model_bin_in_the_format_before_zip(tiny, tmp_path):
-    """torch.save's format before PyTorch 1.6 cannot be mapped: it is read into memory."""
+    """torch.save's format before PyTorch 1.6 cannot be mapped: it is read into memory.
+    Told apart by its first bytes: a zip's end signature (PK 05 06) inside its tensor
+    data made zipfile.is_zipfile say zip, and the file was refused."""
     shutil.copy(tiny.folder / "config.json", tmp_path)
-    torch.save(tiny.model.state_dict(), tmp_path / "pytorch_model.bin",
-               _use_new_zipfile_serialization=False)
-    assert_same_logits(GPT2.from_pretrained(tmp_path), tiny.model, 128)
+    state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    end_record = b"PK\x05\x06" + bytes(18)  # an empty zip's whole end-of-directory record
+    for t in state.values():  # (the old format writes tensors in no fixed order)
+        t.view(-1).view(torch.uint8)[-22:] = torch.tensor(list(end_record), dtype=torch.uint8)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    import zipfile
+
+    assert zipfile.is_zipfile(tmp_path / "pytorch_model.bin")  # what fooled the loader
+    model = GPT2.from_pretrained(tmp_path)
+    assert torch.equal(model.h[1].mlp.c_proj.bias, state["transformer.h.1.mlp.c_proj.bias"])
+    assert torch.equal(model.wte.weight, state["transformer.wte.weight"])
 
 
 def test_hf_sharded_safetensors(hf_checkpoint):

@@ -241,10 +241,10 @@ class _Run:
         self.model = build_model(cfg, self.data, init=str(resume_from or cfg.init),
                                  device=self.device)
         self._make_out()
-        if self.state is None and info.is_main:
-            # left by a run that never saved a checkpoint: a new run does not continue them
-            for name in ("log.jsonl", "samples.txt"):
-                (self.out / name).unlink(missing_ok=True)
+        # a log or samples already in OUT on a fresh run are a run's that never saved a
+        # checkpoint: replaced by this run's own at its first line, not continued (and
+        # left as they are if this run fails before writing one)
+        self._appended = set() if self.state is None else {"log.jsonl", "samples.txt"}
         self.tokenizer = self._save_vocab(tokenizer)
         self.optimizer = make_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         device=self.device)
@@ -496,7 +496,7 @@ class _Run:
         self.model.train()
         text = self.tokenizer.decode(ids[0, 1:].tolist())
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
-        with open(self.out / "samples.txt", "a", encoding="utf-8") as f:
+        with self._open_for_appending("samples.txt") as f:
             f.write(f"=== step {self.step} ===\n{text}\n")
 
     def _save(self) -> None:
@@ -527,8 +527,14 @@ class _Run:
         if not self.info.is_main:
             return
         self.records.append(record)
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+        with self._open_for_appending("log.jsonl") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _open_for_appending(self, name: str):
+        """OUT/name to append to; on a fresh run, emptied first the first time."""
+        mode = "a" if name in self._appended else "w"
+        self._appended.add(name)
+        return open(self.out / name, mode, encoding="utf-8")
 
     def _say(self, text: str) -> None:
         if self.info.is_main and self.cfg.progress:

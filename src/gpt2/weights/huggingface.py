@@ -12,10 +12,11 @@ so a checkpoint can never run code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -172,7 +173,8 @@ def read_safetensors(
     for name, (dtype, shape, begin, end) in header.items():
         offset, nbytes = data_start + begin, end - begin
         if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            empty = torch.empty(shape, dtype=dtype)
+            tensors[name] = empty if convert is None else convert(name, empty)
             continue
         tensor, raw = mapping.view(mapped, offset, nbytes, dtype, shape)
         tensors[name] = mapping.converted(name, tensor, raw, convert)
@@ -241,10 +243,16 @@ def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
 def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """(the state dict, whether its tensors are views of the file mapped copy-on-write:
     so are those of torch.save's zip format; the older format is read into memory)."""
-    mapped = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # a zip's first local header, as torch tests
+    mapped = zipped and hasattr(mmap, "MAP_PRIVATE")
+    # MAP_PRIVATE whatever the process's default is: the model must never write the file
+    private = torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE) if mapped \
+        else contextlib.nullcontext()
     try:
         # weights_only: the unpickler accepts tensors and plain containers, nothing that runs
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+        with private:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except MemoryError:
         raise
     except Exception as e:  # arbitrary bytes fail in many ways (KeyError for a text file)

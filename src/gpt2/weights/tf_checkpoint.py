@@ -163,9 +163,10 @@ class TFCheckpoint:
         return self._entry(name).size
 
     def read(self, name: str, convert: mapping.Convert | None = None) -> torch.Tensor:
-        """The tensor's values, checked against its crc32c: a view of its shard, mapped
-        copy-on-write (see gpt2.weights.mapping), or convert(name, view) when given,
-        in which case a copy's pages in the file are handed back."""
+        """The tensor's values, checked against its crc32c, in a tensor of its own; or
+        convert(name, view), where view is the tensor's bytes in its shard mapped
+        copy-on-write (gpt2.weights.mapping): returning the view keeps those pages
+        (another read of the tensor shares them), returning a copy hands them back."""
         entry = self._entry(name)
         if entry.sliced:
             raise GPT2Error(
@@ -189,7 +190,8 @@ class TFCheckpoint:
                 f"{_redownload_hint(self.prefix)}"
             )
         if entry.size == 0:
-            return torch.empty(entry.shape, dtype=dtype)
+            empty = torch.empty(entry.shape, dtype=dtype)
+            return empty if convert is None else convert(name, empty)
         crc = 0
         for start in range(entry.offset, entry.offset + entry.size, _CRC_CHUNK):
             crc = google_crc32c.extend(crc, mapped[start : min(start + _CRC_CHUNK,
@@ -200,7 +202,7 @@ class TFCheckpoint:
                 f"{_redownload_hint(self.prefix)}"
             )
         tensor, raw = mapping.view(mapped, entry.offset, entry.size, dtype, entry.shape)
-        return mapping.converted(name, tensor, raw, convert)
+        return mapping.converted(name, tensor, raw, convert or _own_copy)
 
     def _mapped(self, shard: int) -> mmap.mmap | None:
         """The shard mapped copy-on-write (None for an empty file), mapped once."""
@@ -263,6 +265,10 @@ class TFCheckpoint:
             crc32c=_one(fields, 6, 0),
             sliced=bool(fields.get(7)),
         )
+
+
+def _own_copy(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
 
 
 def _mask(crc: int) -> int:
