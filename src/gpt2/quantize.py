@@ -798,7 +798,6 @@ def model_from_quantized_state(
             q, scale, bias, bias_dtype=act_dtype, activations=activations))
     if head:
         _attach_int8_head(model, *head_tensors, activations)  # wte reads the head's rows
-    if head:
         model.wte.dtype = act_dtype
     model.quantization = {"method": FORMAT, "bits": 8, "lm_head": head}
     model.kv_cache_dtype = _int8_kv_cache_dtype(model)
