@@ -226,7 +226,7 @@ def kernel_for_int8(
     if q.dtype != torch.int8 or q.device.type != "cpu" or q.is_meta:
         return None
     # each channel's weight sum undoes the activations' zero point; fp32 scales and bias
-    tail = (q.sum(dim=1, dtype=torch.int32), scale.float().contiguous(),
+    tail = (_row_sums(q), scale.float().contiguous(),
             None if bias is None else bias.detach().float().contiguous())  # fmt: skip
     if amx_available():
         return Kernel(torch.ops.gpt2.int8_linear_amx, (amx_layout(q, 4), q.shape[0], *tail),
@@ -238,6 +238,14 @@ def kernel_for_int8(
         return Kernel(torch.ops.gpt2.int8_linear_avx2, (q.contiguous(), *tail),
                       AVX2_INT8_MAX_ROWS, "AVX2")  # fmt: skip
     return None
+
+
+def _row_sums(q: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Each row's sum of an int8 matrix, in int32, a block of rows at a time: summed
+    with dtype=int32 in one call, PyTorch first made an int32 copy of the whole matrix
+    (154 MB for 124M's LM head, the peak of loading an int8 model)."""
+    return torch.cat([q[i:i + rows].sum(dim=1, dtype=torch.int32)
+                      for i in range(0, q.shape[0], rows)])
 
 
 def kernel_for_int8_weight_only(

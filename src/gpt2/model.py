@@ -437,7 +437,7 @@ class GPT2(nn.Module):
         """
         from gpt2 import quantize as q
         from gpt2.commands._common import resolve_device
-        from gpt2.weights import load_checkpoint
+        from gpt2.weights import load_checkpoint, mapping
         from gpt2.weights.hub import resolve_model
 
         device = resolve_device(device)  # before the slow part: reading the weights
@@ -447,7 +447,9 @@ class GPT2(nn.Module):
             )
         path = resolve_model(str(name_or_path))
         if q.quantization_info(path) is not None:
-            return q.load_quantized(path, device=device, method=quantize or "int8").eval()
+            model = q.load_quantized(path, device=device, method=quantize or "int8").eval()
+            mapping.trim_heap()
+            return model
         ckpt = load_checkpoint(path, size=size, dtype=dtype)
         with torch.device("meta"):
             model = cls(ckpt.config)
@@ -461,6 +463,7 @@ class GPT2(nn.Module):
             # asked for bf16, or a bf16 checkpoint loaded as stored: the packed bf16
             # layers (plain bf16 F.linear ran at fp32's speed: 40 vs 66 tokens/s, 124M)
             model = q.prepare_bf16(model)
+        mapping.trim_heap()  # what packing and casting freed
         return model
 
     # -- generation -----------------------------------------------------------------------
