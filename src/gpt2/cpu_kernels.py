@@ -279,7 +279,9 @@ def amx_layout(weight: torch.Tensor, group: int) -> torch.Tensor:
     out, n_in = weight.shape
     width = 16 * group
     pairs, slices = -(-out // 32), -(-n_in // width)
-    w = torch.nn.functional.pad(weight, (0, slices * width - n_in, 0, pairs * 32 - out))
+    w = weight.contiguous()
+    if slices * width != n_in or pairs * 32 != out:  # (F.pad copies even to pad nothing)
+        w = torch.nn.functional.pad(w, (0, slices * width - n_in, 0, pairs * 32 - out))
     w = w.view(pairs, 2, 16, slices, 16, group)  # (pair, half, channel, slice, k, g)
     return w.permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)  # (pair, slice, half, k, ch, g)
 
