@@ -230,14 +230,10 @@ def _safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
             f"{path}: truncated: the file has {size:,} bytes but its tensors need "
             f"{data_start + needed:,}; download or convert it again"
         )
-    ordered = sorted(header.items(), key=lambda kv: kv[1][2])
-    reached, last = 0, None  # the furthest byte any tensor so far takes, and its tensor
-    for name, (_, _, begin, end) in ordered:
-        if begin < reached and end > begin:  # the format forbids it; mapped, they would alias
-            raise corrupt(f"tensors {last!r} and {name!r} overlap in the file")
-        if end > reached:
-            reached, last = end, name
-    return dict(ordered), data_start
+    both = mapping.overlap((name, begin, end) for name, (*_, begin, end) in header.items())
+    if both is not None:  # the format forbids it
+        raise corrupt(f"tensors {both[0]!r} and {both[1]!r} overlap in the file")
+    return dict(sorted(header.items(), key=lambda kv: kv[1][2])), data_start
 
 
 def _read_pickle(path: Path) -> tuple[dict[str, torch.Tensor], bool]:

@@ -19,7 +19,7 @@ import ctypes
 import functools
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -48,6 +48,18 @@ def view(mapped: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype,
     raw = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
     tensor = raw.clone() if offset % dtype.itemsize else raw
     return tensor.view(dtype).view(shape), raw
+
+
+def overlap(spans: Iterable[tuple[str, int, int]]) -> tuple[str, str] | None:
+    """The names of two (name, begin, end) byte spans of one file that overlap, or None.
+    Tensors read as views of a mapping must not: they would be one memory."""
+    reached, last = 0, ""  # the furthest byte a span so far takes, and its name
+    for name, begin, end in sorted(spans, key=lambda span: span[1]):
+        if begin < reached and end > begin:
+            return last, name
+        if end > reached:
+            reached, last = end, name
+    return None
 
 
 def converted(name: str, tensor: torch.Tensor, source: torch.Tensor,

@@ -125,16 +125,12 @@ class TFCheckpoint:
     def _check_no_overlap(self) -> None:
         """Tensors are read as views of their shard: two over the same bytes would be
         one memory (a bundle never writes that; a corrupt index could say it)."""
-        reached: dict[int, tuple[int, str]] = {}  # shard -> furthest end so far, its tensor
-        for name, e in sorted(self._entries.items(), key=lambda kv: kv[1].offset):
-            end, last = reached.get(e.shard_id, (0, ""))
-            if e.offset < end and e.size > 0:
-                raise GPT2Error(
-                    f"{self.index_path}: tensors {last!r} and {name!r} overlap in "
-                    f"{self.shard_paths[e.shard_id].name}; the index is corrupt"
-                )
-            if e.offset + e.size > end:
-                reached[e.shard_id] = (e.offset + e.size, name)
+        for shard, path in enumerate(self.shard_paths):
+            both = mapping.overlap((name, e.offset, e.offset + e.size)
+                                   for name, e in self._entries.items() if e.shard_id == shard)
+            if both is not None:
+                raise GPT2Error(f"{self.index_path}: tensors {both[0]!r} and {both[1]!r} "
+                                f"overlap in {path.name}; the index is corrupt")
 
     def names(self) -> list[str]:
         """Tensor names in the index's (sorted) order."""
