@@ -8,6 +8,7 @@ clear GPT2Error, and `gpt2 validate` must turn it into one line on stderr.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -521,6 +522,27 @@ def test_validate_int8_checkpoint(tiny, tmp_path, run_cli):
     assert data["bytes"] < 0.45 * float_report["bytes"]
 
 
+def float_tensors_alive(shape) -> int:
+    """How many fp32 tensors of this shape this process still holds."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects()
+               if issubclass(type(o), torch.Tensor) and o.dtype == torch.float32
+               and tuple(o.shape) == shape)
+
+
+@pytest.mark.parametrize("how", [{"dtype": "bf16"}, {"quantize": "int8"}])
+def test_a_cast_or_quantized_load_keeps_no_float_weights(hf_checkpoint, how):
+    """Casting or quantizing on load replaces the float tensors; nothing may keep them
+    (the model's record of its source held the whole float state dict)."""
+    ckpt = hf_checkpoint(n_embd=96, n_vocab=136)  # shapes no other test's tensors have
+    shapes = [(136, 96), (3 * 96, 96), (4 * 96, 96)]  # wte, c_attn, c_fc (out, in)
+    before = [float_tensors_alive(shape) for shape in shapes]  # (the fixture's own)
+    model = GPT2.from_pretrained(ckpt.folder, **how)
+    assert model.h[0].attn.c_attn.weight.dtype != torch.float32
+    assert [float_tensors_alive(shape) for shape in shapes] == before
+    assert model.source.path == ckpt.folder and model.source.layout == "huggingface"
+
+
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     def status(key):
@@ -563,6 +585,45 @@ INT8_MEMORY_PROBE = textwrap.dedent("""
                 held += t.untyped_storage().nbytes()
     print(json.dumps({"growth": rss() - before, "held": held}))
 """)
+
+
+CAST_MEMORY_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+    from gpt2.model import GPT2
+    before = rss()
+    model = GPT2.from_pretrained(sys.argv[1], **json.loads(sys.argv[2]))
+    held = {}  # storage -> bytes: the tensors, and the copies our kernels hold
+    for m in model.modules():
+        kernel = getattr(m, "_native", None)
+        for t in [*m._parameters.values(), *m._buffers.values(),
+                  *(a for a in (kernel.args if kernel else ()) if isinstance(a, torch.Tensor))]:
+            if t is not None:
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    print(json.dumps({"growth": rss() - before, "held": sum(held.values())}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [{"dtype": "bf16"}, {"quantize": "int8"},
+                                 {"quantize": "int8-weight-only"}])
+def test_a_bf16_or_int8_model_from_fp32_holds_no_float_weights(hf_124m, how):
+    """Loading fp32 124M as bf16 or int8 leaves the process holding what the model holds
+    and no more: not the float weights (the model's record of its source kept the float
+    state dict: int8 755 MB resident for ~250 MB held), nor the file's pages of the
+    dropped float embedding (154 MB)."""
+    from gpt2 import cpu_kernels
+
+    if not cpu_kernels.amx_available():
+        pytest.skip("counts only on AMX: elsewhere oneDNN's and FBGEMM's copies, of "
+                    "sizes we cannot read, are part of what a layer holds")
+    folder, _ = hf_124m
+    out = subprocess.run([sys.executable, "-c", CAST_MEMORY_PROBE, str(folder), json.dumps(how)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    m = json.loads(out)
+    assert m["growth"] <= 1.1 * m["held"] + 8e6, (m["growth"] / 1e6, m["held"] / 1e6)
 
 
 @pytest.mark.slow

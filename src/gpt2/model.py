@@ -22,6 +22,7 @@ it can record or replace the tensor (see ACTIVATIONS for the names).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -454,10 +455,20 @@ class GPT2(nn.Module):
         with torch.device("meta"):
             model = cls(ckpt.config)
         model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
-        model.source = ckpt  # layout, path: shown by `gpt2 validate`
+        # layout, path: shown by `gpt2 validate`; not the tensors, which a cast, a move to
+        # a GPU or quantizing replaces (holding them kept a second copy of the weights)
+        model.source = dataclasses.replace(ckpt, state_dict={})
+        del ckpt  # the model holds the tensors now: what it replaces is freed at once
         model = model.to(device).eval()
         if quantize is not None:
+            float_wte = model.wte.weight
             model = q.quantize_model(model, quantize)
+            if model.wte.weight.data_ptr() != float_wte.data_ptr() and float_wte.is_cpu:
+                # the float table is read no more (the int8 head's rows replace it); as
+                # pages of the mapped file, it would stay resident while the mapping
+                # lives (its small tensors keep it): 154 MB for 124M
+                mapping.hand_back(float_wte.data_ptr(), float_wte.nbytes)
+            del float_wte
         elif torch.device(device).type == "cpu" and model.ln_f.weight.dtype == torch.bfloat16 \
                 and (dtype is not None or q.cpu_supports_bf16()):
             # asked for bf16, or a bf16 checkpoint loaded as stored: the packed bf16
