@@ -256,6 +256,23 @@ def test_few_row_products_equal_transformers(tiny, kernel, rows, monkeypatch):
         assert (id(model.h[0].attn.c_attn.weight) in gpt2.products._CPU_PACKED) != ours_ran
 
 
+@pytest.mark.parametrize("shape", [(1, 12), (2, 5)])
+def test_a_short_prompt_makes_no_packed_copies(tiny, shape, monkeypatch):
+    """The oneDNN copies serve batches decoding one token a row. A prompt of 9-16 tokens
+    made one of every weight, kept while the model lived (+335 MB for 124M, for a
+    one-off pass that decoding never repeats)."""
+    from gpt2 import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "fp32_op", lambda: None)  # (rows 2-8 would be ours)
+    model, hf = tiny
+    gpt2.products._CPU_PACKED.clear()
+    idx = random_ids(128, shape, seed=4)
+    with torch.no_grad():
+        ours = model(idx)
+    assert (ours - hf_logits(hf, idx)).abs().max().item() <= LOGITS_ATOL
+    assert not gpt2.products._CPU_PACKED
+
+
 @pytest.mark.parametrize("change", ["optimizer step", "load_state_dict"])
 def test_packed_copies_follow_in_place_weight_changes(hf_checkpoint, change, monkeypatch):
     from gpt2 import cpu_kernels

@@ -9,7 +9,8 @@ memory for a handful of rows:
                  machine's bandwidth
     2-8 rows     gpt2's own fp32 kernel (`gpt2.cpu_kernels`, AVX-512 or AVX2)
     other <= 16  a copy of W that oneDNN reordered once into its blocked layout
-                 (MKL's GEMM would re-pack W on every call)
+                 (MKL's GEMM would re-pack W on every call), when the rows are a
+                 batch's new tokens; a short prompt's rows go to MKL (no copy kept)
 
 Layers that are not `nn.Linear` (int8, packed bf16: `gpt2.quantize`) choose their
 own kernels; `project` calls them as they are. Measurements: bench/CPU_NOTES.md.
@@ -63,7 +64,10 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if ours is not None:
         y = ours(x.reshape(rows, x.size(-1)).contiguous(), weight.contiguous(), bias)
         return y.view(*x.shape[:-1], weight.size(0))  # (..., out)
-    if rows > 1 and PACK_WEIGHTS_FOR_CPU_BATCHES and fp32:
+    # the copy is for batches decoding one token a row; a prompt's few tokens (a (B, T, C)
+    # input with T > 1) go to MKL, not into a copy of every weight kept from then on
+    one_token_a_row = x.dim() == 2 or x.size(-2) == 1
+    if rows > 1 and PACK_WEIGHTS_FOR_CPU_BATCHES and fp32 and one_token_a_row:
         packed = _cpu_packed(weight)
         if packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(
