@@ -143,6 +143,33 @@ def test_destination_under_a_file_is_refused(tf_fixture, tmp_path, run_cli):
     assert "file is a file, not a folder" in result.err
 
 
+def test_sigterm_mid_write_leaves_no_destination(tf_fixture, tmp_path, monkeypatch, run_cli):
+    """`kill`, `timeout` or `docker stop` while converting: the temporary folder goes, as
+    for Ctrl-C (it stayed, with a whole model.safetensors in it)."""
+    import os
+    import signal
+    import threading
+
+    import gpt2.weights.huggingface as hf_module
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the handler is set only in the main thread; the signal would kill us")
+    real_save = hf_module.write_safetensors
+
+    def save_then_terminated(path, tensors, **kwargs):
+        real_save(path, tensors, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(hf_module, "write_safetensors", save_then_terminated)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    result = run_cli("convert", tf_fixture("vocab"), out / "dst")
+    assert result.code == 143 and result.err.strip() == "gpt2 convert: terminated"
+    assert list(out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+
+
 def test_destination_holding_the_source_is_refused(tf_fixture, tmp_path, run_cli):
     src = shutil.copytree(tf_fixture("tiny"), tmp_path / "models" / "tiny")
     for dst in (src, src.parent):
@@ -155,15 +182,15 @@ def test_destination_holding_the_source_is_refused(tf_fixture, tmp_path, run_cli
                          ids=["disk-full", "interrupted"])
 def test_failure_mid_write_leaves_no_destination(error, tf_fixture, tmp_path, monkeypatch,
                                                  run_cli):
-    import safetensors.torch
+    import gpt2.weights.huggingface as hf_module
 
-    real_save = safetensors.torch.save_file
+    real_save = hf_module.write_safetensors
 
-    def save_then_fail(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)  # the big file is already written
+    def save_then_fail(path, tensors, **kwargs):
+        real_save(path, tensors, **kwargs)  # the big file is already written
         raise error
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_then_fail)
+    monkeypatch.setattr(hf_module, "write_safetensors", save_then_fail)
     out = tmp_path / "out"
     out.mkdir()
     result = run_cli("convert", tf_fixture("vocab"), out / "dst")

@@ -207,27 +207,35 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in (out / "ckpt-0000002").iterdir()}
     root_weights = (out / "model.safetensors").read_bytes()
 
-    import safetensors.torch
+    import gpt2.weights.huggingface as hf_module
 
-    real = safetensors.torch.save_file
+    real = hf_module.write_safetensors
 
-    def dies_on_optimizer(tensors, path, *a, **k):
-        if path.endswith("optimizer.safetensors"):
-            real(tensors, path + ".part")  # half-way through the checkpoint
+    def dies_on_optimizer(path, tensors, **kwargs):
+        if path.name == "optimizer.safetensors":
+            real(path.with_name("optimizer.part"), tensors)  # half-way through the checkpoint
             raise KeyboardInterrupt
-        return real(tensors, path, *a, **k)
+        return real(path, tensors, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_on_optimizer)
+    monkeypatch.setattr(hf_module, "write_safetensors", dies_on_optimizer)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(resume=True, **kw))
     assert latest_checkpoint(out).name == "ckpt-0000002"
+    # and the checkpoint it was writing is gone, not left for a later run (1.4 GB for 124M)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     after = {p.name: p.read_bytes() for p in (out / "ckpt-0000002").iterdir()}
     assert after == before
     assert (out / "model.safetensors").read_bytes() == root_weights
     GPT2.from_pretrained(out)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(hf_module, "write_safetensors", real)
+    # what a run killed (SIGKILL) while saving leaves: the next save removes it
+    for left in (out / "..ckpt-0000002.partial.x1y2z3", out / ".ckpt-0000004.partial",
+                 out / "..best.partial.a1b2c3"):
+        left.mkdir()
+        (left / "model.safetensors").write_bytes(b"half")
     s = train(TrainConfig(resume=True, **kw))  # and the run goes on from step 2
     assert s.step == 6 and latest_checkpoint(out).name == "ckpt-0000006"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 _SAVE_LOOP = """

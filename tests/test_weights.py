@@ -522,6 +522,41 @@ def test_validate_int8_checkpoint(tiny, tmp_path, run_cli):
     assert data["bytes"] < 0.45 * float_report["bytes"]
 
 
+def test_write_safetensors_is_read_back_by_safetensors(tmp_path):
+    """Our streaming writer against the safetensors library as the reader: every dtype
+    a checkpoint holds, scalars, empty and non-contiguous tensors, transposes, a cast."""
+    gen = torch.Generator().manual_seed(0)
+    from gpt2.weights.huggingface import write_safetensors
+
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "bf16": torch.randn(4, 2, generator=gen).bfloat16(),
+        "f16": torch.randn(7, generator=gen).half(),
+        "i8": torch.randint(-128, 128, (6, 3), generator=gen, dtype=torch.int8),
+        "i32": torch.randint(-9, 9, (2, 2), generator=gen, dtype=torch.int32),
+        "i64": torch.tensor(5),
+        "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(6, 8, generator=gen)[::2, 1::3],
+    }
+    write_safetensors(tmp_path / "a.safetensors", tensors, transposed={"f32", "i8"},
+                      metadata={"format": "pt"})
+    back = load_file(tmp_path / "a.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        want = t.t() if name in ("f32", "i8") else t
+        assert back[name].dtype == want.dtype and torch.equal(back[name], want), name
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    write_safetensors(tmp_path / "b.safetensors", floats, dtype=torch.bfloat16)
+    back = load_file(tmp_path / "b.safetensors")
+    assert all(torch.equal(back[k], v.bfloat16()) for k, v in floats.items())
+
+
 def float_tensors_alive(shape) -> int:
     """How many fp32 tensors of this shape this process still holds."""
     gc.collect()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 import warnings
 
 from gpt2 import commands
@@ -66,6 +68,15 @@ def _check_utf8(args: argparse.Namespace) -> None:
                                 "convert it with iconv -f latin1 -t utf-8)")
 
 
+class Terminated(BaseException):
+    """SIGTERM (`kill`, `timeout`, `docker stop`) raised as an exception, so that a stopped
+    command removes what it was writing, as it does for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -74,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # the command as typed, for messages: "gpt2 generate", "gpt2 inspect attention"
     name = " ".join(["gpt2", args.command, *([args.what] if hasattr(args, "what") else [])])
+    previous = None
+    if args.command != "train" and threading.current_thread() is threading.main_thread():
+        # not for train: torchrun stops its workers with SIGTERM, and a worker unwinding
+        # in the middle of a collective could wait on the others (a killed run's
+        # half-written checkpoint is removed by its next save instead)
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         _check_utf8(args)
         with warnings.catch_warnings():
@@ -90,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Terminated:
+        _error(f"{name}: terminated")
+        return 143
     except BrokenPipeError:
         # `gpt2 ... | head`: the reader went away; that is not an error of ours.
         sys.stderr.close()
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

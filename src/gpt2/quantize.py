@@ -120,10 +120,14 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     >>> q.tolist(), s.tolist()
     ([[63, -126], [126, 16]], [0.0079345703125, 0.015869140625])
     """
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)  # (out,)
-    scale = _round_up_to_bf16(amax / 127.0).clamp(min=torch.finfo(torch.bfloat16).tiny)  # (out,)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (out, in)
+    scale = torch.empty(w.shape[0], device=w.device)  # (out,)
+    for i in range(0, w.shape[0], 1024):  # (the whole matrix at once made two fp32
+        block = w[i:i + 1024].float()    # temporaries its size: +310 MB for 124M's head)
+        s = _round_up_to_bf16(block.abs().amax(dim=1) / 127.0)
+        scale[i:i + 1024] = s.clamp_(min=torch.finfo(torch.bfloat16).tiny)
+        q[i:i + 1024] = torch.round(block / scale[i:i + 1024, None]).clamp_(-127, 127)
     return q, scale.to(torch.bfloat16)
 
 
@@ -665,18 +669,17 @@ def save_quantized(
 
     >>> save_quantized(quantize_model(model, "int8"), "gpt2-int8")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     from gpt2._io import atomic_folder, atomic_write_text
+    from gpt2.weights.huggingface import write_safetensors
     from gpt2.weights.names import is_transposed
 
     state = quantized_state_dict(model)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        tensors = {}
-        for name, t in state.items():
-            t = t.detach().to("cpu")
-            tensors[f"transformer.{name}"] = (t.t() if is_transposed(name) else t).contiguous()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors",
+                          {f"transformer.{name}": t for name, t in state.items()},
+                          transposed={f"transformer.{name}" for name in state
+                                      if is_transposed(name)},
+                          metadata={"format": "pt"})  # fmt: skip
         config = model.config.to_hf_config()
         config["torch_dtype"] = str(model.ln_f.weight.dtype).removeprefix("torch.")
         config["quantization"] = {**model.quantization, "version": FORMAT_VERSION}

@@ -81,6 +81,7 @@ def _convert_quantized(ckpt, dst: Path, tokenizer, args: argparse.Namespace) -> 
     with torch.device("meta"):
         model = GPT2(ckpt.config)
     model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    ckpt.state_dict.clear()  # the model holds them: each float weight goes once quantized
     model = quantize_model(model.float().eval(), args.quantize)
     save_quantized(model, dst, tokenizer=tokenizer, overwrite=args.force)
     print(f"wrote {dst} (int8 weight-only, {ckpt.config.n_layer} layers) from the "

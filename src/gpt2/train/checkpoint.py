@@ -77,22 +77,23 @@ def save_checkpoint(
     rng: dict[str, torch.Tensor],
 ) -> Path:
     """Write OUT/ckpt-<step>, point OUT/latest at it, refresh OUT's model files."""
-    from safetensors.torch import save_file
-
-    from gpt2.weights.huggingface import save_huggingface
+    from gpt2.weights.huggingface import save_huggingface, write_safetensors
 
     name = f"{PREFIX}{step:07d}"
     partial = out / f".{name}.partial"
     final = out / name
     try:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+        # what a run killed while saving left: any checkpoint half-written, and the
+        # hidden folder its model files were being written in (`..ckpt-N.partial.*`)
+        for left in [*out.glob(f".{PREFIX}*.partial"), *out.glob(f"..{PREFIX}*.partial.*")]:
+            shutil.rmtree(left, ignore_errors=True)
         save_huggingface(model_state, config, partial)
         if vocab_dir is not None:
             _link_files(vocab_dir, partial, VOCAB_FILES)
         tensors, groups = _flatten_optimizer(optimizer_state)
-        save_file(tensors, str(partial / "optimizer.safetensors"))
+        write_safetensors(partial / "optimizer.safetensors", tensors)
         atomic_write_text(partial / "optimizer.json", json.dumps(groups, indent=1) + "\n")
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(partial / "rng.safetensors"))
+        write_safetensors(partial / "rng.safetensors", rng)
         atomic_write_text(partial / "train_state.json",
                           json.dumps({**info, "step": step}, indent=2) + "\n")
         for f in partial.iterdir():
@@ -108,6 +109,9 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         raise GPT2Error(f"{out}: saving the checkpoint failed ({e.strerror or e}); "
                         "the previous checkpoint is intact") from None
+    except BaseException:  # Ctrl-C: the half-written checkpoint goes too (model + optimizer)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     publish_model(final, out)
     for old in out.glob(f"{PREFIX}*"):
         if old.name != name and old.is_dir():
@@ -123,7 +127,8 @@ def save_best(out: Path, *, model_state, config, vocab_dir: Path | None,
     best = out / "best"
     partial = out / ".best.partial"
     try:
-        shutil.rmtree(partial, ignore_errors=True)
+        for left in [partial, *out.glob("..best.partial.*")]:  # (a run killed while saving)
+            shutil.rmtree(left, ignore_errors=True)
         save_huggingface(model_state, config, partial)
         if vocab_dir is not None:
             _link_files(vocab_dir, partial, VOCAB_FILES)
