@@ -143,6 +143,31 @@ def test_destination_under_a_file_is_refused(tf_fixture, tmp_path, run_cli):
     assert "file is a file, not a folder" in result.err
 
 
+@pytest.mark.parametrize("dst", [".", "inner/..", ".."])
+def test_force_never_replaces_the_folder_you_are_in(tf_fixture, tmp_path, monkeypatch, run_cli,
+                                                   dst):
+    """`convert SRC . --force` deleted the working folder's files, then failed, saying
+    nothing was changed."""
+    here = tmp_path / "a" / "b"
+    (here / "inner").mkdir(parents=True)
+    (here / "keep.txt").write_text("precious")
+    monkeypatch.chdir(here)
+    result = run_cli("convert", tf_fixture("vocab"), dst, "--force")
+    assert result.code == 1 and "is the folder you are in, or holds it" in result.err
+    assert (here / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "inner", "keep.txt"]
+
+
+def test_force_replaces_a_folder_only_once_the_new_one_is_written(tf_fixture, tmp_path,
+                                                                  run_cli):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    assert run_cli("convert", tf_fixture("vocab"), dst, "--force").code == 0
+    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]  # no folder moved aside is left
+
+
 def test_sigterm_mid_write_leaves_no_destination(tf_fixture, tmp_path, monkeypatch, run_cli):
     """`kill`, `timeout` or `docker stop` while converting: the temporary folder goes, as
     for Ctrl-C (it stayed, with a whole model.safetensors in it)."""

@@ -53,9 +53,18 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     """
     from gpt2.errors import GPT2Error
 
-    folder = Path(folder)
+    shown = folder
+    # "." or "out/..": a parent to make the temporary folder in (Path(".").parent is ".")
+    folder = Path(os.path.abspath(folder))
     if folder.exists() and not folder.is_dir():
-        raise GPT2Error(f"{folder}: exists and is not a folder")
+        raise GPT2Error(f"{shown}: exists and is not a folder")
+    try:
+        here = Path(os.getcwd())
+    except OSError:  # (the working folder was deleted: nothing to protect)
+        here = None
+    if here is not None and folder.is_dir() and (folder == here or folder in here.parents):
+        raise GPT2Error(f"{shown}: is the folder you are in, or holds it; write to "
+                        "another folder")
     above = next((p for p in folder.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise GPT2Error(f"{folder}: {above} is a file, not a folder; choose another path")
@@ -73,9 +82,17 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
             os.chmod(f, default_mode())  # writers such as safetensors create 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if folder.exists():  # moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
         fsync_dir(folder.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
