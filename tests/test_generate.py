@@ -15,7 +15,7 @@ import torch
 
 from gpt2.errors import GPT2Error
 from gpt2.fast_decode import StaticDecoder
-from gpt2.generate import TextStream, generate, generate_batch, stream
+from gpt2.generate import TextStream, apply_top_p, generate, generate_batch, stream
 from gpt2.model import GPT2
 
 EOT = 50256
@@ -431,6 +431,13 @@ def _tiny(dropout: float = 0.0) -> GPT2:
     (lambda m: m.generate(torch.tensor([[1, 2]]), 2, top_p="0.5"), "top-p must be a number"),
     (lambda m: m.generate(torch.tensor([[1, 2]]), 2, repetition_penalty=None),
      "repetition penalty must be a number"),
+    # a temperature that is 0 in float32, a penalty that overflows it: the logits went
+    # NaN and every sample was <|endoftext|> (found by an audit)
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, temperature=1e-300), "too small"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, repetition_penalty=1e-40),
+     "from 1e-06 to 1e"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, repetition_penalty=1e300),
+     "from 1e-06 to 1e"),
     (lambda m: generate_batch(m, ["hello"], max_new_tokens=2), "list of token-id lists"),
     (lambda m: generate_batch(m, [1, 2, 3], max_new_tokens=2), "list of token-id lists"),
     (lambda m: generate_batch(m, torch.tensor([[1, 2]]), max_new_tokens=2), "use generate"),
@@ -442,6 +449,19 @@ def test_bad_python_api_input_is_a_gpt2error(call, message):
     with pytest.raises(GPT2Error, match=message) as e:
         call(_tiny())
     assert "\n" not in str(e.value)
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_top_token():
+    """top_p = 1e-46 is 0 in float32: the nucleus was empty and indexing it failed."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 2.0]])
+    for p in (1e-46, 5e-324):
+        for adaptive in (True, False):
+            kept = apply_top_p(logits, p, adaptive=adaptive)
+            assert kept.isfinite().tolist() == [[False, True, False, False]]  # the lower id
+    model = _tiny()
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model.generate(idx, 4, top_p=1e-46, seed=0),
+                       model.generate(idx, 4, temperature=0.0))
 
 
 @pytest.mark.parametrize("hooks, message", [

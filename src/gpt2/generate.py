@@ -80,6 +80,10 @@ class SamplingOptions:
         return self.temperature == 0.0
 
 
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.18e-38
+_PENALTY_RANGE = (1e-6, 1e6)  # beyond it a penalised logit can overflow float32
+
+
 def _check_number(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise GPT2Error(f"{name} must be a number, got {value!r}")
@@ -90,6 +94,9 @@ def check_temperature(temperature: float) -> None:
     if not temperature >= 0.0 or temperature == float("inf"):  # `not >=` also rejects NaN
         raise GPT2Error(f"temperature must be a finite number >= 0 (0 means greedy), "
                         f"got {temperature}")
+    if 0.0 < temperature < _TINY:  # 0 in float32: the logits / T would be NaN
+        raise GPT2Error(f"temperature {temperature} is too small to divide by in float32 "
+                        f"(the least is {_TINY:.3g}); use 0 for greedy decoding")
 
 
 def check_top_k(k: int) -> None:
@@ -130,9 +137,10 @@ def check_seed(seed: int) -> None:
 
 def check_repetition_penalty(penalty: float) -> None:
     _check_number(penalty, "repetition penalty")
-    if not penalty > 0.0 or penalty == float("inf"):
-        raise GPT2Error(f"repetition penalty must be a finite number > 0 (1 means none), "
-                        f"got {penalty}")
+    low, high = _PENALTY_RANGE
+    if not low <= penalty <= high:  # (`not <=` also rejects NaN)
+        raise GPT2Error(f"repetition penalty must be a number from {low:g} to {high:g} "
+                        f"(1 means none; > 1 discourages repeats), got {penalty}")
 
 
 # --------------------------------------------------------------------------- processors
@@ -219,7 +227,8 @@ def apply_top_p(logits: torch.Tensor, p: float, *, adaptive: bool = True) -> tor
     else:
         top = torch.sort(probs, dim=-1, descending=True).values  # (B, V)
     mass_above = torch.cumsum(top, dim=-1) - top  # (B, k): probability ranked above each
-    n = (mass_above < p).sum(dim=-1, keepdim=True)  # (B, 1) nucleus size, >= 1
+    # (B, 1) nucleus size, >= 1 (a p too small for float32 is 0 there: the top token)
+    n = (mass_above < p).sum(dim=-1, keepdim=True).clamp_(min=1)
     edge = top.gather(-1, n - 1)  # (B, 1): the smallest probability in the nucleus
     above = probs > edge  # (B, V): in the nucleus for sure
     ties = probs == edge  # (B, V): as likely as the edge token; keep the lowest ids
