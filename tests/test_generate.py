@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -294,6 +295,37 @@ def test_cli_streams_prompt_and_greedy_text_with_speed_on_stderr(run_cli, vocab_
     ids = ids[:ids.index(EOT)] if EOT in ids else ids
     assert r.out == prompt + tiktoken_gpt2.decode(ids) + "\n"
     assert "tokens/s" in r.err and "tokens/s" not in r.out
+
+
+def test_cli_asking_for_more_memory_than_there_is_is_one_line(run_cli, vocab_model):
+    """torch's allocator raises a RuntimeError ("tried to allocate ... bytes"), not
+    MemoryError: it came out as a traceback."""
+    r = run_cli("generate", "hi", "--model", vocab_model.folder, "--num-samples", "1000000",
+                "-n", "1")
+    assert r.code == 1 and r.err.startswith("gpt2 generate: error: out of memory")
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shell", ["gpt2 generate hi --model M -n 2 -t 0 > /dev/full",
+                                   "gpt2 generate hi --model M -n 2 -t 0 >&-",
+                                   "gpt2 generate -i --model M -n 2 <&-",
+                                   "gpt2 tokenize hi >&-", "gpt2 tokenize - <&-"])
+def test_cli_with_stdout_full_or_closed_is_one_line(vocab_model, tmp_path, shell):
+    """A full device is a one-line error; a closed stdout takes the output away and a
+    closed stdin reads as empty, as print() and input() would (all were tracebacks)."""
+    import subprocess
+    import sys
+
+    command = shell.replace("gpt2 ", f"{sys.executable} -m gpt2 ").replace(
+        " M ", f" {vocab_model.folder} ")
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "GPT2_HOME": str(tmp_path)})
+    assert "Traceback" not in done.stderr, done.stderr
+    if "/dev/full" in shell:
+        assert done.returncode == 1
+        assert done.stderr.strip().endswith("error: No space left on device")
+    else:
+        assert done.returncode == 0, done.stderr
 
 
 def test_cli_json_shape(run_cli, vocab_model, tiktoken_gpt2):

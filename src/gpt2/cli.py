@@ -8,7 +8,9 @@ non-zero exit status, and prints warnings as one line each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import pkgutil
 import signal
 import sys
@@ -68,6 +70,10 @@ def _check_utf8(args: argparse.Namespace) -> None:
                                 "convert it with iconv -f latin1 -t utf-8)")
 
 
+_OUT_OF_MEMORY = ("out of memory; ask for less at once (fewer samples, a smaller batch, "
+                  "shorter texts, a smaller model) or use a machine with more memory")
+
+
 class Terminated(BaseException):
     """SIGTERM (`kill`, `timeout`, `docker stop`) raised as an exception, so that a stopped
     command removes what it was writing, as it does for Ctrl-C."""
@@ -91,18 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         # in the middle of a collective could wait on the others (a killed run's
         # half-written checkpoint is removed by its next save instead)
         previous = signal.signal(signal.SIGTERM, _terminate)
+    # a closed stdin reads as empty, a closed stdout takes the output away, as for print()
+    # (Python sets both to None, and commands reading or writing them raised)
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)  # noqa: SIM115 -- for the rest of the process
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         _check_utf8(args)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            return int(args._run(args) or 0)
+            code = int(args._run(args) or 0)
+            sys.stdout.flush()  # (a full disk or device shows here, not at exit)
+            return code
     except GPT2Error as e:
         _error(f"{name}: error: {e}")
         return 1
     except MemoryError:
-        _error(f"{name}: error: out of memory; ask for less at once (fewer samples, a "
-               "smaller batch, shorter texts, a smaller model) or use a machine with more "
-               "memory")
+        _error(f"{name}: error: {_OUT_OF_MEMORY}")
+        return 1
+    except RuntimeError as e:  # torch's allocators raise RuntimeErrors, not MemoryError
+        if type(e).__name__ != "OutOfMemoryError" and "tried to allocate" not in str(e):
+            raise
+        _error(f"{name}: error: {_OUT_OF_MEMORY}")
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -114,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         # `gpt2 ... | head`: the reader went away; that is not an error of ours.
         sys.stderr.close()
         return 0
+    except OSError as e:  # writing the output (a full disk, /dev/full), reading input
+        _error(f"{name}: error: {e.strerror or e}"
+               + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+        with contextlib.suppress(OSError, ValueError):  # what stdout still holds goes
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
