@@ -375,6 +375,12 @@ def test_cli_empty_prompt_and_stdin(run_cli, vocab_model, monkeypatch, tiktoken_
     assert r.code == 0 and r.out.startswith("Once upon")
 
 
+def test_cli_empty_prompt_without_endoftext_is_an_error(run_cli, hf_checkpoint):
+    small = hf_checkpoint()  # 128 tokens: no <|endoftext|> to start from
+    r = run_cli("generate", "", "--model", small.folder, "-n", "3")
+    assert r.code == 1 and "does not have; give a prompt" in r.err, r.err
+
+
 def test_cli_interactive_reads_prompts_until_an_empty_line(run_cli, vocab_model, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"First\nSecond\n\nThird\n")))
     r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")

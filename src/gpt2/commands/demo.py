@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg)
     model = GPT2.from_pretrained(run_dir / "best" if (run_dir / "best").is_dir() else run_dir)
     tok = model_tokenizer(run_dir)
-    idx = torch.tensor([tok.encode(args.prompt)])
+    idx = torch.tensor([tok.encode(args.prompt) or [tok.eot_token]])  # "": a new document
     ids = model.generate(idx, max_new_tokens=80, temperature=0.8, top_k=40, seed=args.seed)
     print(f"\nval loss {summary.best_val_loss:.3f} (best); a sample:\n")
     print(tok.decode(ids[0].tolist()))

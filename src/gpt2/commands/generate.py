@@ -120,10 +120,14 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
 
     import torch
 
+    from gpt2.errors import GPT2Error
     from gpt2.generate import TextStream, stream
 
     prompt_ids = tokenizer.encode(prompt)
     eot = _eot(tokenizer, model)
+    if not prompt_ids and eot is None:
+        raise GPT2Error("an empty prompt starts from <|endoftext|>, which this model's "
+                        f"{model.config.n_vocab}-token vocabulary does not have; give a prompt")
     start_ids = prompt_ids or [eot]  # an empty prompt starts a new document
     stop_tokens = [] if eot is None else [eot]
     n = args.num_samples
