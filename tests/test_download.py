@@ -676,3 +676,11 @@ def test_kaggle_handle_flag_wins_and_bad_files_are_caught(tmp_path, monkeypatch,
     assert calls == ["from/flag"]
     assert "encoder.json: sha256 is" in _error_line(capsys.readouterr().err)
     assert not (tmp_path / SIZE).exists()
+
+
+def test_kaggle_handle_without_the_kaggle_source_is_refused(tmp_path, monkeypatch, capsys):
+    """It was ignored: the files came from OpenAI's server instead."""
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    assert main(["download", SIZE, "--kaggle-handle", "x/y"]) == 1
+    assert "--kaggle-handle is for --source kaggle, not openai" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -379,6 +379,8 @@ BAD_INPUTS = {
                             "TEXT: is a file, not a data folder"),
     "heads do not divide": (["--n-head", "3"], "--n-embd 16 must be a multiple of --n-head 3"),
     "no such init": (["--init", "NOPE"], "neither an existing file"),
+    "shape with init": (["--init", "INIT", "--n-layer", "1", "--n-embd", "32"],
+                        "--n-layer: the shape of a model trained from scratch; --init"),
     "block above data": (["--block-size", "100000"], "fewer than --block-size + 1"),
 }
 
@@ -395,7 +397,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, tf_fixture, vocab_dat
              "INIT": tf_fixture("vocab"), "TINY": tf_fixture("tiny")}
     flags, expect = BAD_INPUTS[case]
     flags = [str(names.get(f, f)) for f in flags]
-    args = flags if flags[0] == "eval" else [*_args(vocab_data, out), *flags]
+    base = _args(vocab_data, out)
+    if "--init" in flags and "--n-layer" not in flags:  # (the shape flags are for scratch)
+        for flag in ("--n-layer", "--n-head", "--n-embd"):
+            i = base.index(flag)
+            del base[i:i + 2]
+    args = flags if flags[0] == "eval" else [*base, *flags]
     for name, value in names.items():
         expect = expect.replace(name, str(value))
     r = run_cli(*args)

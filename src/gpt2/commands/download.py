@@ -35,8 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.errors import GPT2Error
     from gpt2.weights import hub
 
+    if args.kaggle_handle is not None and args.source != "kaggle":
+        raise GPT2Error(f"--kaggle-handle is for --source kaggle, not {args.source}; "
+                        "drop it or add --source kaggle")
     path = hub.download(
         args.size, source=args.source, dest=args.dir,
         kaggle_handle=args.kaggle_handle, force=args.force,

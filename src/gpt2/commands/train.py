@@ -97,7 +97,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.errors import GPT2Error
     from gpt2.train.trainer import TrainConfig, train
+
+    shape = sorted(f"--{n.replace('_', '-')}" for n in ("n_layer", "n_head", "n_embd")
+                   if n in args.chosen)
+    if shape and args.init != "scratch":  # (they were ignored)
+        raise GPT2Error(f"{', '.join(shape)}: the shape of a model trained from scratch; "
+                        f"--init {args.init} brings its own, so drop the flag")
 
     cfg = TrainConfig(
         data=args.data, out=args.out, init=args.init, n_layer=args.n_layer,
