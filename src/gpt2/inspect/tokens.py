@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 from gpt2.errors import GPT2Error
 
-_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "\\r"})
+# whitespace spelled out; every other control character (ESC would start a terminal
+# escape sequence in a table) as \xNN
+_VISIBLE = str.maketrans({
+    **{chr(c): f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]},
+    " ": "␣", "\n": "↵", "\t": "⇥", "\r": "\\r",
+})
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,8 @@ def token_label(raw: bytes) -> str:
 
     >>> token_label(b" the"), token_label(b"\\n"), token_label(b"\\xe2\\x80")
     ('␣the', '↵', '\\\\xe2\\\\x80')
+    >>> token_label(b"\\x1b[2J")  # no escape sequence reaches the terminal
+    '\\\\x1b[2J'
     """
     return raw.decode("utf-8", errors="backslashreplace").translate(_VISIBLE)
 
