@@ -476,6 +476,8 @@ def _tiny(dropout: float = 0.0) -> GPT2:
      "from 1e-06 to 1e"),
     (lambda m: m.generate(torch.tensor([[1, 2]]), 2, repetition_penalty=1e300),
      "from 1e-06 to 1e"),
+    (lambda m: m.generate(torch.tensor([[1, 2]]), 2, attention_mask=[[1, 1]]),
+     "attention_mask must be a tensor"),
     (lambda m: generate_batch(m, ["hello"], max_new_tokens=2), "list of token-id lists"),
     (lambda m: generate_batch(m, [1, 2, 3], max_new_tokens=2), "list of token-id lists"),
     (lambda m: generate_batch(m, torch.tensor([[1, 2]]), max_new_tokens=2), "use generate"),

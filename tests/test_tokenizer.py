@@ -499,3 +499,10 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(GPT2Error) as info:
         Tokenizer.from_pretrained(folder)
     assert "\n" not in str(info.value)
+
+
+def test_encode_batch_takes_a_list_of_texts(tok):
+    """A str is iterable: it was encoded letter by letter."""
+    with pytest.raises(GPT2Error, match="encode_batch takes a list of texts, got str"):
+        tok.encode_batch("abc")
+    assert tok.encode_batch(["hello world", ""]) == [[31373, 995], []]

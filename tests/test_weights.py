@@ -557,6 +557,26 @@ def test_write_safetensors_is_read_back_by_safetensors(tmp_path):
     assert all(torch.equal(back[k], v.bfloat16()) for k, v in floats.items())
 
 
+def test_save_huggingface_refuses_what_would_not_load(tmp_path):
+    from gpt2.config import GPT2Config
+    from gpt2.weights.huggingface import save_huggingface
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_vocab=64, n_ctx=16)
+    state = GPT2(config).state_dict()
+    for args, kwargs, message in [
+        (({}, config), {}, "the state dict is empty"),
+        ((state, GPT2Config()), {}, r"wte.weight has shape \(64, 32\) but the config gives"),
+        ((state, config), {"dtype": torch.int8}, "dtype must be a float torch.dtype"),
+        ((state, config), {"dtype": "bf16"}, "dtype must be a float torch.dtype"),
+    ]:
+        with pytest.raises(GPT2Error, match=message):
+            save_huggingface(*args, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+    for size in (None, 124):
+        with pytest.raises(GPT2Error, match="unknown GPT-2 size"):
+            GPT2Config.preset(size)
+
+
 def float_tensors_alive(shape) -> int:
     """How many fp32 tensors of this shape this process still holds."""
     gc.collect()

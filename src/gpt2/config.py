@@ -178,7 +178,9 @@ def check_size(config: GPT2Config, size: str, where, *,
 
 
 def resolve_size(name: str) -> str | None:
-    """'gpt2-medium' -> '355M'; '124m' -> '124M'; anything else -> None."""
+    """'gpt2-medium' -> '355M'; '124m' -> '124M'; anything else (not a str too) -> None."""
+    if not isinstance(name, str):
+        return None
     key = {k.lower(): v for k, v in ALIASES.items()}.get(name.lower(), name.upper())
     return key if key in PRESETS else None
 

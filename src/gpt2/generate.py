@@ -642,11 +642,11 @@ def _check_prompt(model, idx, attention_mask):
         raise GPT2Error(f"token ids must be in [0, {model.config.n_vocab}) for this model, "
                         f"got {int(idx.min())}..{int(idx.max())}")
     if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise GPT2Error("attention_mask must be a tensor of 0 (padding) and 1 (token)")
         if tuple(attention_mask.shape) != tuple(idx.shape):
             raise GPT2Error(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                             f"expected {tuple(idx.shape)} like idx")
-        if not isinstance(attention_mask, torch.Tensor):
-            raise GPT2Error("attention_mask must be a tensor of 0 (padding) and 1 (token)")
         binary = attention_mask.to(device=device)
         if not bool(((binary == 0) | (binary == 1)).all()):
             raise GPT2Error("attention_mask must hold only 0 (padding) and 1 (a token)")

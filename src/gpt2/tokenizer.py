@@ -484,6 +484,9 @@ class Tokenizer:
         allowed_special: Collection[str] | Literal["all"] = frozenset(),
     ) -> list[list[int]]:
         """`encode` each text (in this thread: the cache is shared, not the work)."""
+        if isinstance(texts, (str, bytes)):  # (a str would be encoded letter by letter)
+            raise GPT2Error(f"encode_batch takes a list of texts, got {type(texts).__name__}; "
+                            "use encode for one text")
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
     def _encode_ordinary(self, text: str) -> list[int]:

@@ -362,6 +362,7 @@ def save_huggingface(
     The folder is assembled beside its destination and renamed into place at the
     end, so an interrupted conversion never leaves a half-written model behind.
     """
+    _check_saveable(state, config, dtype)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         write_safetensors(tmp / "model.safetensors",
                           {ours_to_hf(name): t for name, t in state.items()},
@@ -375,3 +376,22 @@ def save_huggingface(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(folder)
+
+
+def _check_saveable(state: dict, config: GPT2Config, dtype) -> None:
+    """A one-line GPT2Error for what would write a folder that does not load: no tensors,
+    a dtype that is not a float dtype, tensors of another shape than `config` gives."""
+    from gpt2.model import GPT2
+
+    if not state:
+        raise GPT2Error("save_huggingface: the state dict is empty; pass model.state_dict()")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise GPT2Error(f"save_huggingface: dtype must be a float torch.dtype such as "
+                        f"torch.bfloat16 (or None: as stored), got {dtype!r}")
+    with torch.device("meta"):
+        expected = GPT2(config).state_dict()
+    for name, t in state.items():
+        want = expected.get(name)
+        if want is not None and tuple(t.shape) != tuple(want.shape):
+            raise GPT2Error(f"save_huggingface: {name} has shape {tuple(t.shape)} but the "
+                            f"config gives {tuple(want.shape)}; pass the model's own config")
