@@ -684,3 +684,27 @@ def test_kaggle_handle_without_the_kaggle_source_is_refused(tmp_path, monkeypatc
     assert main(["download", SIZE, "--kaggle-handle", "x/y"]) == 1
     assert "--kaggle-handle is for --source kaggle, not openai" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_fetched_nothing_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """Every failed attempt left an empty hidden .124M.partial/ (files in it are kept: the
+    next run resumes them)."""
+    from gpt2.errors import GPT2Error
+    from gpt2.weights import hub
+
+    def unreachable(*args, **kwargs):
+        raise GPT2Error("cannot reach the server")
+
+    monkeypatch.setattr(hub, "_fetch_openai", unreachable)
+    with pytest.raises(GPT2Error, match="cannot reach"):
+        hub.download(SIZE, dest=tmp_path / "models")
+    assert list((tmp_path / "models").iterdir()) == []
+
+    def fetched_one_then_failed(key, partial, **kwargs):
+        (partial / "hparams.json").write_text("{}")
+        raise GPT2Error("connection reset")
+
+    monkeypatch.setattr(hub, "_fetch_openai", fetched_one_then_failed)
+    with pytest.raises(GPT2Error, match="connection reset"):
+        hub.download(SIZE, dest=tmp_path / "models")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [f".{SIZE}.partial"]

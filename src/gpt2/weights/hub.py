@@ -158,15 +158,20 @@ def download(
     except OSError as e:
         raise GPT2Error(f"cannot create {partial}: {e.strerror}; choose another --dir") from None
 
-    if source == "hf":
-        _fetch_hf(key, partial, force=force)
-        _verify_hf_folder(partial, key)
-    else:
-        if source == "openai":
-            _fetch_openai(key, partial, progress=progress)
+    try:
+        if source == "hf":
+            _fetch_hf(key, partial, force=force)
+            _verify_hf_folder(partial, key)
         else:
-            _fetch_kaggle(key, partial, handle=kaggle_handle, force=force)
-        _verify_openai_folder(partial, key)
+            if source == "openai":
+                _fetch_openai(key, partial, progress=progress)
+            else:
+                _fetch_kaggle(key, partial, handle=kaggle_handle, force=force)
+            _verify_openai_folder(partial, key)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.rmdir()  # if empty: nothing fetched to resume from, nothing to leave
+        raise
     _place(partial, final)
     return final
 
