@@ -80,7 +80,6 @@ class SamplingOptions:
         return self.temperature == 0.0
 
 
-_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.18e-38
 _PENALTY_RANGE = (1e-6, 1e6)  # beyond it a penalised logit can overflow float32
 
 
@@ -94,9 +93,6 @@ def check_temperature(temperature: float) -> None:
     if not temperature >= 0.0 or temperature == float("inf"):  # `not >=` also rejects NaN
         raise GPT2Error(f"temperature must be a finite number >= 0 (0 means greedy), "
                         f"got {temperature}")
-    if 0.0 < temperature < _TINY:  # 0 in float32: the logits / T would be NaN
-        raise GPT2Error(f"temperature {temperature} is too small to divide by in float32 "
-                        f"(the least is {_TINY:.3g}); use 0 for greedy decoding")
 
 
 def check_top_k(k: int) -> None:
@@ -175,14 +171,19 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     caller (`choose_next`), so here it must be > 0. Each row's largest logit is taken
     off first (softmax does not change): at a tiny temperature the others then go to
     -inf and the largest stays 0, where dividing as they are would overflow to inf and
-    make softmax NaN.
+    make softmax NaN. A temperature too small for the logits' dtype to hold (1e-300 is
+    0 in float32) is that limit itself: 0 for the largest, -inf for the rest (dividing
+    by the 0 it became gave NaN, and every sample was the last id).
     """
     check_temperature(temperature)
     if temperature == 0.0:
         raise GPT2Error("temperature 0 is greedy decoding: take the argmax instead of scaling")
     if temperature == 1.0:
         return logits
-    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+    if torch.tensor(temperature, dtype=logits.dtype) == 0:
+        return torch.where(shifted == 0, 0.0, float("-inf")).to(logits.dtype)
+    return shifted / temperature
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
