@@ -181,7 +181,8 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 1.0:
         return logits
     shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
-    if torch.tensor(temperature, dtype=logits.dtype) == 0:
+    info = torch.finfo(logits.dtype)
+    if temperature < info.tiny * info.eps:  # (the least subnormal: below it, 0 or near)
         return torch.where(shifted == 0, 0.0, float("-inf")).to(logits.dtype)
     return shifted / temperature
 
