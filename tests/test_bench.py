@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.config import GPT2Config
 from gpt2.model import GPT2
-from gpt2.train.trainer import ModelLoss
 
 BENCH = Path(__file__).parents[1] / "bench"
 
@@ -78,21 +76,3 @@ def test_gpu_bench_says_how_close_a_call_a_greedy_divergence_was(hf_checkpoint, 
     assert size / 256 < result["bf16_spacing_there"] <= size / 128  # 8 significant bits
 
 
-def test_full_width_loss_equals_the_trainers(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import gpu_profile
-
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_vocab=1000, n_ctx=64)).train()
-    x = torch.randint(0, 1000, (3, 33))
-    expected = ModelLoss(model)(x[:, :-1], x[:, 1:])
-    expected.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    full = gpu_profile.FullWidthLoss(model)
-    assert full.head.pad == 24  # 1,000 logits padded to 1,024
-    loss = full(x[:, :-1], x[:, 1:])
-    loss.backward()
-    torch.testing.assert_close(loss, expected)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
 from gpt2.train.checkpoint import latest_checkpoint, load_training_state
@@ -139,6 +140,49 @@ def test_padded_head_gives_the_loss_and_gradients_of_the_plain_head():
         torch.testing.assert_close(a, b)
 
 
+def test_full_width_loss_gives_the_loss_and_gradients_of_the_plain_head():
+    """ModelLoss over the padded head's logits (pad at -inf, what GPU training runs) against
+    the plain loss over x @ wte.T: same loss, same gradient for every parameter."""
+    from gpt2.model import full_width_head
+    from gpt2.train.trainer import ModelLoss
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_vocab=1000, n_ctx=64)).train()
+    model.drop.p = 0.0  # the two passes must see the same network
+    x = torch.randint(0, 1000, (3, 33))
+    logits = full_width_head(torch.randn(2, 64), model.wte.weight)
+    assert logits.shape == (2, 1024) and torch.isinf(logits[:, 1000:]).all()  # 24 pad columns
+    results = []
+    for full in (False, True):
+        model.zero_grad()
+        loss = ModelLoss(model, full_width=full)(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (full, full_grads) = results
+    assert torch.isfinite(full)
+    torch.testing.assert_close(full, plain)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(full_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_model_loss_takes_the_plain_head_on_a_cpu():
+    """The full-width loss is for GPU training only: on a CPU the loss is over model(x)."""
+    from gpt2.train.trainer import ModelLoss
+
+    model = GPT2(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_vocab=100, n_ctx=16))
+    calls = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    x = torch.randint(0, 100, (2, 9))
+    ModelLoss(model)(x[:, :-1], x[:, 1:])
+    assert calls == [1]
+
+
 # --- learning -------------------------------------------------------------------------
 
 
@@ -241,6 +285,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 _SAVE_LOOP = """
 import sys, torch
 from pathlib import Path
+from gpt2.config import GPT2Config
 from gpt2.config import GPT2Config
 from gpt2.model import GPT2
 from gpt2.train.checkpoint import save_checkpoint

@@ -243,6 +243,25 @@ class GPT2(nn.Module):
         keep_last: compute logits for the last `keep_last` positions only (scoring with a
             stride needs only the new positions; the unembedding is the costliest matmul).
         """
+        x = self.features(idx, position_ids=position_ids, attention_mask=attention_mask,
+                          cache=cache, last_only=last_only, keep_last=keep_last)
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
+        return _tied_head(x, self.wte.weight)  # (B, T, n_vocab): x @ wte.T
+
+    def features(
+        self,
+        idx: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        keep_last: int | None = None,
+    ) -> torch.Tensor:
+        """What `forward` feeds the LM head: the final layer norm's output (B, T, n_embd).
+        The arguments are forward's. The trainer takes its loss from these (see
+        `gpt2.train.trainer.ModelLoss`)."""
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype == torch.bool \
                 or idx.is_floating_point() or idx.is_complex():
             raise GPT2Error("idx must be token ids: an integer tensor (batch, tokens), got "
@@ -280,10 +299,7 @@ class GPT2(nn.Module):
             x = x[:, -1:, :]
         elif keep_last is not None:
             x = x[:, -keep_last:, :]
-        x = tap("ln_final", self.ln_f(x))
-        if self.lm_head is not None:
-            return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
-        return _tied_head(x, self.wte.weight)  # (B, T, n_vocab): x @ wte.T
+        return tap("ln_final", self.ln_f(x))
 
     # -- inspection ---------------------------------------------------------------------
 
@@ -530,6 +546,23 @@ def _padded_head(x: torch.Tensor, wte: torch.Tensor, multiple: int) -> torch.Ten
     if pad == 0:
         return F.linear(x, wte)
     return F.linear(x, F.pad(wte, (0, 0, 0, pad)))[..., :V]  # (..., V)
+
+
+def full_width_head(x: torch.Tensor, wte: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """x @ wte.T over wte padded by zero rows to a multiple of `multiple`, the extra
+    logits held at -inf by the product's bias: (..., V + pad), contiguous rows.
+
+    For a loss: softmax gives the extra columns probability exp(-inf) = 0, so the loss
+    and its gradients are those of the V real logits, while the softmax reads aligned
+    rows of V + pad instead of a strided slice of V (H200, 124M, batch 16 x 1024,
+    compiled: 447K -> 465-469K tokens/s; bench/GPU_NOTES.md).
+    """
+    V = wte.size(0)
+    pad = -V % multiple
+    if pad == 0:
+        return F.linear(x, wte)
+    bias = F.pad(torch.zeros(V, device=wte.device), (0, pad), value=float("-inf"))
+    return F.linear(x, F.pad(wte, (0, 0, 0, pad)), bias)  # (..., V + pad)
 
 
 def check_model(model) -> None:
