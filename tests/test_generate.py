@@ -588,3 +588,130 @@ def test_a_module_that_is_not_gpt2_is_one_clear_error(call):
 def test_sliding_window_takes_a_bool():
     with pytest.raises(GPT2Error, match="sliding_window must be True or False, got 'no'"):
         generate(_tiny(), torch.tensor([[1]]), max_new_tokens=1, sliding_window="no")
+
+
+# --------------------------------------------------------------------------- padded vocabularies
+
+
+@pytest.fixture(scope="module")
+def padded_pair():
+    """(a model with 64 logits, the same model cut to its first 50 ids). The 14 extra
+    embedding rows are scaled up, so without a limit their ids win most steps."""
+    from gpt2.config import GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_vocab=64, n_ctx=32)
+    big = GPT2(config).eval()
+    with torch.no_grad():
+        big.wte.weight[50:] *= 6
+    small = GPT2(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_vocab=50, n_ctx=32)).eval()
+    state = big.state_dict()
+    state["wte.weight"] = state["wte.weight"][:50].clone()
+    small.load_state_dict(state)
+    return big, small
+
+
+SAMPLINGS = [dict(temperature=0.0), dict(temperature=1.3), dict(temperature=0.9, top_k=7),
+             dict(temperature=1.0, top_p=0.8), dict(temperature=0.0, repetition_penalty=1.5),
+             dict(temperature=1.2, repetition_penalty=1.3, top_k=20)]
+
+
+def test_padded_vocabulary_would_emit_its_extra_ids(padded_pair):
+    big, _ = padded_pair
+    out = generate(big, torch.tensor([[1, 2, 3]]), max_new_tokens=16, temperature=1.0, seed=0)
+    assert (out[0, 3:] >= 50).any()  # what vocab_size is for
+
+
+@pytest.mark.parametrize("options", SAMPLINGS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_vocab_size_samples_as_the_model_cut_to_it(padded_pair, options):
+    """vocab_size=50 on the 64-logit model gives the tokens of the model whose
+    embedding holds only the first 50 rows: same seed, same tokens."""
+    big, small = padded_pair
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for seed in range(3):
+        ours = generate(big, prompt, max_new_tokens=12, seed=seed, vocab_size=50, **options)
+        cut = generate(small, prompt, max_new_tokens=12, seed=seed, **options)
+        assert ours.tolist() == cut.tolist()
+    rows = generate_batch(big, [[1, 2], [3]], max_new_tokens=8, seed=1, vocab_size=50,
+                          **options)
+    assert rows == generate_batch(small, [[1, 2], [3]], max_new_tokens=8, seed=1, **options)
+
+
+def test_vocab_size_in_the_static_decoder(padded_pair):
+    """Greedy: the cut model's tokens. Sampled: its noise is drawn for all 64 logits, so
+    the draws differ from the cut model's; no id past 50 (most rows had one without)."""
+    big, small = padded_pair
+    prompt = torch.tensor([[1, 2, 3]] * 4)
+    decoder = StaticDecoder(big, batch_size=4, max_len=20)
+    ours = decoder.generate(prompt, max_new_tokens=10, temperature=0.0, vocab_size=50)
+    cut = StaticDecoder(small, batch_size=4, max_len=20).generate(
+        prompt, max_new_tokens=10, temperature=0.0)
+    assert ours.tolist() == cut.tolist()
+    free = decoder.generate(prompt, max_new_tokens=16, temperature=1.1, seed=3)
+    assert (free[:, 3:] >= 50).any(dim=1).sum() >= 2
+    for seed in range(5):
+        limited = decoder.generate(prompt, max_new_tokens=16, temperature=1.1, top_k=30,
+                                   seed=seed, vocab_size=50)
+        assert int(limited.max()) < 50
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65, True, 2.5, "50"])
+def test_vocab_size_is_checked(padded_pair, bad):
+    big, _ = padded_pair
+    with pytest.raises(GPT2Error, match="vocab_size"):
+        generate(big, torch.tensor([[1]]), max_new_tokens=2, vocab_size=bad)
+    with pytest.raises(GPT2Error, match="vocab_size"):
+        StaticDecoder(big, batch_size=1, max_len=8).generate(
+            torch.tensor([[1]]), max_new_tokens=2, vocab_size=bad)
+
+
+@pytest.fixture(scope="module")
+def nanogpt_shaped(tmp_path_factory):
+    """A transformers model over GPT-2's vocabulary with its embedding padded to 50,304
+    rows, as nanoGPT trains it; the 47 extra rows scaled up so their ids would win."""
+    from conftest import make_hf_model
+    from gpt2.config import GPT2Config
+
+    model = make_hf_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_vocab=50304, n_ctx=64),
+                          std=0.3)
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] *= 8
+    folder = tmp_path_factory.mktemp("nanogpt-shaped")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_cli_samples_only_ids_the_tokenizer_has(run_cli, nanogpt_shaped, tiktoken_gpt2):
+    """Oracle: transformers' generate with the 47 extra ids suppressed."""
+    folder, hf = nanogpt_shaped
+    prompt = "The quick brown fox"
+    with torch.no_grad():
+        logits = hf(torch.tensor([tiktoken_gpt2.encode(prompt)])).logits[0, -1]
+    assert int(logits.argmax()) >= 50257  # unrestricted, greedy would pick an extra id
+    r = run_cli("generate", prompt, "--model", folder, "-n", "12", "-t", "0")
+    assert r.code == 0, r.err
+    ids = hf_greedy(hf, tiktoken_gpt2.encode(prompt), 12, eos_token_id=EOT,
+                    suppress_tokens=list(range(50257, 50304)))
+    ids = ids[:ids.index(EOT)] if EOT in ids else ids
+    assert r.out == prompt + tiktoken_gpt2.decode(ids) + "\n"
+    r = run_cli("generate", prompt, "--model", folder, "-n", "40", "-t", "1.5", "--seed", "1",
+                "--json")
+    assert r.code == 0, r.err
+    assert all(i < 50257 for i in json.loads(r.out)["samples"][0]["ids"])
+
+
+def test_cli_inspect_labels_ids_past_the_tokenizer(run_cli, nanogpt_shaped, tiktoken_gpt2):
+    """inspect shows what the model predicts, extra ids included, as <id N>."""
+    folder, hf = nanogpt_shaped
+    text = "The quick brown fox"
+    with torch.no_grad():
+        top = hf(torch.tensor([tiktoken_gpt2.encode(text)])).logits[0, -1].topk(3).indices
+    r = run_cli("inspect", "next", text, "-m", folder, "--top", "3", "--json")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)
+    assert [row["id"] for row in rows] == top.tolist()
+    assert [row["token"] for row in rows] == [f"<id {i}>" for i in top.tolist()]
+    r = run_cli("inspect", "next", text, "-m", folder, "--top", "3")
+    assert r.code == 0, r.err
+    assert f"<id {int(top[0])}>" in r.out

@@ -61,6 +61,7 @@ from gpt2.generate import (
     apply_top_k,
     apply_top_p,
     check_finite,
+    check_vocab_size,
     seeded_generator,
 )
 from gpt2.model import check_model
@@ -318,14 +319,15 @@ class StaticDecoder:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        vocab_size: int | None = None,
     ) -> torch.Tensor:
         """Continue each row of idx (B, T) -> LongTensor (B, T + max_new_tokens).
 
-        temperature 0.0 is greedy; top_k / top_p filter as in `gpt2.generate`.
+        temperature 0.0 is greedy; top_k / top_p / vocab_size as in `gpt2.generate`.
         seed: same seed -> same tokens; None draws fresh randomness. The tokens stay
         on the device until the end: no synchronisation per step.
         """
-        options = SamplingOptions(temperature, top_k, top_p)  # validates (GPT2Error)
+        options = self._options(temperature, top_k, top_p, vocab_size)
         idx = self._check(idx, max_new_tokens)
         for _ in self._decode(idx, max_new_tokens, options, seed):
             pass
@@ -340,13 +342,20 @@ class StaticDecoder:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        vocab_size: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """Like `generate`, but yield the new tokens (B,) step by step (for printing
         as they come; reading each one back costs a synchronisation per step).
         The arguments are checked now, before the first token is asked for."""
-        options = SamplingOptions(temperature, top_k, top_p)  # validates (GPT2Error)
+        options = self._options(temperature, top_k, top_p, vocab_size)
         idx = self._check(idx, max_new_tokens)
         return (self.token.clone() for _ in self._decode(idx, max_new_tokens, options, seed))
+
+    def _options(self, temperature, top_k, top_p, vocab_size) -> SamplingOptions:
+        options = SamplingOptions(temperature, top_k, top_p, vocab_size=vocab_size)
+        if vocab_size is not None:  # validated, and not past the model's logits
+            check_vocab_size(vocab_size, self.model.config.n_vocab)
+        return options
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -410,7 +419,10 @@ class StaticDecoder:
         return logits[:, -1]
 
     def _pick(self, logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
-        return self.pick_fn(logits, self.noise, temperature=options.temperature,
+        noise, n = self.noise, options.vocab_size
+        if n is not None:  # ids past it are never picked
+            logits, noise = logits[:, :n], noise[:, :n]
+        return self.pick_fn(logits, noise, temperature=options.temperature,
                             top_k=options.top_k, top_p=options.top_p)
 
     def _emit(self, token: torch.Tensor) -> None:

@@ -66,6 +66,7 @@ class SamplingOptions:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+    vocab_size: int | None = None  # sample only ids below it (None: every logit)
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -74,6 +75,8 @@ class SamplingOptions:
         if self.top_p is not None:
             check_top_p(self.top_p)
         check_repetition_penalty(self.repetition_penalty)
+        if self.vocab_size is not None:
+            check_vocab_size(self.vocab_size)
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +127,15 @@ def check_finite(logits: torch.Tensor) -> None:
         raise GPT2Error("the model's logits are NaN or infinite: its weights hold NaN or inf "
                         "(gpt2 validate MODEL checks a forward pass), or its dtype overflows "
                         "(try fp32)")
+
+
+def check_vocab_size(n: int, n_vocab: int | None = None) -> None:
+    """vocab_size: an integer >= 1, and at most the model's n_vocab where given."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GPT2Error(f"vocab_size must be an integer >= 1, got {n!r}")
+    if n_vocab is not None and n > n_vocab:
+        raise GPT2Error(f"vocab_size {n} is more than the model's {n_vocab} logits; "
+                        f"give at most {n_vocab} (or None)")
 
 
 def check_seed(seed: int) -> None:
@@ -263,9 +275,13 @@ def process_logits(
 ) -> torch.Tensor:
     """All processors in the documented order: repetition penalty -> temperature
     -> top-k -> top-p. For greedy options (temperature 0) only the penalty applies.
+    With options.vocab_size the logits past it are dropped first: (B, vocab_size).
 
     logits (B, V); seen (B, V) bool, needed when repetition_penalty != 1.
     """
+    if options.vocab_size is not None:
+        logits = logits[:, : options.vocab_size]
+        seen = None if seen is None else seen[:, : options.vocab_size]
     if options.repetition_penalty != 1.0:
         if seen is None:
             raise GPT2Error("repetition_penalty needs `seen`, the tokens already in each row")
@@ -327,6 +343,7 @@ def stream(
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     sliding_window: bool = False,
+    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Continue each row of idx (B, T), yielding the new token ids (B,) one step at a time.
 
@@ -343,7 +360,9 @@ def stream(
     [[...], [...]]
     """
     check_model(model)
-    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
+    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, vocab_size)
+    if vocab_size is not None:
+        check_vocab_size(vocab_size, model.config.n_vocab)
     if not isinstance(sliding_window, bool):
         raise GPT2Error(f"sliding_window must be True or False, got {sliding_window!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
@@ -375,6 +394,7 @@ def generate(
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     sliding_window: bool = False,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Continue each row of idx (B, T) -> LongTensor (B, T + new), the prompt included.
 
@@ -394,6 +414,9 @@ def generate(
         sees between 3/4 n_ctx and n_ctx tokens of context at the cost of one
         prefill of 3/4 n_ctx tokens per n_ctx/4 new tokens. In a padded batch the
         window is counted in columns, padding included, so its rows slide together.
+    vocab_size: sample only ids below it: for a model whose embedding has more rows
+        than its tokenizer has tokens (nanoGPT pads GPT-2's 50,257 to 50,304), pass
+        the tokenizer's `n_vocab`, so no id the tokenizer cannot decode comes out.
     An empty prompt (T = 0) starts from <|endoftext|>, which is then part of the output.
 
     >>> from gpt2 import GPT2, GPT2Config
@@ -407,6 +430,7 @@ def generate(
         model, idx, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, stop_tokens=stop_tokens,
         seed=seed, attention_mask=attention_mask, sliding_window=sliding_window,
+        vocab_size=vocab_size,
     )
     idx, _ = _check_prompt(model, idx, attention_mask)
     new = [token.unsqueeze(1) for token in steps]  # each (B, 1)
@@ -425,6 +449,7 @@ def generate_batch(
     stop_tokens: Sequence[int] | None = None,
     seed: int | None = None,
     sliding_window: bool = False,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Continue prompts of different lengths in one batch -> the new tokens of each.
 
@@ -465,6 +490,7 @@ def generate_batch(
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         stop_tokens=stop_tokens, seed=seed,
         attention_mask=mask.to(device) if padded else None, sliding_window=sliding_window,
+        vocab_size=vocab_size,
     )
     stops = _stop_set(stop_tokens, model.config.n_vocab)
     out: list[list[int]] = [[] for _ in rows]

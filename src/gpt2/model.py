@@ -508,6 +508,7 @@ class GPT2(nn.Module):
         seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
         sliding_window: bool = False,
+        vocab_size: int | None = None,
     ) -> torch.Tensor:
         """Continue each row of idx (B, T) by max_new_tokens tokens -> (B, T + new).
 
@@ -522,7 +523,7 @@ class GPT2(nn.Module):
         return generate(self, idx, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         stop_tokens=stop_tokens, seed=seed, attention_mask=attention_mask,
-                        sliding_window=sliding_window)
+                        sliding_window=sliding_window, vocab_size=vocab_size)
 
 
 # Training on a GPU multiplies by a copy of wte padded to a multiple of 64 rows:

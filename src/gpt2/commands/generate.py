@@ -120,6 +120,7 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
 
     import torch
 
+    from gpt2.commands._common import sampling_vocab
     from gpt2.errors import GPT2Error
     from gpt2.generate import TextStream, stream
 
@@ -132,16 +133,18 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
     stop_tokens = [] if eot is None else [eot]
     n = args.num_samples
     idx = torch.tensor([start_ids] * n, dtype=torch.long, device=model.wte.weight.device)
+    vocab_size = sampling_vocab(model, tokenizer)  # no id the tokenizer cannot decode
     if args.cuda_graph:
         steps = _graph_decoder(model, n, len(start_ids), args).stream(
             idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, vocab_size=vocab_size,
         )
     else:
         steps = stream(  # validates (e.g. the context length) before anything is printed
             model, idx, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
             stop_tokens=stop_tokens, seed=args.seed, sliding_window=args.sliding_window,
+            vocab_size=vocab_size,
         )
     texts = [TextStream(tokenizer, stop_strings=args.stop, stop_tokens=stop_tokens)
              for _ in range(n)]

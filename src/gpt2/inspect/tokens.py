@@ -42,8 +42,16 @@ def token_label(raw: bytes) -> str:
 
 
 def token_labels(tok, ids: Sequence[int]) -> list[str]:
-    """`token_label` of each id, one token at a time (so partial characters stay visible)."""
-    return [token_label(tok.decode_bytes([i])) for i in ids]
+    """`token_label` of each id, one token at a time (so partial characters stay visible).
+    An id past the tokenizer's vocabulary (a model whose embedding is padded, as
+    nanoGPT's 50,304 rows) is labelled <id N>.
+
+    >>> from gpt2 import Tokenizer
+    >>> token_labels(Tokenizer.from_pretrained(), [15496, 50300])
+    ['Hello', '<id 50300>']
+    """
+    n = tok.n_vocab
+    return [token_label(tok.decode_bytes([i])) if i < n else f"<id {i}>" for i in ids]
 
 
 def token_pieces(tok, text: str) -> list[Piece]:

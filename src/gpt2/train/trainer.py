@@ -507,8 +507,11 @@ class _Run:
         if n < 1:
             return  # a context of one position leaves no room after the prompt
         with self._autocast():
+            # a model with more logits than the tokenizer has tokens samples only its ids
+            vocab = self.tokenizer.n_vocab
             ids = generate(self.model, prompt, max_new_tokens=n, temperature=0.8, top_k=200,
-                           seed=self.cfg.seed)
+                           seed=self.cfg.seed,
+                           vocab_size=vocab if self.model.config.n_vocab > vocab else None)
         self.model.train()
         text = self.tokenizer.decode(ids[0, 1:].tolist())
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
