@@ -4,13 +4,53 @@
     >>> tok = gpt2.Tokenizer.from_pretrained()
     >>> tok.encode("hello world")
     [31373, 995]
+
+`GPT2` and `score` are imported on first use: they need PyTorch, whose import
+takes ~1.5 s, and the command line's help, its argument errors and `gpt2
+tokenize` do not.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
-from gpt2.model import GPT2
-from gpt2.score import score
 from gpt2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2.model import GPT2
+    from gpt2.score import score
 
 __all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer", "score"]
 __version__ = "0.1.0"
+
+_LAZY = {"GPT2": "gpt2.model", "score": "gpt2.score"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gpt2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """gpt2 keeps `gpt2.score` the function: importing the submodule of that name
+    would otherwise set the package's attribute to the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "score" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -84,8 +84,12 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C at once: no traceback
+        print(file=sys.stderr)
+        return 130
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

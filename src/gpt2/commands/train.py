@@ -25,7 +25,7 @@ class _Chosen(argparse.Action):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gpt2.train.trainer import TrainConfig
+    from gpt2.train.config import TrainConfig  # not the trainer: help without PyTorch
 
     d = TrainConfig(data="", out="")
     p.set_defaults(chosen=frozenset())

@@ -1,7 +1,8 @@
 """Training and fine-tuning: token files, the loop, checkpoints, data parallelism.
 
     data.py         `gpt2 prepare`: text files -> train.bin / val.bin / meta.json; batches
-    trainer.py      the training loop (TrainConfig, train)
+    config.py       TrainConfig: a run's settings
+    trainer.py      the training loop (train)
     checkpoint.py   crash-safe checkpoints in the Hugging Face layout + training state
     distributed.py  DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPUs)
     plot.py         loss.png
@@ -13,7 +14,31 @@
     >>> train(TrainConfig(data="data/book", out="runs/book"))       # doctest: +SKIP
 """
 
-from gpt2.train.data import open_tokens, prepare
-from gpt2.train.trainer import TrainConfig, TrainSummary, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from gpt2.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from gpt2.train.data import open_tokens, prepare
+    from gpt2.train.trainer import TrainSummary, train
 
 __all__ = ["TrainConfig", "TrainSummary", "open_tokens", "prepare", "train"]
+
+# imported on first use: they need PyTorch (see gpt2/__init__.py)
+_LAZY = {"open_tokens": "gpt2.train.data", "prepare": "gpt2.train.data",
+         "TrainSummary": "gpt2.train.trainer", "train": "gpt2.train.trainer"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gpt2.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
