@@ -715,3 +715,19 @@ def test_cli_inspect_labels_ids_past_the_tokenizer(run_cli, nanogpt_shaped, tikt
     r = run_cli("inspect", "next", text, "-m", folder, "--top", "3")
     assert r.code == 0, r.err
     assert f"<id {int(top[0])}>" in r.out
+
+
+def test_cli_interactive_goes_on_after_a_line_that_fails(run_cli, vocab_model, monkeypatch):
+    """A prompt longer than the context is reported and the next line answered; the exit
+    status says one failed."""
+    long_line = " ".join(["word"] * 80).encode()  # 80 tokens: the context is 64
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(
+        b"First\n" + long_line + b"\ncaf\xe9\nSecond\n\n")))
+    r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")
+    assert r.code == 1
+    lines = r.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("First") and lines[1].startswith("Second")
+    errors = [e for e in r.err.splitlines() if "error" in e]
+    assert len(errors) == 2
+    assert errors[0].startswith("gpt2 generate: error: stdin line 2: prompt (80 tokens)")
+    assert "stdin line 3: not UTF-8 text" in errors[1]

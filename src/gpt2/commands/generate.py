@@ -97,20 +97,34 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None:
         _sample(model, tokenizer, prompt, args)
     if args.interactive:
-        _interactive(model, tokenizer, args)
+        return 1 if _interactive(model, tokenizer, args) else 0
     return 0
 
 
-def _interactive(model, tokenizer, args: argparse.Namespace) -> None:
+def _interactive(model, tokenizer, args: argparse.Namespace) -> bool:
+    """Answer each line of stdin until an empty one. A line that fails (too long, not
+    UTF-8) is reported on stderr and the session goes on; True if any failed."""
     from gpt2._io import decode_utf8
+    from gpt2.errors import GPT2Error
 
+    failed = False
     for number in itertools.count(1):
         if sys.stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
-        line = decode_utf8(sys.stdin.buffer.readline(), f"stdin line {number}")
+        try:
+            line = decode_utf8(sys.stdin.buffer.readline(), f"stdin line {number}")
+        except GPT2Error as e:
+            print(f"gpt2 generate: error: {e}", file=sys.stderr, flush=True)
+            failed = True
+            continue
         if not line or not line.strip():
-            return
-        _sample(model, tokenizer, line.rstrip("\r\n"), args)
+            return failed
+        try:
+            _sample(model, tokenizer, line.rstrip("\r\n"), args)
+        except GPT2Error as e:
+            print(f"gpt2 generate: error: stdin line {number}: {e}", file=sys.stderr,
+                  flush=True)
+            failed = True
 
 
 def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
