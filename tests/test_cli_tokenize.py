@@ -138,6 +138,11 @@ def test_bad_decode_input(run_cli):
     assert_one_line_error(run_cli("tokenize", "--decode", "50257"), "50257", "out of range")
     assert_one_line_error(run_cli("tokenize", "--decode", "--", "-1"), "-1", "out of range")
     assert_one_line_error(run_cli("tokenize", "--decode", "1.5"), "not a token id")
+    # an id left out between commas is not a separator; int() would take these three
+    assert_one_line_error(run_cli("tokenize", "--decode", "31373,,995"), "item 2",
+                          "empty")
+    for word in ("1_0", "+5", "\u0663"):
+        assert_one_line_error(run_cli("tokenize", "--decode", word), "not a token id")
 
 
 def test_bad_files(run_cli, tmp_path):

@@ -90,13 +90,20 @@ def _read_input(args: argparse.Namespace) -> str:
 def _decode(tok, source: str, *, as_json: bool) -> int:
     from gpt2.errors import GPT2Error
 
+    import re
+
     ids = []
-    for word in source.replace(",", " ").replace("[", " ").replace("]", " ").split():
-        try:
+    items = source.replace("[", " ").replace("]", " ").split(",")
+    for number, item in enumerate(items, 1):
+        words = item.split()
+        if not words and len(items) > 1:  # "1,,2": an id left out, not a separator
+            raise GPT2Error(f"--decode: item {number} between commas is empty (ids are "
+                            "integers, separated by spaces or single commas)")
+        for word in words:
+            if not re.fullmatch(r"-?[0-9]+", word):  # int() also takes "1_0", "+1", "٣"
+                raise GPT2Error(f"--decode: {word[:40]!r} is not a token id (ids are "
+                                "integers, separated by spaces or commas)")
             ids.append(int(word))
-        except ValueError:
-            raise GPT2Error(f"--decode: {word[:40]!r} is not a token id (ids are integers, "
-                            "separated by spaces or commas)") from None
         if not 0 <= ids[-1] < tok.n_vocab:
             raise GPT2Error(f"--decode: token id {ids[-1]} is out of range (this vocabulary "
                             f"has ids 0 to {tok.n_vocab - 1})")
