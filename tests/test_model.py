@@ -165,6 +165,17 @@ def test_too_long_input_is_a_clear_error(tiny):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
 
 
+def test_token_id_out_of_range_is_a_clear_error(tiny):
+    """On a CPU, instead of the embedding's IndexError ("index out of range in self")."""
+    model, _ = tiny
+    V = model.config.n_vocab
+    for bad, shown in ((V, V), (-1, -1), (V + 1000, V + 1000)):
+        with pytest.raises(GPT2Error, match=f"token id {shown} is out of range: this model "
+                                            f"has ids 0 to {V - 1}"):
+            model(torch.tensor([[1, bad, 2]]))
+    assert model(torch.tensor([[0, V - 1]])).shape == (1, 2, V)
+
+
 def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(idx, attention_mask, position_ids), each (B, T), rows padded on the left with 0."""
     T = max(len(r) for r in rows)

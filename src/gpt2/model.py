@@ -267,6 +267,13 @@ class GPT2(nn.Module):
             raise GPT2Error("idx must be token ids: an integer tensor (batch, tokens), got "
                             + (f"{idx.dtype} of shape {tuple(idx.shape)}"
                                if isinstance(idx, torch.Tensor) else type(idx).__name__))
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+            # (on a GPU the check would wait for the device; an id out of range stops
+            # the embedding's kernel with a device-side assert there)
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= self.config.n_vocab:
+                raise GPT2Error(f"token id {low if low < 0 else high} is out of range: this "
+                                f"model has ids 0 to {self.config.n_vocab - 1}")
         if keep_last is not None and (isinstance(keep_last, bool)
                                       or not isinstance(keep_last, int) or keep_last < 1):
             raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")
