@@ -238,6 +238,18 @@ def test_config_rejects_impossible_geometry():
         GPT2Config(n_embd=64, n_head=5)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layer", True, "n_layer must be a positive integer, got True"),  # bool is an int
+    ("n_head", 2.0, "n_head must be a positive integer"),
+    ("dropout", "x", "dropout must be a number in \\[0, 1\\), got 'x'"),
+    ("dropout", True, "dropout must be a number"),
+    ("dropout", 1.0, "dropout must be a number in \\[0, 1\\), got 1.0"),
+])
+def test_config_rejects_values_of_the_wrong_type(field, value, message):
+    with pytest.raises(GPT2Error, match=message):
+        GPT2Config(**{field: value})
+
+
 # -- the oneDNN copies used for batched CPU decoding ----------------------------------
 
 

@@ -160,6 +160,7 @@ def test_training_mode_is_restored_and_not_used(small):
     ({}, [1, 200], "token ids"),
     ({}, [[1, 2], [3, 4]], "1-D"),
     ({"batch_size": 0}, [1, 2, 3], "batch_size"),
+    ({"bos": "no"}, [1, 2, 3], "bos must be True or False, got 'no'"),
 ])
 def test_bad_arguments(small, kwargs, ids, message):
     ours, _ = small

@@ -130,7 +130,7 @@ def test_a_failed_trace_falls_back_to_the_plain_step(hf_checkpoint, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("no tracing here")
 
-    monkeypatch.setattr(torch.jit, "trace", broken)
+    monkeypatch.setattr(torch.jit, "_get_trace_graph", broken)
     prompt = ids((1, 4), seed=3)
     expected = plain_generate(model, prompt, max_new_tokens=8, temperature=0.0)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, temperature=0.0), expected)

@@ -357,7 +357,8 @@ BROKEN = [
 
 
 @pytest.mark.parametrize("device, message", [("tpu", "unknown device 'tpu'"),
-                                             ("cuda:0", "no CUDA GPU is available here")])
+                                             ("cuda:0", "no CUDA GPU is available here"),
+                                             (None, "device must be a name .* got None")])
 def test_a_device_that_is_not_there_is_refused_before_loading(tiny, device, message,
                                                              monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

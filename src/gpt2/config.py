@@ -30,7 +30,7 @@ class GPT2Config:
     def __post_init__(self) -> None:
         for name in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GPT2Error(f"config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise GPT2Error(
@@ -40,8 +40,9 @@ class GPT2Config:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise GPT2Error(f"config: layer_norm_epsilon must be a number in (0, 1) (GPT-2 "
                             f"uses 1e-5), got {eps!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GPT2Error(f"config: dropout must be in [0, 1), got {self.dropout}")
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise GPT2Error(f"config: dropout must be a number in [0, 1), got {p!r}")
 
     @property
     def head_size(self) -> int:

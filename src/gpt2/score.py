@@ -87,6 +87,8 @@ def score(
     _check_window(max_length, stride, n_ctx)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GPT2Error(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(bos, bool):  # "no" would be true
+        raise GPT2Error(f"bos must be True or False, got {bos!r}")
     tokens = _Tokens(ids, bos=bos, n_vocab=model.config.n_vocab)
     if len(tokens) < 2:
         hint = "" if bos else "; with bos=True (--bos) a single token can be scored"

@@ -2,14 +2,14 @@
 
 On a CPU a 124M decode step spends 3-4 ms per token outside its matrix products
 (bench/CPU_NOTES.md): some 100 ATen calls per layer issued one by one from
-Python, plus module calls. That is a third of an int8 step. `torch.jit.trace`
-records the step once -- every operation `gpt2.fast_decode.decode_step` runs
-for one new token per row -- and replays the recording from C++: the same
-kernels on the same weights, without the Python around them (one row ~1.5x the
-tokens per second of the plain loop, eight ~1.35x, int8 124M). The weights are
-passed to the recorded graph at each call rather than held in it: PyTorch keeps
-every traced graph for the life of the process, and with them anything they hold
-(see `_lifted`).
+Python, plus module calls. That is a third of an int8 step. TorchScript's
+tracer (what `torch.jit.trace` runs) records the step once -- every operation
+`gpt2.fast_decode.decode_step` runs for one new token per row -- and replays
+the recording from C++: the same kernels on the same weights, without the
+Python around them (one row ~1.5x the tokens per second of the plain loop,
+eight ~1.35x, int8 124M). The weights are
+passed to the recorded graph at each call rather than held in it, so the memory
+goes with the model (see `_as_function`).
 
 The recording is made once a model has decoded `RECORD_AFTER_STEPS` (128)
 steps at a batch size, counting the steps a call plans (so a long generation
@@ -23,7 +23,7 @@ slot, so no shape in the recording depends on the length.
 
 Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set,
 attention is the fused kind, dropout is off and autocast is not on; everything
-else takes the plain path. `torch.jit.trace` is deprecated in favour of
+else takes the plain path. TorchScript is deprecated in favour of
 `torch.compile`, which on a CPU does not help here (it adds a guard check per
 call and cannot trace FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where
 tracing is missing or fails, decoding falls back to the plain step. Set
@@ -126,7 +126,8 @@ def cpu_step(
 def _applies(model: nn.Module, cache: KVCache) -> bool:
     return (
         TRACE_CPU_STEP
-        and hasattr(torch.jit, "trace")
+        and hasattr(torch.jit, "_get_trace_graph")
+        and hasattr(torch._C, "_create_function_from_graph")
         and cache.k.device.type == "cpu"
         and not _cpu_autocast()  # a recording would keep autocast's casts
         and getattr(model, "_taps", None) is None  # hooks read the normal forward's names
@@ -163,18 +164,10 @@ def _record(plain: _Step, expected: torch.Tensor, inputs: tuple):
             # deprecation notices, and the tracer's notes on shapes read as Python values
             # (batch size and widths: fixed for a recording)
             warnings.simplefilter("ignore")
-
-            # a graph holds a tensor as a constant only if it does not require grad
-            trained = [p for p in plain.parameters() if p.requires_grad]
-            try:
-                for p in trained:
-                    p.requires_grad_(False)
-                traced = torch.jit.trace(lambda *args: plain(*args), inputs,
-                                         check_trace=False)
-            finally:
-                for p in trained:
-                    p.requires_grad_(True)
-        replay_fn = _lifted(traced)
+            # the bare graph: the module's parameters and buffers are its last inputs
+            graph, _ = torch.jit._get_trace_graph(plain, inputs)
+        state = tuple(torch.jit._unique_state_dict(plain, keep_vars=True).values())
+        replay_fn = _as_function(graph, state)
         replay = replay_fn(*inputs)
     except Exception:  # noqa: BLE001 -- any failure only means the plain step is used
         return None
@@ -184,34 +177,27 @@ def _record(plain: _Step, expected: torch.Tensor, inputs: tuple):
     return replay_fn
 
 
-def _lifted(traced) -> Callable[..., torch.Tensor]:
-    """The traced step with its tensors (weights, kernels' copies of them) taken out of
-    the graph and passed in at each call instead.
+def _as_function(graph, state: tuple) -> Callable[..., torch.Tensor]:
+    """The traced graph as a function (token, pos, k, v) -> logits that holds no tensor.
 
-    A traced function lives in PyTorch's global compilation unit for the life of the
-    process, and so would every tensor its graph holds as a constant: each model that
-    ever recorded a step would stay in memory after `del` (int8 124M +167 MB, fp32
-    +490 MB a model). So the recording runs a copy of the graph whose constants are
-    inputs, as a function in a compilation unit of its own (freed with it), and the
-    global one's constants are emptied; the tensors are held here, by the recording,
-    which goes with its model. What stays behind is the global graph itself, a few MB
-    a recording (124M, load / generate 140 tokens / del, four times: +3 MB a cycle for
-    int8, +5 for fp32; before, +167 and +490).
+    `torch.jit.trace` would put the graph into PyTorch's global compilation unit, which
+    keeps it for the life of the process, and with it every tensor the graph holds: a
+    model that had recorded a step was never freed after `del` (124M: +490 MB a model
+    in fp32, +167 int8). So the bare graph is made a function in a compilation unit of
+    its own, freed with it, and the tensors it held as constants (the kernels' copies
+    of weights, which are neither parameters nor buffers) become inputs too: the
+    recording holds them, and goes with its model (`bench/memory_cycles.py`).
     """
-    graph = traced.graph.copy()
-    tensors = []
+    lifted = []
     for node in list(graph.findAllNodes("prim::Constant")):
         if node.hasAttribute("value") and node.kindOf("value") == "t":
             value = graph.addInput()
             value.setType(node.output().type())
             node.output().replaceAllUsesWith(value)
-            tensors.append(node.t("value"))
+            lifted.append(node.t("value"))
             node.destroy()
     fn = torch._C._create_function_from_graph("gpt2_traced_decode_step", graph)
-    for node in traced.graph.findAllNodes("prim::Constant"):
-        if node.hasAttribute("value") and node.kindOf("value") == "t":
-            node.t_("value", torch.empty(0))
-    tensors = tuple(tensors)
+    tensors = (*state, *lifted)
 
     def replay(token, pos, k, v):
         return fn(token, pos, k, v, *tensors)

@@ -33,6 +33,9 @@ def resolve_device(name: str):
 
     from gpt2.errors import GPT2Error
 
+    if not isinstance(name, (str, torch.device)):
+        raise GPT2Error(f"device must be a name (cpu, cuda, cuda:N, mps) or a torch.device, "
+                        f"got {name!r}")
     try:
         device = torch.device(name)
     except RuntimeError:

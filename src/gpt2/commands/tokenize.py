@@ -88,9 +88,9 @@ def _read_input(args: argparse.Namespace) -> str:
 
 
 def _decode(tok, source: str, *, as_json: bool) -> int:
-    from gpt2.errors import GPT2Error
-
     import re
+
+    from gpt2.errors import GPT2Error
 
     ids = []
     items = source.replace("[", " ").replace("]", " ").split(",")
