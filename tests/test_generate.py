@@ -565,6 +565,8 @@ def test_an_int8_model_refuses_negative_ids_and_bf16():
 
     model = quantize_model(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)), "int8")
     with pytest.raises(IndexError):  # as nn.Embedding does for the float model
+        model.wte(torch.tensor([[-1]]))
+    with pytest.raises(GPT2Error, match="token id -1 is out of range"):  # the model, first
         model(torch.tensor([[-1]]))
     with pytest.raises(GPT2Error, match="this model is quantized"):
         prepare_bf16(model)
