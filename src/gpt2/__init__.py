@@ -12,11 +12,11 @@ tokenize` do not.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING
 
+from gpt2._lazy import lazy_exports
 from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.tokenizer import Tokenizer
@@ -28,19 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["GPT2", "GPT2Config", "GPT2Error", "Tokenizer", "score"]
 __version__ = "0.1.0"
 
-_LAZY = {"GPT2": "gpt2.model", "score": "gpt2.score"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'gpt2' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+# imported on first use
+__getattr__, __dir__ = lazy_exports(globals(), {"GPT2": "gpt2.model", "score": "gpt2.score"})
 
 
 class _Package(types.ModuleType):

@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from gpt2._lazy import lazy_exports
 from gpt2.train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -28,17 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["TrainConfig", "TrainSummary", "open_tokens", "prepare", "train"]
 
 # imported on first use: they need PyTorch (see gpt2/__init__.py)
-_LAZY = {"open_tokens": "gpt2.train.data", "prepare": "gpt2.train.data",
-         "TrainSummary": "gpt2.train.trainer", "train": "gpt2.train.trainer"}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'gpt2.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "open_tokens": "gpt2.train.data", "prepare": "gpt2.train.data",
+    "TrainSummary": "gpt2.train.trainer", "train": "gpt2.train.trainer"})
