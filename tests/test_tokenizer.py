@@ -258,6 +258,40 @@ def test_save_pretrained_writes_all_files_and_reloads(tok, tmp_path, corpus):
     assert again.encode(sample) == tok.encode(sample)
 
 
+def test_save_pretrained_that_fails_leaves_the_folder_as_it_was(tok, tmp_path, monkeypatch):
+    """A failure on the fourth file (a full disk) changes none of the six: each is written
+    in full before any is renamed into place, and no temporary file stays."""
+    import errno
+
+    import gpt2.tokenizer as module
+
+    names = ["encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "tokenizer_config.json",
+             "special_tokens_map.json"]
+    for name in names:
+        (tmp_path / name).write_text(f"old {name}")
+    real, opened = module.atomic_open, []
+
+    def failing(path, mode="wb"):
+        opened.append(path)
+        if len(opened) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode)
+
+    monkeypatch.setattr(module, "atomic_open", failing)
+    try:
+        tok.save_pretrained(tmp_path)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the failure did not reach the caller")
+    assert len(opened) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no temporaries
+    assert all((tmp_path / name).read_text() == f"old {name}" for name in names)
+    monkeypatch.setattr(module, "atomic_open", real)
+    tok.save_pretrained(tmp_path)
+    assert Tokenizer.from_pretrained(tmp_path).sha256() == tok.sha256()
+
+
 def test_hf_layout_loads_here_and_in_transformers(tok, oracle, tmp_path, corpus):
     from transformers import GPT2TokenizerFast
 

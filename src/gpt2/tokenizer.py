@@ -30,6 +30,7 @@ encoding is then mostly one regex pass plus dictionary lookups.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import heapq
@@ -46,7 +47,7 @@ from typing import Literal
 
 import regex
 
-from gpt2._io import atomic_write_bytes, decode_utf8
+from gpt2._io import atomic_open, decode_utf8
 from gpt2.errors import GPT2Error
 
 __all__ = [
@@ -348,7 +349,8 @@ class Tokenizer:
         format OpenAI published; `layout="hf"` writes vocab.json + merges.txt +
         tokenizer_config.json + special_tokens_map.json, which
         `transformers.GPT2TokenizerFast.from_pretrained(folder)` loads; "both"
-        (the default) writes all six. Each file is written atomically.
+        (the default) writes all six. Each is written in full before any replaces what
+        the folder held: a failure leaves its files as they were.
         """
         if layout not in ("both", "openai", "hf"):
             raise GPT2Error(f"layout must be 'both', 'openai' or 'hf', not {layout!r}")
@@ -365,8 +367,11 @@ class Tokenizer:
             config, special_map = self._hf_config(model_max_length)
             files["tokenizer_config.json"] = _json_bytes(config)
             files["special_tokens_map.json"] = _json_bytes(special_map)
-        for name, data in files.items():
-            atomic_write_bytes(folder / name, data)
+        # every file is written in full before any is renamed into place: a failure
+        # (a full disk) leaves the folder's vocabulary as it was, not half replaced
+        with contextlib.ExitStack() as stack:
+            for name, data in files.items():
+                stack.enter_context(atomic_open(folder / name, "wb")).write(data)
         return [folder / name for name in files]
 
     def _merges_text(self) -> str:
