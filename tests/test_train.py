@@ -353,6 +353,26 @@ def test_finetune_hf_checkpoint_then_generate(tmp_path, hf_checkpoint, topics_da
     assert r.code == 1 and f"came from --init {ckpt.folder}, whose shape it keeps" in r.err
 
 
+def test_samples_of_a_model_with_more_logits_than_tokens(tmp_path, topics_data):
+    """A model whose embedding is padded past the tokenizer (nanoGPT's 50,304 rows) samples
+    only ids the tokenizer has: its 47 extra rows are scaled up here so that, without the
+    limit, the first sample would hold one, and decoding it failed the run."""
+    from conftest import make_hf_model
+
+    model = make_hf_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_vocab=50304, n_ctx=64),
+                          std=0.3)
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] *= 8
+    model.save_pretrained(tmp_path / "init")
+    out = tmp_path / "ft"
+    train(TrainConfig(data=str(topics_data), out=str(out), init=str(tmp_path / "init"),
+                      block_size=32, batch_size=2, max_steps=2, lr=1e-5, warmup_steps=1,
+                      eval_interval=0, eval_steps=1, sample_interval=1, sample_tokens=24,
+                      device="cpu", progress=False))
+    samples = (out / "samples.txt").read_text()
+    assert samples.count("=== step") == 2 and len(samples) > 60
+
+
 def test_finetune_openai_layout(tmp_path, tf_fixture, topics_data, run_cli):
     out = tmp_path / "ft"
     train(TrainConfig(data=str(topics_data), out=str(out), init=str(tf_fixture("vocab")),
