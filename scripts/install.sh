@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install gpt2 (editable) into the current Python. Usage: bash scripts/install.sh [EXTRAS]
 # e.g. `bash scripts/install.sh dev` for the test tools.
-# torch is installed first, pinned to 2.13.0 where none is present: an unpinned
-# `torch` would pull a multi-GB CUDA build on machines that only need the CPU one.
+# torch is installed first, pinned to 2.13.0, where none is present (a torch already
+# there, a CUDA build say, is kept). On machines with a local CPU wheel (find-links)
+# the pin picks it; elsewhere PyPI's Linux wheel is the CUDA build: for the CPU one,
+# install torch from https://download.pytorch.org/whl/cpu before running this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
