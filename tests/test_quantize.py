@@ -380,11 +380,14 @@ def test_save_load_round_trip_does_not_requantize(hf_checkpoint, tmp_path, monke
     monkeypatch.setattr(quantize, "quantize_weight_int8", refuse)
     monkeypatch.setattr(Int8Linear, "from_weight", refuse)
     loaded = load_quantized(folder)
-    saved = dict(model.named_buffers())
-    for name, t in loaded.named_buffers():
+    # (state_dict: on AMX a block's int8 weight lives in its kernel's tiles, and the
+    # buffer is a placeholder; the state dict holds the weight as stored)
+    saved = model.state_dict()
+    for name, t in loaded.state_dict().items():
         if t.dtype == torch.int8:
             assert torch.equal(t, saved[name]), name
-    assert sum(t.dtype == torch.int8 for t in loaded.buffers()) >= 4 * ckpt.config.n_layer
+    assert sum(t.dtype == torch.int8 for t in loaded.state_dict().values()) \
+        >= 4 * ckpt.config.n_layer
     idx = torch.randint(0, ckpt.config.n_vocab, (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
@@ -457,3 +460,78 @@ def test_prompts_use_a_bf16_matmul_only_where_bf16_is_native(monkeypatch, native
     exact, bound = int8_reference(layer, x)
     assert ((layer(x) - exact).abs() <= bound).all()
     assert bool(calls) is not native_bf16
+
+
+# --------------------------------------------------------------------------- tiles only (AMX)
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(),
+                               reason="tiles-only layers exist where the AMX kernels run")
+
+
+def _tiles_only_models(hf_checkpoint):
+    """(float model, [(name, tiles-only model)]): bf16 and int8 from the same weights."""
+    ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=21)
+    fp32 = GPT2.from_pretrained(ckpt.folder).eval()
+    return fp32, [("bf16", GPT2.from_pretrained(ckpt.folder, dtype="bf16").eval()),
+                  ("int8", GPT2.from_pretrained(ckpt.folder, quantize="int8").eval())]
+
+
+@needs_amx
+def test_tiles_only_layers_keep_their_weight_only_in_the_tiles(hf_checkpoint):
+    """A block's projection lets its weight as stored go (a meta placeholder); the state
+    dict rebuilds it from the tiles exactly: bf16 as the float weight rounded, int8 as
+    the weight quantized anew (quantize_weight_int8 on the float weight)."""
+    fp32, models = _tiles_only_models(hf_checkpoint)
+    float_state = fp32.state_dict()
+    for kind, model in models:
+        layer = model.h[0].mlp.c_fc
+        assert layer._buffers["weight"].is_meta, kind
+        state = model.state_dict()
+        for i in range(2):
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                key = f"h.{i}.{name}.weight"
+                w = float_state[key]
+                expected = w.to(torch.bfloat16) if kind == "bf16" else quantize_weight_int8(w)[0]
+                assert torch.equal(state[key], expected), (kind, key)
+        assert model.num_parameters() == fp32.num_parameters(), kind
+        # the LM head's weight is wte's: never let go
+        assert not model.wte.weight.is_meta and not model.lm_head._buffers["weight"].is_meta
+
+
+@needs_amx
+def test_tiles_only_models_copy_pickle_reload_and_cast(hf_checkpoint, tmp_path):
+    """Every way a model's tensors are read back gives the same logits."""
+    import copy
+
+    fp32, models = _tiles_only_models(hf_checkpoint)
+    idx = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = fp32(idx)
+        for kind, model in models:
+            before = model(idx)
+            twin = copy.deepcopy(model)
+            assert twin.h[1].attn.c_proj._buffers["weight"].is_meta, kind  # let go again
+            assert torch.equal(twin(idx), before), kind
+            torch.save(model, tmp_path / f"{kind}.pt")
+            again = torch.load(tmp_path / f"{kind}.pt", weights_only=False)
+            assert torch.equal(again(idx), before), kind
+            model.load_state_dict(model.state_dict())
+            assert torch.equal(model(idx), before), kind
+            if kind == "bf16":  # cast back up: the weights as bf16 holds them
+                wide = copy.deepcopy(model).float()
+                assert not wide.h[0].mlp.c_fc.weight.is_meta
+                torch.testing.assert_close(wide(idx), reference, atol=0.1, rtol=0.05)
+
+
+@needs_amx
+def test_tiles_only_layer_rebuilds_the_weight_for_rows_past_its_kernel(hf_checkpoint):
+    fp32, models = _tiles_only_models(hf_checkpoint)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    for kind, model in models:
+        layer = model.h[0].mlp.c_fc
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        with torch.no_grad():
+            through_kernel = layer(x.to(dtype)).float()
+            layer._native = layer._native._replace(max_rows=2)  # 6 rows: past the kernel
+            fallback = layer(x.to(dtype)).float()
+        torch.testing.assert_close(fallback, through_kernel, atol=0.05, rtol=0.02)

@@ -635,8 +635,8 @@ INT8_MEMORY_PROBE = textwrap.dedent("""
         kernel = getattr(m, "_native", None)
         tensors = [*m._parameters.values(), *m._buffers.values(),
                    *(a for a in (kernel.args if kernel else ()) if isinstance(a, torch.Tensor))]
-        for t in tensors:
-            if t is not None and t.untyped_storage().data_ptr() not in seen:
+        for t in tensors:  # (a meta placeholder holds nothing: its weight is in tiles)
+            if t is not None and not t.is_meta and t.untyped_storage().data_ptr() not in seen:
                 seen.add(t.untyped_storage().data_ptr())
                 held += t.untyped_storage().nbytes()
     print(json.dumps({"growth": rss() - before, "held": held}))
@@ -656,7 +656,7 @@ CAST_MEMORY_PROBE = textwrap.dedent("""
         kernel = getattr(m, "_native", None)
         for t in [*m._parameters.values(), *m._buffers.values(),
                   *(a for a in (kernel.args if kernel else ()) if isinstance(a, torch.Tensor))]:
-            if t is not None:
+            if t is not None and not t.is_meta:  # (a placeholder: the weight is in tiles)
                 held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     print(json.dumps({"growth": rss() - before, "held": sum(held.values())}))
 """)

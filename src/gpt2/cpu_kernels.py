@@ -63,7 +63,7 @@ import torch
 from gpt2._io import default_mode
 
 __all__ = ["Kernel", "amx_available", "amx_layout", "argmax", "bf16_available", "fp32_op",
-           "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8",
+           "from_amx_layout", "gelu", "int8_available", "kernel_for_bf16", "kernel_for_int8",
            "kernel_for_int8_weight_only", "load"]
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -285,6 +285,20 @@ def amx_layout(weight: torch.Tensor, group: int) -> torch.Tensor:
         w = torch.nn.functional.pad(w, (0, slices * width - n_in, 0, pairs * 32 - out))
     w = w.view(pairs, 2, 16, slices, 16, group)  # (pair, half, channel, slice, k, g)
     return w.permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)  # (pair, slice, half, k, ch, g)
+
+
+def from_amx_layout(tiles: torch.Tensor, group: int, out: int, n_in: int) -> torch.Tensor:
+    """The weight (out, in) that `amx_layout(weight, group)` laid out as `tiles`: a new
+    contiguous tensor.
+
+    >>> w = torch.arange(40 * 70, dtype=torch.int32).view(40, 70)
+    >>> torch.equal(from_amx_layout(amx_layout(w, 4), 4, 40, 70), w)
+    True
+    """
+    width = 16 * group
+    pairs, slices = -(-out // 32), -(-n_in // width)
+    w = tiles.view(pairs, slices, 2, 16, 16, group).permute(0, 2, 4, 1, 3, 5)
+    return w.reshape(pairs * 32, slices * width)[:out, :n_in].contiguous()
 
 
 def load(*, warn: bool = True) -> bool:

@@ -170,29 +170,88 @@ class _KernelCopy(nn.Module):
     """A layer that keeps a kernel's private copy of its weight in `_packed`, made by the
     subclass's `pack()`. The copy is remade whenever the weight may have changed: after
     a device or dtype move, after load_state_dict, and after unpickling (it is never
-    pickled itself: oneDNN's blocked tensors cannot be)."""
+    pickled itself: oneDNN's blocked tensors cannot be).
+
+    Where our AMX kernel takes every product (bf16, int8; not int8-weight-only, whose
+    kernel stops at 256 rows), its tiles hold the whole weight, so a block's projection
+    can let go of `weight` as stored (`tiles_only`): the buffer becomes a meta tensor of
+    its shape, and the weight is rebuilt from the tiles where it is needed -- in
+    state_dict, pickling, a move or cast, and products past the kernel's rows. That
+    halves the memory of bf16 and int8 models on AMX CPUs. Not for a weight shared with
+    another module (the LM head's is wte's).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._packed = None
         self._native = None  # what gpt2's own kernel (gpt2.cpu_kernels) needs, if it runs
+        self._tiles_only = False  # let go of `weight` where the AMX tiles hold it all
         self.register_load_state_dict_post_hook(_repack_after_load)
 
     def pack(self) -> None:
         raise NotImplementedError
 
+    # -- the weight as stored, or rebuilt from the tiles --
+
+    def tiles_only(self) -> None:
+        """Keep the weight only in the AMX kernel's tiles, where that kernel runs (see
+        the class); elsewhere nothing changes. Kept through later packs."""
+        self._tiles_only = True
+        self._let_go()
+
+    def _let_go(self) -> None:
+        w = self._buffers.get("weight")
+        native = self._native
+        if (self._tiles_only and w is not None and not w.is_meta and native is not None
+                and native.name == "AMX" and native.max_rows >= cpu_kernels.AMX_BF16_MAX_ROWS):
+            self._buffers["weight"] = torch.empty(w.shape, dtype=w.dtype, device="meta")
+
+    def _dropped(self) -> bool:
+        w = self._buffers.get("weight")
+        return w is not None and w.is_meta and self._native is not None
+
+    def plain_weight(self) -> torch.Tensor:
+        """`weight` (out, in) as stored: the buffer, or a copy rebuilt from the tiles."""
+        if not self._dropped():
+            return self.weight
+        w = self._buffers["weight"]
+        group = 4 if w.dtype == torch.int8 else 2
+        return cpu_kernels.from_amx_layout(self._native.args[0], group, *w.shape)
+
+    def _restore(self) -> bool:
+        """Put the weight as stored back into the buffer; True if it had been let go."""
+        if not self._dropped():
+            return False
+        self._buffers["weight"] = self.plain_weight()
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._dropped() and not keep_vars and prefix + "weight" in destination:
+            destination[prefix + "weight"] = self.plain_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore()  # copying into a meta buffer would fail
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def __getstate__(self):
-        return {**self.__dict__, "_packed": None, "_native": None}
+        state = {**self.__dict__, "_packed": None, "_native": None}
+        if self._dropped():
+            state["_buffers"] = {**self._buffers, "weight": self.plain_weight()}
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.pack()
 
     def _apply(self, fn, recurse=True):
+        restored = self._restore()  # a move or cast needs the values
         before = self._tensors()
         out = super()._apply(fn, recurse)
         if self._tensors() != before:  # moved or cast (`.to(device)` where it is: nothing)
             self.pack()
+        elif restored:
+            self._let_go()
         return out
 
     def _tensors(self) -> list[tuple]:
@@ -305,6 +364,7 @@ class Int8Linear(_KernelCopy):
     def pack(self) -> None:
         """(Re)build the kernels' copies of the weight (and bias); call after changing
         `weight`, `weight_scale` or `bias` in place (load_state_dict does it itself)."""
+        self._restore()
         self._packed = self._native = None
         w = self.weight
         # prompts of more rows than our kernel takes (all but AMX CPUs) go through a bf16
@@ -321,6 +381,7 @@ class Int8Linear(_KernelCopy):
         # it does not take, unless it takes all that FBGEMM would
         self._native = cpu_kernels.kernel_for_int8(w, self.weight_scale, self.bias)
         if self._native is not None and self._native.max_rows >= _FBGEMM_MAX_ROWS:
+            self._let_go()
             return
         if not cpu_supports_int8_gemm():
             return
@@ -399,12 +460,12 @@ class Int8Linear(_KernelCopy):
         scale = self.weight_scale.to(torch.bfloat16)
         if x2.device.type == "cpu" and self.in_features % _INT8_KERNEL_K_MULTIPLE == 0 \
                 and not many:
-            y = torch._weight_int8pack_mm(x2, self.weight, scale)  # (M, out) bf16
+            y = torch._weight_int8pack_mm(x2, self.plain_weight(), scale)  # (M, out) bf16
         else:
             # many rows (a prompt), or no int8 kernel: widen the weight to bf16 (exact for
             # int8) and run a bf16 matmul, then scale the product as the kernel does;
             # measured 7x faster than the kernel at 256 rows (oneDNN/AMX)
-            y = F.linear(x2, self.weight.to(torch.bfloat16)) * scale  # (M, out)
+            y = F.linear(x2, self.plain_weight().to(torch.bfloat16)) * scale  # (M, out)
         y = y.view(*lead, self.out_features)
         if self.bias is not None:
             # adding the bias in the input's dtype also casts the output back to it
@@ -459,9 +520,10 @@ class PackedBF16Linear(_KernelCopy):
     AMX kernel's tiles (`gpt2.cpu_kernels`), or oneDNN's blocked layout beside our
     AVX512-BF16 kernel on CPUs without AMX.
 
-    `weight` (out, in) stays a plain bf16 buffer, for state_dict and saving; the
-    copy is a private attribute, rebuilt on load. On a CPU without native bf16, or
-    on any other device, it runs plain `F.linear`.
+    `weight` (out, in) is a plain bf16 buffer, for state_dict and saving; the copy
+    is a private attribute, rebuilt on load. A block's projection on AMX keeps the
+    weight in the tiles only (see `_KernelCopy.tiles_only`). On a CPU without native
+    bf16, or on any other device, it runs plain `F.linear`.
 
     >>> layer = PackedBF16Linear.from_linear(nn.Linear(64, 32))
     >>> layer(torch.randn(2, 5, 64, dtype=torch.bfloat16)).shape
@@ -488,6 +550,7 @@ class PackedBF16Linear(_KernelCopy):
     def pack(self) -> None:
         """(Re)build the kernels' copies of the weight; call after changing `weight` in
         place other than through load_state_dict (which does it itself)."""
+        self._restore()
         w = self.weight
         self._packed = self._native = None
         if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
@@ -498,6 +561,7 @@ class PackedBF16Linear(_KernelCopy):
                 # few rows; any still work). The AMX kernel takes prompts too; past its
                 # rows, plain F.linear
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        self._let_go()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._native is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -516,7 +580,7 @@ class PackedBF16Linear(_KernelCopy):
                 return y.view(*x.shape[:-1], self.out_features)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, self.plain_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         kernels = [f"gpt2 {self._native.name} kernel up to {self._native.max_rows} rows"
@@ -574,6 +638,7 @@ def quantize_model(model: nn.Module, method: str = "int8", *, lm_head: bool = Tr
         layer = Int8Linear.from_linear(
             getattr(owner, attr), bias_dtype=act_dtype, activations=activations
         )
+        layer.tiles_only()  # (the float weight it replaces goes too)
         setattr(owner, attr, layer)
     head = lm_head and _has_lm_head_slot(model)
     if head:
@@ -632,7 +697,9 @@ def prepare_bf16(model: nn.Module) -> nn.Module:
         return model
     with torch.no_grad():
         for owner, attr, _ in _block_linears(model):
-            setattr(owner, attr, PackedBF16Linear.from_linear(getattr(owner, attr)))
+            layer = PackedBF16Linear.from_linear(getattr(owner, attr))
+            layer.tiles_only()
+            setattr(owner, attr, layer)
         if _has_lm_head_slot(model):
             model.lm_head = PackedBF16Linear(model.wte.weight, None, persistent=False)
     return model
@@ -797,8 +864,10 @@ def model_from_quantized_state(
     model.load_state_dict(state, strict=False, assign=True)
     for owner, attr, name in _block_linears(model):
         q, scale, bias = linears[name]
-        setattr(owner, attr, Int8Linear.from_quantized(
-            q, scale, bias, bias_dtype=act_dtype, activations=activations))
+        layer = Int8Linear.from_quantized(q, scale, bias, bias_dtype=act_dtype,
+                                          activations=activations)
+        layer.tiles_only()
+        setattr(owner, attr, layer)
     if head:
         _attach_int8_head(model, *head_tensors, activations)  # wte reads the head's rows
         model.wte.dtype = act_dtype
