@@ -177,7 +177,7 @@ class _KernelCopy(nn.Module):
     can let go of `weight` as stored (`tiles_only`): the buffer becomes a meta tensor of
     its shape, and the weight is rebuilt from the tiles where it is needed -- in
     state_dict, pickling, a move or cast, and products past the kernel's rows. That
-    halves the memory of bf16 and int8 models on AMX CPUs. Not for a weight shared with
+    halves what the blocks' projections hold on AMX CPUs. Not for a weight shared with
     another module (the LM head's is wte's).
     """
 
@@ -202,8 +202,10 @@ class _KernelCopy(nn.Module):
     def _let_go(self) -> None:
         w = self._buffers.get("weight")
         native = self._native
-        if (self._tiles_only and w is not None and not w.is_meta and native is not None
-                and native.name == "AMX" and native.max_rows >= cpu_kernels.AMX_BF16_MAX_ROWS):
+        # (getattr: a layer pickled before this attribute existed has none)
+        if (getattr(self, "_tiles_only", False) and w is not None and not w.is_meta
+                and native is not None and native.name == "AMX"
+                and native.max_rows >= cpu_kernels.AMX_BF16_MAX_ROWS):  # every row count
             self._buffers["weight"] = torch.empty(w.shape, dtype=w.dtype, device="meta")
 
     def _dropped(self) -> bool:

@@ -7,9 +7,8 @@ tracer (what `torch.jit.trace` runs) records the step once -- every operation
 `gpt2.fast_decode.decode_step` runs for one new token per row -- and replays
 the recording from C++: the same kernels on the same weights, without the
 Python around them (one row ~1.5x the tokens per second of the plain loop,
-eight ~1.35x, int8 124M). The weights are
-passed to the recorded graph at each call rather than held in it, so the memory
-goes with the model (see `_as_function`).
+eight ~1.35x, int8 124M). The weights are passed to the recorded graph at each
+call rather than held in it, so the memory goes with the model (`_as_function`).
 
 The recording is made once a model has decoded `RECORD_AFTER_STEPS` (128)
 steps at a batch size, counting the steps a call plans (so a long generation
@@ -178,7 +177,8 @@ def _record(plain: _Step, expected: torch.Tensor, inputs: tuple):
 
 
 def _as_function(graph, state: tuple) -> Callable[..., torch.Tensor]:
-    """The traced graph as a function (token, pos, k, v) -> logits that holds no tensor.
+    """The traced graph as a function (token, pos, k, v) -> logits; the graph holds no
+    tensor, the function passes them in.
 
     `torch.jit.trace` would put the graph into PyTorch's global compilation unit, which
     keeps it for the life of the process, and with it every tensor the graph holds: a
