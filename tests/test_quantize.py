@@ -535,3 +535,15 @@ def test_tiles_only_layer_rebuilds_the_weight_for_rows_past_its_kernel(hf_checkp
             layer._native = layer._native._replace(max_rows=2)  # 6 rows: past the kernel
             fallback = layer(x.to(dtype)).float()
         torch.testing.assert_close(fallback, through_kernel, atol=0.05, rtol=0.02)
+
+
+def test_a_layer_pickled_before_tiles_only_existed_still_loads():
+    """Its state has no `_tiles_only`: it unpickles as a layer that keeps its weight."""
+    layer = Int8Linear.from_linear(random_linear(64, 32))
+    state = layer.__getstate__()
+    del state["_tiles_only"]
+    old = Int8Linear.__new__(Int8Linear)
+    old.__setstate__(state)
+    x = torch.randn(3, 64)
+    assert not old._buffers["weight"].is_meta
+    assert torch.equal(old(x), layer(x))
