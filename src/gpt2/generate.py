@@ -51,6 +51,7 @@ __all__ = [
     "generate",
     "generate_batch",
     "process_logits",
+    "sampling_vocab",
     "stream",
 ]
 
@@ -136,6 +137,13 @@ def check_vocab_size(n: int, n_vocab: int | None = None) -> None:
     if n_vocab is not None and n > n_vocab:
         raise GPT2Error(f"vocab_size {n} is more than the model's {n_vocab} logits; "
                         f"give at most {n_vocab} (or None)")
+
+
+def sampling_vocab(model, tokenizer) -> int | None:
+    """The vocab_size to sample with: the tokenizer's size where the model has more
+    logits than the tokenizer has tokens (nanoGPT pads 50,257 to 50,304), else None."""
+    n = tokenizer.n_vocab
+    return n if model.config.n_vocab > n else None
 
 
 def check_seed(seed: int) -> None:

@@ -270,7 +270,7 @@ class GPT2(nn.Module):
         if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
             # (on a GPU the check would wait for the device; an id out of range stops
             # the embedding's kernel with a device-side assert there)
-            low, high = int(idx.min()), int(idx.max())
+            low, high = (int(v) for v in torch.aminmax(idx))
             if low < 0 or high >= self.config.n_vocab:
                 raise GPT2Error(f"token id {low if low < 0 else high} is out of range: this "
                                 f"model has ids 0 to {self.config.n_vocab - 1}")

@@ -63,13 +63,6 @@ def load_model(args: argparse.Namespace):
     return model, load_tokenizer_for(model.source.path)
 
 
-def sampling_vocab(model, tokenizer) -> int | None:
-    """The vocab_size to sample with: the tokenizer's size where the model has more
-    logits than the tokenizer has tokens (nanoGPT pads 50,257 to 50,304), else None."""
-    n = tokenizer.n_vocab
-    return n if model.config.n_vocab > n else None
-
-
 def load_tokenizer_for(path):
     from pathlib import Path
 

@@ -134,9 +134,8 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
 
     import torch
 
-    from gpt2.commands._common import sampling_vocab
     from gpt2.errors import GPT2Error
-    from gpt2.generate import TextStream, stream
+    from gpt2.generate import TextStream, sampling_vocab, stream
 
     prompt_ids = tokenizer.encode(prompt)
     eot = _eot(tokenizer, model)

@@ -456,7 +456,7 @@ class _Run:
         if not self.info.is_main or self.tokenizer is None:
             return
         try:
-            from gpt2.generate import generate
+            from gpt2.generate import generate, sampling_vocab
         except ImportError:
             self._say("note: gpt2.generate is not available; no samples")
             self.cfg = dataclasses.replace(self.cfg, sample_interval=0)
@@ -468,10 +468,9 @@ class _Run:
             return  # a context of one position leaves no room after the prompt
         with self._autocast():
             # a model with more logits than the tokenizer has tokens samples only its ids
-            vocab = self.tokenizer.n_vocab
             ids = generate(self.model, prompt, max_new_tokens=n, temperature=0.8, top_k=200,
                            seed=self.cfg.seed,
-                           vocab_size=vocab if self.model.config.n_vocab > vocab else None)
+                           vocab_size=sampling_vocab(self.model, self.tokenizer))
         self.model.train()
         text = self.tokenizer.decode(ids[0, 1:].tolist())
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
