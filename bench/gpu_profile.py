@@ -15,7 +15,10 @@ kernels, heaviest first, of:
              its memory-efficient kernel; block_step_one_row (products and
              attention as Triton reductions, or with SDPA's attention), with and
              without inductor's coordinate-descent tuning ("_tuned": the
-             library's default is block_step_one_row with reductions, tuned)
+             library's default is block_step_one_row with reductions, tuned);
+             "_fused": the cache writes and attention as one Triton kernel
+             (gpt2.gpu_kernels.decode_attention) in the one-row step, in the
+             compiled block_step, or in the uncompiled graph
              (--decode-variants picks, in order)
     train    one optimizer step at 16 x 1024 (bf16 autocast, fused AdamW): eager, and
              compiled with the loss inside the compiled function (as the trainer
@@ -192,7 +195,13 @@ def section_decode(a, clock: Clock) -> dict:
                 ("graph_compiled_layer_tuned", lambda: CudaGraphDecoder(
                     model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
                 ("graph_one_row_realize_tuned", lambda: CudaGraphDecoder(
-                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True))]
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_one_row_fused_tuned", lambda: CudaGraphDecoder(
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_compiled_layer_fused_tuned", lambda: CudaGraphDecoder(
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=True)),
+                ("graph_fused", lambda: CudaGraphDecoder(
+                    model, batch_size=B, max_len=prompt + new, dtype=None, compile=False))]
     for name, make in sorted(variants, key=lambda v: a.decode_variants.index(v[0])
                              if v[0] in a.decode_variants else len(variants)):
         if name not in a.decode_variants:
@@ -201,8 +210,12 @@ def section_decode(a, clock: Clock) -> dict:
         torch._dynamo.reset()
         with contextlib.ExitStack() as stack:
             # block_step_one_row only where the variant's name says so
+            # "_fused": the attention and cache writes as gpt2.gpu_kernels' Triton kernel
+            fused = "_fused" in name
             stack.enter_context(one_row(name.startswith("graph_one_row"),
-                                        "sdpa" if "_sdpa" in name else "reduce"))
+                                        "sdpa" if "_sdpa" in name else
+                                        "fused" if fused else "reduce",
+                                        "fused" if fused else "sdpa"))
             if name.endswith("efficient_sdpa"):
                 stack.enter_context(sdpa_backends(cudnn=False, flash=False))
             if "_realize" in name:
@@ -232,16 +245,17 @@ def tuning(on: bool):
 
 
 @contextlib.contextmanager
-def one_row(on: bool, attention: str):
-    """Set gpt2.fast_decode.ONE_ROW_REDUCTIONS and ONE_ROW_ATTENTION while a variant
-    is built and run."""
+def one_row(on: bool, attention: str, batched_attention: str):
+    """Set gpt2.fast_decode.ONE_ROW_REDUCTIONS, ONE_ROW_ATTENTION and
+    BATCHED_ATTENTION while a variant is built and run."""
     fd = gpt2.fast_decode
-    before = fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION
-    fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION = on, attention
+    before = fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION, fd.BATCHED_ATTENTION
+    fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION, fd.BATCHED_ATTENTION = (
+        on, attention, batched_attention)
     try:
         yield
     finally:
-        fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION = before
+        fd.ONE_ROW_REDUCTIONS, fd.ONE_ROW_ATTENTION, fd.BATCHED_ATTENTION = before
 
 
 def decode_variant(a, clock: Clock, name, make, idx, new: int, out: dict, ref):
@@ -398,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_compiled_layer_autotune,graph_compiled_layer_float_mask,"
                    "graph_compiled_layer_efficient_sdpa,graph_one_row,graph_one_row_tuned,"
                    "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned,"
-                   "graph_one_row_realize_tuned")
+                   "graph_one_row_realize_tuned,graph_one_row_fused_tuned,"
+                   "graph_compiled_layer_fused_tuned,graph_fused")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,

@@ -36,6 +36,11 @@ Fixtures:
 
     run_cli(*args) -> CLIResult(code, out, err)
         `gpt2 ...` in-process, with stdout and stderr captured.
+
+    triton_device -> torch.device
+        Where gpt2.gpu_kernels' Triton kernels run for this test: the GPU where
+        there is one, else the CPU through Triton's interpreter. Skips where Triton
+        is not installed.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import importlib.resources
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +59,11 @@ import pytest
 import torch
 
 from gpt2.config import GPT2Config
+
+if not torch.cuda.is_available():
+    # Triton's kernels run on the CPU through its interpreter. Read when Triton is
+    # imported (its own library functions are built then), so set before any test runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -216,6 +227,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    pytest.importorskip("triton", reason="Triton is not installed (scripts/install.sh dev "
+                        "installs it)")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="session")

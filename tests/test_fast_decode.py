@@ -73,16 +73,21 @@ def test_step_logits_match_cached_path_and_transformers(tiny):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("step, rows", [(block_step, 2), (block_step_one_row, 1)])
+@pytest.mark.parametrize("step, rows, attention", [(block_step, 2, "sdpa"),
+                                                   (block_step_one_row, 1, "reduce"),
+                                                   (block_step, 2, "fused"),
+                                                   (block_step_one_row, 1, "fused")])
 def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, rows,
-                                                          monkeypatch):
+                                                          attention, monkeypatch, request):
     """torch.compile must trace each block step whole (fullgraph) and reuse it across
     layers; "aot_eager" runs dynamo and AOT autograd's functionalisation (which
-    must handle the in-place cache writes) without the minute-long C++ build. As in a
-    new process, no CPU kernel has been picked yet: the checks that pick one (torch.cpu's
-    feature tests) cannot be traced, so compiled code must not reach them."""
+    must handle the in-place cache writes, the fused kernel's too) without the
+    minute-long C++ build. As in a new process, no CPU kernel has been picked yet:
+    the checks that pick one (torch.cpu's feature tests) cannot be traced, so
+    compiled code must not reach them."""
     from gpt2 import cpu_kernels
 
+    use_attention(attention, monkeypatch, request)
     ckpt = hf_checkpoint(n_layer=3, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=2)
     model = GPT2.from_pretrained(ckpt.folder)
     idx = random_ids((rows, 6), seed=3)
@@ -102,14 +107,26 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, r
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not one per layer
 
 
+def use_attention(attention: str, monkeypatch, request) -> None:
+    """Make block_step_one_row attend with `attention`, and block_step too where it
+    is "fused" (the Triton kernel, run where the triton_device fixture says: on a
+    CPU, Triton's interpreter)."""
+    if attention == "fused":
+        request.getfixturevalue("triton_device")
+    monkeypatch.setattr(gpt2.fast_decode, "ONE_ROW_ATTENTION", attention)
+    monkeypatch.setattr(gpt2.fast_decode, "BATCHED_ATTENTION",
+                        "fused" if attention == "fused" else "sdpa")
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("attention", ["reduce", "sdpa"])
+@pytest.mark.parametrize("attention", ["reduce", "sdpa", "fused"])
 @pytest.mark.parametrize("full_cache", [False, True])
-def test_one_row_step_matches_transformers(tiny, full_cache, attention, monkeypatch):
+def test_one_row_step_matches_transformers(tiny, full_cache, attention, monkeypatch,
+                                           request):
     """The reduction form of the step (what a compiled one-row GPU decoder runs)
     gives transformers' logits at every position, over a masked full-length cache
-    and over a cache that ends at the new slot, with either attention."""
-    monkeypatch.setattr(gpt2.fast_decode, "ONE_ROW_ATTENTION", attention)
+    and over a cache that ends at the new slot, with each attention."""
+    use_attention(attention, monkeypatch, request)
     model, hf = tiny
     T, L = 3, 32
     seq = random_ids((1, L), seed=11)
@@ -148,6 +165,17 @@ def test_greedy_matches_normal_path_and_transformers(tiny):
         idx, max_new_tokens=n, temperature=0.0)
     assert torch.equal(ours, hf_greedy(hf, idx, n))
     assert torch.equal(ours, model.generate(idx, max_new_tokens=n, temperature=0.0))
+
+
+def test_fused_attention_greedy_matches_transformers(tiny, monkeypatch, request):
+    """Several rows through block_step with the Triton kernel's cache writes and
+    attention, up to the last slot of the cache."""
+    use_attention("fused", monkeypatch, request)
+    model, hf = tiny
+    idx = random_ids((3, 4), seed=5)
+    ours = StaticDecoder(model, batch_size=3, max_len=32).generate(
+        idx, max_new_tokens=28, temperature=0.0)
+    assert torch.equal(ours, hf_greedy(hf, idx, 28))
 
 
 def test_reuse_with_another_prompt_length(tiny):
@@ -315,6 +343,22 @@ def test_cuda_graph_one_row_greedy_matches_transformers_fp32(tiny, tiny_cuda):
         idx = random_ids((1, T), seed=seed)
         got = graph.generate(idx, max_new_tokens=32 - T, temperature=0.0).cpu()
         assert torch.equal(got, hf_greedy(hf, idx, 32 - T))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_fused_attention_greedy_matches_transformers_fp32(
+        tiny, tiny_cuda, batch, monkeypatch, request):
+    """Compiled and captured, with the Triton kernel for the cache writes and attention
+    (what bench/gpu_profile.py's "_fused" variants measure)."""
+    use_attention("fused", monkeypatch, request)
+    model, hf = tiny
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graph = CudaGraphDecoder(tiny_cuda, batch_size=batch, max_len=32, dtype=torch.float32)
+    idx = random_ids((batch, 5), seed=26)
+    got = graph.generate(idx, max_new_tokens=27, temperature=0.0).cpu()
+    assert torch.equal(got, hf_greedy(hf, idx, 27))
 
 
 @needs_cuda

@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2 import cpu_kernels
+from gpt2 import cpu_kernels, gpu_kernels
 from gpt2.errors import GPT2Error
 from gpt2.generate import (
     SamplingOptions,
@@ -82,11 +82,14 @@ _TINY = torch.finfo(torch.float32).tiny
 
 # A compiled GPU decoder for one row uses `block_step_one_row` (products and
 # attention as reductions that torch.compile fuses) instead of `block_step`.
-# ONE_ROW_ATTENTION: "reduce" (attention as reductions too) or "sdpa". What a
-# decoder compiles is compiled with inductor's coordinate-descent tuning (a few
-# seconds more at the first call). Measured choices: bench/GPU_NOTES.md.
+# The attention (with the two cache writes) in each: "reduce" (as reductions),
+# "sdpa" (PyTorch's scaled_dot_product_attention) or "fused" (one Triton kernel,
+# `gpt2.gpu_kernels.decode_attention`). What a decoder compiles is compiled with
+# inductor's coordinate-descent tuning (a few seconds more at the first call).
+# Measured choices: bench/GPU_NOTES.md.
 ONE_ROW_REDUCTIONS = True
 ONE_ROW_ATTENTION = "reduce"
+BATCHED_ATTENTION = "sdpa"
 TUNE_COMPILED_KERNELS = True
 
 
@@ -107,13 +110,15 @@ def block_step(
     cache, written in place at slot pos (1,); visible (1, 1, 1, L) bool: the
     slots filled so far, this one included (None: all L are). Returns the new
     residual (B, C). The products go through `gpt2.products.project`, as in the
-    normal forward (on a CPU, a matrix-vector product for one row).
+    normal forward (on a CPU, a matrix-vector product for one row); the
+    attention is BATCHED_ATTENTION's.
 
     Uses the block's Linear and LayerNorm modules only (not Block.forward, whose
     per-layer names would make torch.compile specialise on each layer), so one
     compiled version serves every block of the model.
     """
-    return _block(block, x, k_cache, v_cache, pos, visible, project=project, attend=_sdpa)
+    return _block(block, x, k_cache, v_cache, pos, visible, project=project,
+                  attention=_ATTENTION[BATCHED_ATTENTION])
 
 
 def block_step_one_row(
@@ -133,42 +138,60 @@ def block_step_one_row(
     values, summed over slots), torch.compile turns each into one reduction
     kernel and fuses into it what comes before or after (the mask, the softmax's
     scaling, bias, GELU, the residual add), instead of calling cuBLAS and SDPA.
-    Sums run in float32, as theirs do. Measured against `block_step` in
-    bench/gpu_profile.py (GPU_NOTES.md has the figures).
+    Sums run in float32, as theirs do. The attention is ONE_ROW_ATTENTION's.
+    Measured against `block_step` in bench/gpu_profile.py (GPU_NOTES.md has the
+    figures).
     """
-    attend = _sdpa if ONE_ROW_ATTENTION == "sdpa" else _attend_by_sums
-    return _block(block, x, k_cache, v_cache, pos, visible, project=_matvec, attend=attend)
+    return _block(block, x, k_cache, v_cache, pos, visible, project=_matvec,
+                  attention=_ATTENTION[ONE_ROW_ATTENTION])
 
 
-def _block(block, x, k_cache, v_cache, pos, visible, *, project, attend) -> torch.Tensor:
-    """The body of both block steps: project(layer, x) runs each product and
-    attend(q, k_cache, v_cache, visible) the attention."""
-    B, C = x.shape
+def _block(block, x, k_cache, v_cache, pos, visible, *, project, attention) -> torch.Tensor:
+    """The body of both block steps: project(layer, x) runs each product, and
+    attention(qkv, k_cache, v_cache, pos, visible) writes the cache and attends."""
     attn, mlp = block.attn, block.mlp
-    nh, hs = attn.n_head, attn.head_size
     qkv = project(attn.c_attn, block.ln_1(x))  # (B, 3C): q, k, v for all heads
-    q, k, v = qkv.to(k_cache.dtype).view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
-    k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
-    v_cache.index_copy_(2, pos, v)
-    # Attend over every slot; the mask hides the ones not yet written, so shapes
-    # never change (a growing slice would need a new graph per length).
-    y = attend(q, k_cache, v_cache, visible)  # (B, nh, [1,] hs)
-    x = x + project(attn.c_proj, y.reshape(B, C).to(x.dtype))  # (B, C)
+    y = attention(qkv, k_cache, v_cache, pos, visible)  # (B, C)
+    x = x + project(attn.c_proj, y.to(x.dtype))  # (B, C)
     h = cpu_kernels.gelu(project(mlp.c_fc, block.ln_2(x)))  # (B, 4C): F.gelu, tanh form
     return x + project(mlp.c_proj, h)  # (B, C)
 
 
-def _sdpa(q, k_cache, v_cache, visible) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
+def _write_cache(qkv, k_cache, v_cache, pos) -> torch.Tensor:
+    """Store this token's k and v (from qkv (B, 3C)) at slot pos -> q (B, nh, 1, hs)."""
+    B, nh, _, hs = k_cache.shape
+    q, k, v = qkv.to(k_cache.dtype).view(B, 3, nh, 1, hs).unbind(1)  # 3 x (B, nh, 1, hs)
+    k_cache.index_copy_(2, pos, k)  # (B, nh, L, hs): slot pos now holds this token
+    v_cache.index_copy_(2, pos, v)
+    return q
 
 
-def _attend_by_sums(q, k_cache, v_cache, visible) -> torch.Tensor:
-    """SDPA for one query written as float32 sums -> (B, nh, hs)."""
+def _sdpa(qkv, k_cache, v_cache, pos, visible) -> torch.Tensor:
+    # Attend over every slot; the mask hides the ones not yet written, so shapes
+    # never change (a growing slice would need a new graph per length).
+    q = _write_cache(qkv, k_cache, v_cache, pos)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)  # (B, nh, 1, hs)
+    return y.reshape(qkv.size(0), -1)  # (B, C)
+
+
+def _attend_by_sums(qkv, k_cache, v_cache, pos, visible) -> torch.Tensor:
+    """SDPA for one query written as float32 sums -> (B, C)."""
+    q = _write_cache(qkv, k_cache, v_cache, pos)
     scores = (q.float() * k_cache.float()).sum(-1) * q.size(-1) ** -0.5  # (B, nh, L)
     if visible is not None:
         scores = scores.masked_fill(~visible.view(1, 1, -1), float("-inf"))
     p = torch.softmax(scores, dim=-1)  # (B, nh, L)
-    return (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(q.dtype)  # (B, nh, hs)
+    y = (p.unsqueeze(-1) * v_cache.float()).sum(-2).to(q.dtype)  # (B, nh, hs)
+    return y.reshape(qkv.size(0), -1)  # (B, C)
+
+
+def _fused(qkv, k_cache, v_cache, pos, visible) -> torch.Tensor:
+    """Cache writes and attention in one Triton kernel (slots <= pos; visible must
+    say the same, as decode_step's mask does)."""
+    return gpu_kernels.decode_attention(qkv.to(k_cache.dtype), k_cache, v_cache, pos)  # (B, C)
+
+
+_ATTENTION = {"sdpa": _sdpa, "reduce": _attend_by_sums, "fused": _fused}
 
 
 def _matvec(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
