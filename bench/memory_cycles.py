@@ -2,6 +2,7 @@
 
     python bench/memory_cycles.py [--cycles 4] [--new 140]
                                   [--engines ours-fp32,ours-bf16,ours-int8,hf-fp32]
+                                  (also ours-int8wo: int8-weight-only)
 
 What a notebook or a server does: build a random-weight 124M model, generate
 --new greedy tokens twice (enough for gpt2's recorded CPU step, made once a model
@@ -61,7 +62,8 @@ CHILD = textwrap.dedent("""
         return run, model
 
     make = {"ours-fp32": lambda: ours(None), "ours-bf16": lambda: ours("bf16"),
-            "ours-int8": lambda: ours("int8"), "hf-fp32": hf}[engine]
+            "ours-int8": lambda: ours("int8"),
+            "ours-int8wo": lambda: ours("int8-weight-only"), "hf-fp32": hf}[engine]
     idx = torch.tensor([[464, 3290, 318, 257]])
     rows = [{"cycle": 0, "rss_mb": rss_mb()}]
     for cycle in range(1, cycles + 1):

@@ -762,7 +762,7 @@ def test_int8_weight_only_layer_runs_our_kernel_for_decoding_rows_only(amx, monk
         monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1,
                                    activations="bf16")  # fmt: skip
-    most = cpu_kernels.AMX_INT8WO_MAX_ROWS if amx else 8
+    most = cpu_kernels.AMX_BF16_MAX_ROWS if amx else 8  # AMX: 256 rows a call, in blocks
     assert layer.kernel == "bf16" and layer.activation_bits is None
     assert layer._native.max_rows == most and f"bf16 (gpt2 {'AMX' if amx else 'AVX512-BF16'}" \
         f" kernel up to {most} rows)" in repr(layer)

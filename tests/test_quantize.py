@@ -72,7 +72,7 @@ def int8_reference(layer: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, to
     activation; 7 bits on CPUs without VNNI), and each such error is multiplied by |w|
     and summed.
     """
-    w = layer.weight.float() * layer.weight_scale.float()[:, None]  # (out, in)
+    w = layer.plain_weight().float() * layer.weight_scale.float()[:, None]  # (out, in)
     x = x.float()
     bias = None if layer.bias is None else layer.bias.float()
     exact = F.linear(x, w, bias)
@@ -456,7 +456,7 @@ def test_prompts_use_a_bf16_matmul_only_where_bf16_is_native(monkeypatch, native
     kernel = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
     layer = Int8Linear.from_linear(random_linear(64, 32), activations="bf16")
-    x = torch.randn(cpu_kernels.AMX_INT8WO_MAX_ROWS + 1, 64)  # more rows than our kernels take
+    x = torch.randn(cpu_kernels.AMX_BF16_MAX_ROWS + 1, 64)  # more rows than our kernels take
     exact, bound = int8_reference(layer, x)
     assert ((layer(x) - exact).abs() <= bound).all()
     assert bool(calls) is not native_bf16
@@ -469,11 +469,14 @@ needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(),
 
 
 def _tiles_only_models(hf_checkpoint):
-    """(float model, [(name, tiles-only model)]): bf16 and int8 from the same weights."""
+    """(float model, [(name, tiles-only model)]): bf16, int8 and int8-weight-only from
+    the same weights."""
     ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=32, seed=21)
     fp32 = GPT2.from_pretrained(ckpt.folder).eval()
     return fp32, [("bf16", GPT2.from_pretrained(ckpt.folder, dtype="bf16").eval()),
-                  ("int8", GPT2.from_pretrained(ckpt.folder, quantize="int8").eval())]
+                  ("int8", GPT2.from_pretrained(ckpt.folder, quantize="int8").eval()),
+                  ("int8-weight-only", GPT2.from_pretrained(
+                      ckpt.folder, quantize="int8-weight-only").eval())]
 
 
 @needs_amx
@@ -535,6 +538,23 @@ def test_tiles_only_layer_rebuilds_the_weight_for_rows_past_its_kernel(hf_checkp
             layer._native = layer._native._replace(max_rows=2)  # 6 rows: past the kernel
             fallback = layer(x.to(dtype)).float()
         torch.testing.assert_close(fallback, through_kernel, atol=0.05, rtol=0.02)
+
+
+@needs_amx
+def test_int8_weight_only_amx_kernel_takes_a_long_prompt_in_blocks():
+    """Past the 256 rows the AMX kernel takes in one call, it runs 256 at a time: the
+    result is the kernel's on each block, and the exact product's within its bound."""
+    layer = Int8Linear.from_linear(random_linear(64, 32), activations="bf16")
+    layer.tiles_only()
+    assert layer._buffers["weight"].is_meta  # the tiles hold it all: no plain copy
+    n = cpu_kernels.AMX_INT8WO_MAX_ROWS
+    x = torch.randn(2 * n + 37, 64, generator=torch.Generator().manual_seed(4))
+    y = layer(x)
+    exact, bound = int8_reference(layer, x)
+    assert ((y - exact).abs() <= bound).all()
+    op = torch.ops.gpt2.int8wo_linear_amx
+    for i in range(0, x.size(0), n):
+        assert torch.equal(y[i:i + n], op(x[i:i + n], *layer._native.args))
 
 
 def test_a_layer_pickled_before_tiles_only_existed_still_loads():

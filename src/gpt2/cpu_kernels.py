@@ -10,7 +10,7 @@ holds kernels that stream at close to the full rate:
   torch.ops.gpt2.bf16_linear_amx / int8_linear_amx   Intel AMX tiles, on a copy
       of the weight laid out for them (`amx_layout`): any prompt
   torch.ops.gpt2.int8wo_linear_amx                   the same for int8 weights x bf16
-      rows ("int8-weight-only"): up to 256 rows
+      rows ("int8-weight-only"): any prompt, 256 rows a call
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
       on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
@@ -82,7 +82,9 @@ INT8_MAX_ROWS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
 # its arithmetic from 4); AMX 1.5-3.2x at 1-8, and ahead of widening the weight to bf16
-# for oneDNN up to 256 rows (59 against 78 ms; level at 512)
+# for oneDNN up to 256 rows in one call (59 against 78 ms; level at 512); more rows go
+# through it 256 at a time (124M prompt of 512 tokens 234 against 278 ms, 1024 604
+# against 708), so the layer needs no plain weight beside the tiles
 INT8WO_MAX_ROWS = 8
 AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 8192
@@ -197,6 +199,7 @@ class Kernel(NamedTuple):
     args: tuple  # what follows x in the op's arguments
     max_rows: int
     name: str
+    amx_group: int = 0  # AMX kernels: the weight is args[0] in amx_layout(w, amx_group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, *self.args)
@@ -211,7 +214,7 @@ def kernel_for_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel |
     if n_in % 32 == 0 and amx_available():
         packed = amx_layout(weight.detach(), 2)
         return Kernel(torch.ops.gpt2.bf16_linear_amx, (packed, out, bias), AMX_BF16_MAX_ROWS,
-                      "AMX")  # fmt: skip
+                      "AMX", 2)  # fmt: skip
     if bf16_available():
         return Kernel(torch.ops.gpt2.bf16_linear, (weight.detach().contiguous(), bias),
                       BF16_MAX_ROWS, "AVX512-BF16")  # fmt: skip
@@ -230,7 +233,7 @@ def kernel_for_int8(
             None if bias is None else bias.detach().float().contiguous())  # fmt: skip
     if amx_available():
         return Kernel(torch.ops.gpt2.int8_linear_amx, (amx_layout(q, 4), q.shape[0], *tail),
-                      AMX_INT8_MAX_ROWS, "AMX")  # fmt: skip
+                      AMX_INT8_MAX_ROWS, "AMX", 4)  # fmt: skip
     if int8_available():
         return Kernel(torch.ops.gpt2.int8_linear, (q.contiguous(), *tail), INT8_MAX_ROWS,
                       "AVX512-VNNI")  # fmt: skip
@@ -249,6 +252,18 @@ def _row_sums(q: torch.Tensor, rows: int = 256) -> torch.Tensor:
                       for i in range(0, q.shape[0], rows)])
 
 
+def _int8wo_amx_in_chunks(x: torch.Tensor, *args) -> torch.Tensor:
+    """torch.ops.gpt2.int8wo_linear_amx for any number of rows: AMX_INT8WO_MAX_ROWS at
+    a time past that (the kernel widens each weight slice once per call, and its lead
+    over widening the whole weight for oneDNN ends there; in blocks it stays level or
+    ahead, and the layer needs no plain copy of its weight: bench/CPU_NOTES.md)."""
+    rows = x.size(0)
+    if rows <= AMX_INT8WO_MAX_ROWS:
+        return torch.ops.gpt2.int8wo_linear_amx(x, *args)
+    return torch.cat([torch.ops.gpt2.int8wo_linear_amx(x[i:i + AMX_INT8WO_MAX_ROWS], *args)
+                      for i in range(0, rows, AMX_INT8WO_MAX_ROWS)])
+
+
 def kernel_for_int8_weight_only(
     q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> Kernel | None:
@@ -260,8 +275,8 @@ def kernel_for_int8_weight_only(
     bias = None if bias is None else bias.detach().float().contiguous()
     tail = (scale.float().contiguous(), bias)
     if q.shape[1] % 32 == 0 and amx_available():
-        return Kernel(torch.ops.gpt2.int8wo_linear_amx, (amx_layout(q, 2), q.shape[0], *tail),
-                      AMX_INT8WO_MAX_ROWS, "AMX")  # fmt: skip
+        return Kernel(_int8wo_amx_in_chunks, (amx_layout(q, 2), q.shape[0], *tail),
+                      AMX_BF16_MAX_ROWS, "AMX", 2)  # fmt: skip
     if bf16_available():
         return Kernel(torch.ops.gpt2.int8wo_linear, (q.contiguous(), *tail), INT8WO_MAX_ROWS,
                       "AVX512-BF16")  # fmt: skip

@@ -25,8 +25,8 @@ streams them at full speed:
          Memory traffic is a quarter of fp32's.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead: each row rounded to bf16 times the int8 weights widened to bf16
-         in registers, fp32 sums (gpt2's own kernel: AMX up to 256 rows, or
-         AVX512-BF16 up to 8; elsewhere `torch._weight_int8pack_mm`): closer to
+         in registers, fp32 sums (gpt2's own kernel: AMX for any prompt, 256 rows
+         a call, or AVX512-BF16 up to 8; elsewhere `torch._weight_int8pack_mm`): closer to
          fp32, 65-91% of int8's speed in our runs; it is also the path on CPUs
          without FBGEMM (ARM) and on other devices. Prompts of more rows than the
          kernels take (FBGEMM 64, `_weight_int8pack_mm` 32) widen the int8 weights
@@ -172,8 +172,8 @@ class _KernelCopy(nn.Module):
     a device or dtype move, after load_state_dict, and after unpickling (it is never
     pickled itself: oneDNN's blocked tensors cannot be).
 
-    Where our AMX kernel takes every product (bf16, int8; not int8-weight-only, whose
-    kernel stops at 256 rows), its tiles hold the whole weight, so a block's projection
+    Where our AMX kernel takes every product (bf16, int8, int8-weight-only), its
+    tiles hold the whole weight, so a block's projection
     can let go of `weight` as stored (`tiles_only`): the buffer becomes a meta tensor of
     its shape, and the weight is rebuilt from the tiles where it is needed -- in
     state_dict, pickling, a move or cast, and products past the kernel's rows. That
@@ -217,8 +217,8 @@ class _KernelCopy(nn.Module):
         if not self._dropped():
             return self.weight
         w = self._buffers["weight"]
-        group = 4 if w.dtype == torch.int8 else 2
-        return cpu_kernels.from_amx_layout(self._native.args[0], group, *w.shape)
+        return cpu_kernels.from_amx_layout(self._native.args[0], self._native.amx_group,
+                                           *w.shape)
 
     def _restore(self) -> bool:
         """Put the weight as stored back into the buffer; True if it had been let go."""
@@ -378,6 +378,7 @@ class Int8Linear(_KernelCopy):
             return
         if self.activations == "bf16":  # decoding: our int8 x bf16 kernel, where it runs
             self._native = cpu_kernels.kernel_for_int8_weight_only(w, self.weight_scale, self.bias)
+            self._let_go()
             return
         # decoding: our kernel (gpt2.cpu_kernels) where it runs; FBGEMM for the rows
         # it does not take, unless it takes all that FBGEMM would
@@ -406,8 +407,8 @@ class Int8Linear(_KernelCopy):
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
         gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
         (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). On AMX
-        our kernels take prompts too (int8 any, weight-only up to 256 rows); past the rows
-        a kernel takes (elsewhere 64 int8, 32 weight-only), a bf16 matmul on CPUs with
+        our kernels take prompts too (weight-only 256 rows a call); past the rows a
+        kernel takes (elsewhere 64 int8, 32 weight-only), a bf16 matmul on CPUs with
         native bf16."""
         int8 = self._packed is not None or self._native is not None
         return "int8" if int8 and self.activations == "int8" else "bf16"
