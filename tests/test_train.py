@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -646,6 +647,25 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
 
 
+def test_a_model_folder_is_never_used_as_out(tmp_path, run_cli, hf_checkpoint):
+    """A folder holding a model that is not a training run (a download, a conversion,
+    the model --init loads) is refused as --out: the run's model would replace it."""
+    data = with_gpt2_vocab(synthetic(tmp_path / "d", n_vocab=50257))
+    model = tmp_path / "m"
+    shutil.copytree(hf_checkpoint().folder, model)
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    r = run_cli(*_args(data, model))
+    assert r.code == 1 and f"--out {model} holds a model (config.json" in r.err, r.err
+    fine_tune = _args(data, model)
+    for flag in ("--n-layer", "--n-head", "--n-embd"):  # (the shape flags are for scratch)
+        i = fine_tune.index(flag)
+        del fine_tune[i:i + 2]
+    r = run_cli(*fine_tune, "--init", str(model))
+    assert r.code == 1 and "is the model --init loads" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
 def test_a_new_run_starts_its_own_log(tmp_path, monkeypatch):
     """The log and samples of a run that never saved a checkpoint (killed, say) are not
     continued by the next run in that folder: they were appended to. A run that fails
@@ -679,6 +699,15 @@ def test_demo_checks_the_device_before_preparing(tmp_path, run_cli):
     assert not (tmp_path / "demo" / "data").exists()
 
 
+def test_demo_leaves_a_folder_it_did_not_make_alone(tmp_path, run_cli):
+    out = tmp_path / "proj"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "notes.txt").write_text("precious")
+    r = run_cli("demo", "--out", out, "--steps", "1", "--device", "cpu")
+    assert r.code == 1 and "holds files the demo did not make" in r.err, r.err
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "run"]
+
+
 def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):
     """`gpt2 demo`, the README's quick start, shortened: loss falls, a loadable model results."""
     import json as _json
@@ -698,6 +727,7 @@ def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):
     assert val[-1] < min(val[0], math.log(50257))  # below a uniform guess over the vocabulary
     model = GPT2.from_pretrained(tmp_path / "demo" / "run")
     assert model.config.n_layer == 4
+    assert (tmp_path / "demo" / ".gpt2-demo").is_file()  # its own: a later demo may replace it
 
 
 # --- MFU ------------------------------------------------------------------------------

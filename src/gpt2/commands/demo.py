@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "demo"
+MARKER = ".gpt2-demo"  # in --out: the demo made this folder and may replace what it holds
 HELP = "offline quick start: train a small GPT-2 on Python's own help text, then generate"
 
 
@@ -72,10 +73,18 @@ def run(args: argparse.Namespace) -> int:
     validated(cfg)  # a bad --seed (or --device, next) fails before any text is prepared
     if args.device != "auto":
         resolve_device(args.device)
+    if out.exists() and not out.is_dir():
+        raise GPT2Error(f"--out {out}: exists and is not a folder; choose a new folder")
+    # The demo replaces its text, data and run each time: only in a folder it made
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise GPT2Error(f"--out {out}: holds files the demo did not make (the demo replaces "
+                        "its run/ and data/ there); choose a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by `gpt2 demo`, which may replace what is here\n",
+                                  encoding="utf-8")
     except OSError as e:
-        raise GPT2Error(f"--out {out}: cannot create it ({e.strerror})") from None
+        raise GPT2Error(f"--out {out}: cannot write there ({e.strerror})") from None
     text = out / "pydoc_topics.txt"
     size = write_topics(text)
     print(f"1/3 text: {text} ({size / 1e6:.2f} MB of Python's help topics)")

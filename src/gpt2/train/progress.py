@@ -22,6 +22,7 @@ class StatusLine:
         self.tty = sys.stderr.isatty()
         self._shown_at = 0.0
         self._last = ""
+        self._printed = ""  # the last line printed where stderr is not a terminal
 
     def show(self, text: str, *, force: bool = False) -> None:
         self._last = text
@@ -36,6 +37,7 @@ class StatusLine:
             print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)
+            self._printed = text  # close() need not print it again
 
     def note(self, text: str) -> None:
         """A message of its own that does not get overwritten by the status line."""
@@ -47,7 +49,7 @@ class StatusLine:
         print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled and self._last:
+        if self.enabled and self._last and (self.tty or self._last != self._printed):
             line = f"{self.name}: {self._last}"
             print(f"\r{line}\x1b[K" if self.tty else line, file=sys.stderr, flush=True)
         self._shown_at = 0.0

@@ -52,6 +52,18 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what a run writes into OUT before its first checkpoint or best/ (removed if it fails then)
 RUN_FILES = (VOCAB_DIR, "log.jsonl", "loss.png", "samples.txt", ".write-test",
              ".ckpt-*.partial")  # the first checkpoint, cut short by Ctrl-C
+# What marks a folder as holding a model (any layout gpt2 loads): a fresh run will not
+# use such a folder as its --out, where its own model files would replace these.
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "hparams.json",
+                "model.ckpt.index", "best")
+
+
+def _same_place(a: os.PathLike | str, b: os.PathLike | str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -263,6 +275,14 @@ class _Run:
         if not cfg.resume and found is not None:
             raise GPT2Error(f"{out} already holds a training run (at {found.name}); "
                             "continue it with --resume or choose another --out")
+        if found is None and out.is_dir():
+            # a run writes its model into OUT: never over weights it did not make
+            held = [n for n in _MODEL_FILES if (out / n).exists()]
+            if held:
+                what = ("is the model --init loads" if cfg.init != "scratch"
+                        and _same_place(out, cfg.init) else "holds a model")
+                raise GPT2Error(f"--out {out} {what} ({', '.join(held)}), not a training "
+                                "run; the run would write over it: choose a new --out folder")
         return found
 
     def _open_data(self, cfg: TrainConfig, *, given: bool) -> TokenData:
