@@ -666,6 +666,43 @@ def test_a_model_folder_is_never_used_as_out(tmp_path, run_cli, hf_checkpoint):
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
 
 
+def test_data_of_another_vocabulary_is_refused(tmp_path, run_cli, hf_checkpoint):
+    """Ids made with one vocabulary mean other tokens to a model of another: eval and
+    fine-tuning refuse them (the model here has GPT-2's vocabulary, the data one of 257
+    tokens: the 256 byte tokens and <|endoftext|>)."""
+    from gpt2.tokenizer import Tokenizer
+
+    vocab = tmp_path / "bytes"
+    vocab.mkdir()
+    encoder = {t: i for t, i in Tokenizer.from_pretrained()._encoder.items() if i < 256}
+    encoder["<|endoftext|>"] = 256
+    (vocab / "encoder.json").write_text(json.dumps(encoder))
+    (vocab / "vocab.bpe").write_text("#version: 0.2\n")
+    (tmp_path / "t.txt").write_text("some text to tokenize, byte by byte. " * 40)
+    data = tmp_path / "d"
+    assert run_cli("prepare", tmp_path / "t.txt", "--out", data, "--vocab", vocab,
+                   "-q").code == 0
+    model = hf_checkpoint(n_vocab=50257).folder
+    r = run_cli("eval", "--model", model, "--data", data)
+    assert r.code == 1 and "prepared with another vocabulary than" in r.err, r.err
+    out = tmp_path / "ft"
+    r = run_cli("train", "--data", data, "--out", out, "--init", model, "--block-size", "8",
+                "--max-steps", "1", "--device", "cpu", "-q")
+    assert r.code == 1 and "prepared with another vocabulary than" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("n_vocab", [None, "abc", 2.5, 0, 70000, True])
+def test_a_bad_n_vocab_in_meta_is_one_line(tmp_path, run_cli, n_vocab):
+    data = synthetic(tmp_path / "d")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["n_vocab"] = n_vocab
+    (data / "meta.json").write_text(json.dumps(meta))
+    r = run_cli(*_args(data, tmp_path / "o"))
+    assert r.code == 1 and "meta.json: n_vocab must be the vocabulary's size" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+
+
 def test_a_new_run_starts_its_own_log(tmp_path, monkeypatch):
     """The log and samples of a run that never saved a checkpoint (killed, say) are not
     continued by the next run in that folder: they were appended to. A run that fails

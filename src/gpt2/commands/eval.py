@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2Error(f"{args.data}: the {args.split} split has {len(tokens)} tokens; "
                         "nothing to score (prepare more text or a larger --val-fraction)")
     model, tok = load_model(args)
-    n_vocab = int(data.meta.get("n_vocab", 0))
+    data.check_vocab_of(tok, args.model)
+    n_vocab = data.n_vocab or 0
     if n_vocab > model.config.n_vocab:
         raise GPT2Error(f"{args.data} holds token ids up to {n_vocab - 1} but the model has "
                         f"{model.config.n_vocab}; prepare the data with the model's vocabulary")

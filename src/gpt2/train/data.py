@@ -296,9 +296,15 @@ class TokenData:
         resumed run checks a --data folder against)."""
         return {k: self.meta.get(k) for k in FINGERPRINT}
 
+    @property
+    def n_vocab(self) -> int | None:
+        """meta.json's vocabulary size (checked by open_tokens), or None where it has none."""
+        return self.meta.get("n_vocab")
+
     def tokenizer(self):
-        """The vocabulary the ids were made with (checked against meta's sha256), or None
-        for token files that record no vocabulary (written by other tools or tests)."""
+        """The vocabulary the ids were made with (checked against meta's sha256 and
+        n_vocab), or None for token files that record no vocabulary (written by other
+        tools or tests)."""
         from gpt2.tokenizer import Tokenizer
 
         if "vocab_sha256" not in self.meta:
@@ -310,7 +316,21 @@ class TokenData:
         if self.meta["vocab_sha256"] != tok.sha256():
             raise GPT2Error(f"{self.folder}: the vocabulary's sha256 differs from the one "
                             "recorded in meta.json; prepare the data again")
+        if self.n_vocab is not None and self.n_vocab != tok.n_vocab:
+            raise GPT2Error(f"{self.folder / 'meta.json'}: n_vocab {self.n_vocab}, but its "
+                            f"vocabulary has {tok.n_vocab} tokens; prepare the data again")
         return tok
+
+    def check_vocab_of(self, tok, model: str) -> None:
+        """GPT2Error unless tok (a model's vocabulary) is the one these ids were made with;
+        nothing to check where meta.json records no vocabulary."""
+        recorded = self.meta.get("vocab_sha256")
+        if recorded is not None and tok is not None and recorded != tok.sha256():
+            raise GPT2Error(f"{self.folder}: prepared with another vocabulary than {model}'s "
+                            "(meta.json's vocab_sha256 differs), so its ids mean other tokens "
+                            "to the model; prepare the text again with the model's vocabulary "
+                            "(`gpt2 prepare --vocab DIR`, DIR holding its vocab files; "
+                            "without --vocab, GPT-2's)")
 
 
 def open_tokens(folder: str | os.PathLike) -> TokenData:
@@ -332,6 +352,10 @@ def open_tokens(folder: str | os.PathLike) -> TokenData:
         raise GPT2Error(f"{meta_path}: unreadable ({e}); prepare the data again") from None
     if not isinstance(meta, dict) or meta.get("dtype") != "uint16":
         raise GPT2Error(f"{meta_path}: not a gpt2 token-file description (dtype uint16 expected)")
+    n_vocab = meta.get("n_vocab", 1)
+    if isinstance(n_vocab, bool) or not isinstance(n_vocab, int) or not 1 <= n_vocab <= 65536:
+        raise GPT2Error(f"{meta_path}: n_vocab must be the vocabulary's size, an integer from 1 "
+                        f"to 65536, got {meta.get('n_vocab')!r}; prepare the data again")
     splits = {s: _memmap(folder / f"{s}.bin", meta.get(f"{s}_tokens")) for s in SPLITS}
     return TokenData(folder, meta, splits["train"], splits["val"])
 

@@ -547,8 +547,11 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
     from gpt2.config import GPT2Config
     from gpt2.model import GPT2
 
-    n_vocab = int(data.meta.get("n_vocab", 0))
+    n_vocab = data.n_vocab
     if init == "scratch":
+        if n_vocab is None:
+            raise GPT2Error(f"{data.folder / 'meta.json'}: no n_vocab, the vocabulary size a "
+                            "model trained from scratch needs; prepare the data again")
         torch.manual_seed(cfg.seed)  # every process starts from the same weights
         config = GPT2Config(n_vocab=n_vocab, n_ctx=cfg.block_size, n_embd=cfg.n_embd,
                             n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout)
@@ -565,7 +568,11 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
             raise GPT2Error(f"--block-size {cfg.block_size} is longer than the context of "
                             f"{init} ({config.n_ctx} positions); use --block-size "
                             f"{config.n_ctx} or less")
-        if n_vocab > config.n_vocab:
+        if not cfg.resume:  # (a resumed run's data was checked when it started)
+            from gpt2.commands._common import load_tokenizer_for
+
+            data.check_vocab_of(load_tokenizer_for(loaded.source.path), init)
+        if (n_vocab or 0) > config.n_vocab:
             raise GPT2Error(f"{data.folder} was tokenized with {n_vocab} token ids but {init} "
                             f"has {config.n_vocab}; token ids would be out of range: prepare "
                             "the data with the model's vocabulary (--vocab)")
