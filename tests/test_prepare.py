@@ -106,6 +106,26 @@ def test_non_utf8_names_file_and_byte(tmp_path, run_cli):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+@pytest.mark.parametrize("encoding, expect", [
+    ("utf-16-le", "a NUL byte at offset 1, so not text"),  # no BOM: valid UTF-8 bytes
+    ("utf-16", "not UTF-8 text (bad byte at offset 0); convert it to UTF-8 first "
+                  "(e.g. iconv -f utf-16"),  # with its byte-order mark
+])
+def test_utf16_text_is_refused_with_a_hint(tmp_path, run_cli, encoding, expect):
+    bad = tmp_path / "windows.txt"
+    bad.write_bytes("hello world\n".encode(encoding) * 20)
+    r = run_cli("prepare", bad, "--out", tmp_path / "out")
+    assert r.code == 1 and expect in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_nul_bytes_are_not_text(tmp_path, run_cli):
+    bad = tmp_path / "zeros.txt"
+    bad.write_bytes(b"some text\n" * 50 + bytes(1000))
+    r = run_cli("prepare", bad, "--out", tmp_path / "out")
+    assert r.code == 1 and f"{bad}: a NUL byte at offset 500, so not text" in r.err, r.err
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "folder", "unwritable"])
 def test_bad_inputs_are_one_line_errors(tmp_path, run_cli, case):
     text = tmp_path / "t.txt"

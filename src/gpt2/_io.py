@@ -111,9 +111,11 @@ def decode_utf8(data: bytes, where: object, *, offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
+        source = ("utf-16" if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff")
+                  else "latin1")  # UTF-16's byte-order mark, else a common guess
         raise GPT2Error(
             f"{where}: not UTF-8 text (bad byte at offset {offset + e.start}); convert it "
-            "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
+            f"to UTF-8 first (e.g. iconv -f {source} -t utf-8)"
         ) from None
 
 

@@ -207,6 +207,11 @@ def _text_pieces(path: Path, *, chunk_bytes: int) -> Iterator[tuple[str, int]]:
             head, pending = data[:cut], data[cut:]
             searched = len(text)  # no safe cut before here, or it would have been yielded
             text += decode_utf8(head, path, offset=offset)
+            nul = head.find(b"\0")
+            if nul >= 0:  # valid UTF-8, but no text has it: binary, or UTF-16 without a BOM
+                raise GPT2Error(f"{path}: a NUL byte at offset {offset + nul}, so not text (a "
+                                "binary file, or UTF-16: convert it with iconv -f utf-16 -t "
+                                "utf-8)")
             offset += len(head)
             nbytes += len(head)
             if not chunk:
