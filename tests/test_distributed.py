@@ -1,5 +1,7 @@
 """Data parallelism: 2 gloo processes = 1 process with twice the accumulation.
 
+(And a run saved by 2 processes resumes in 1 with the same micro-batches a step.)
+
 Micro-batch m of step s on rank r is seeded by (seed, s, m * world + r), so two
 ranks with accumulation A draw exactly the 2A micro-batches of one process with
 accumulation 2A; DDP averages the ranks' gradients, which equals the
@@ -59,14 +61,22 @@ def test_two_gloo_processes_match_one_with_double_accumulation(tmp_path):
     train(TrainConfig(data=str(data), out=str(single), grad_accum=4, device="cpu",
                       progress=False, **ARGS))
 
+    # two processes for 3 steps; then the run resumed in one process, which takes the
+    # same 4 micro-batches a step (--grad-accum 2 x 2 processes -> 4 x 1)
     ddp = tmp_path / "ddp"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "gpt2", "train", "--data", str(data),
-           "--out", str(ddp), "--grad-accum", "2", "--device", "cpu", "-q", *flags]
+           "--out", str(ddp), "--grad-accum", "2", "--device", "cpu", "-q", "--stop-at", "3",
+           *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_losses(ddp)) == 3
+    train(TrainConfig(data=None, out=str(ddp), resume=True, device="cpu", progress=False))
+    state = json.loads((ddp / "ckpt-0000005" / "train_state.json").read_text())
+    assert state["world_size"] == 1 and state["args"]["grad_accum"] == 4
+    assert state["tokens_seen"] == 5 * 4 * ARGS["batch_size"] * ARGS["block_size"]
 
     a, b = _losses(single), _losses(ddp)
     assert len(a) == len(b) == 5
@@ -74,8 +84,9 @@ def test_two_gloo_processes_match_one_with_double_accumulation(tmp_path):
     assert a[-1] < a[0]
     val = [[r["val_loss"] for r in map(json.loads, (o / "log.jsonl").read_text().splitlines())
             if "val_loss" in r] for o in (single, ddp)]
-    assert val[1] == pytest.approx(val[0], abs=2e-6)  # the same val batches at any world size
-    # only rank 0 wrote: one log line per step and one checkpoint
+    # the same val batches at any world size (the stopped run also evaluated at step 3)
+    assert val[1][-1] == pytest.approx(val[0][-1], abs=2e-6)
+    # only rank 0 wrote: one log line per step, and the checkpoint (step 3's was replaced)
     assert [p.name for p in ddp.glob("ckpt-*")] == ["ckpt-0000005"]
     from gpt2.model import GPT2
 
@@ -83,3 +94,14 @@ def test_two_gloo_processes_match_one_with_double_accumulation(tmp_path):
     for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters(), strict=True):
         np.testing.assert_allclose(p1.detach().numpy(), p2.detach().numpy(), atol=1e-5,
                                    err_msg=n)
+
+
+def test_resuming_on_a_process_count_that_cannot_share_the_step_is_refused(tmp_path):
+    from gpt2.errors import GPT2Error
+    from gpt2.train.trainer import _same_batches
+
+    cfg = TrainConfig(grad_accum=3)
+    assert _same_batches(cfg, 2, 3, folder=tmp_path).grad_accum == 2  # 2 x 3 = 3 x 2
+    assert _same_batches(cfg, 2, 6, folder=tmp_path).grad_accum == 1
+    with pytest.raises(GPT2Error, match="took 6 micro-batches a step .* 4 processes cannot"):
+        _same_batches(cfg, 2, 4, folder=tmp_path)

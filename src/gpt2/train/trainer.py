@@ -217,6 +217,8 @@ class _Run:
         if self.state is not None:
             cfg = _merge_resumed(cfg, self.state.info.get("args", {}), explicit=explicit,
                                  folder=resume_from)
+            cfg = _same_batches(cfg, self.state.info.get("world_size", 1), info.world_size,
+                                folder=resume_from)
         cfg = validated(cfg)
         self.data = self._open_data(cfg, given=data_given)
         # the run records where its data is, wherever it is resumed from
@@ -360,6 +362,11 @@ class _Run:
             self._say(f"note: --warmup-steps {cfg.warmup_steps} is more than --max-steps "
                       f"{cfg.max_steps}: the learning rate rises all run and peaks at {peak:.2e}, "
                       f"not --lr {cfg.lr:g}")
+        if self.state is not None and self.state.info.get("args", {}).get(
+                "grad_accum", cfg.grad_accum) != cfg.grad_accum:
+            self._say(f"note: the run was saved by {self.state.info.get('world_size', 1)} "
+                      f"process(es) and goes on with {self.info.world_size}: --grad-accum "
+                      f"{cfg.grad_accum} keeps its {self._tokens_per_step():,} tokens a step")
         loss = val = None
         saved_at = self.step if self.state is not None else None
         while self.step < last:
@@ -682,6 +689,29 @@ def _merge_resumed(cfg: TrainConfig, saved: dict, *, explicit: Collection[str] |
 
 
 _SHAPE = ("n_layer", "n_head", "n_embd")  # the network's shape: from scratch only
+
+
+def _same_batches(cfg: TrainConfig, saved_world: object, world: int, *,
+                  folder: Path) -> TrainConfig:
+    """A run resumed on another number of processes: the same micro-batches per step.
+
+    A step is world_size x grad_accum micro-batches, and micro-batch m of rank r is
+    seeded by its global index m * world_size + r, so N processes accumulating A draw
+    exactly what M processes accumulating N * A / M draw: grad_accum is rescaled to
+    keep the product, and the run goes on with the same data (and, without dropout,
+    the same updates up to summation order). GPT2Error where M does not divide N * A.
+    """
+    if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+        raise damaged(folder, "train_state.json", f"world_size is {saved_world!r}")
+    if saved_world == world:
+        return cfg
+    per_step = saved_world * cfg.grad_accum
+    if per_step % world:
+        raise GPT2Error(f"--resume: the run took {per_step} micro-batches a step ({saved_world} "
+                        f"process(es) x --grad-accum {cfg.grad_accum}), which {world} processes "
+                        "cannot share evenly; resume on a number of processes that divides "
+                        f"{per_step}")
+    return dataclasses.replace(cfg, grad_accum=per_step // world)
 
 
 def _is_kind(value: object, annotation: str) -> bool:
