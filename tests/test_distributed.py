@@ -100,7 +100,7 @@ def test_resuming_on_a_process_count_that_cannot_share_the_step_is_refused(tmp_p
     from gpt2.errors import GPT2Error
     from gpt2.train.trainer import _same_batches
 
-    cfg = TrainConfig(grad_accum=3)
+    cfg = TrainConfig(data=None, out=str(tmp_path), grad_accum=3)
     assert _same_batches(cfg, 2, 3, folder=tmp_path).grad_accum == 2  # 2 x 3 = 3 x 2
     assert _same_batches(cfg, 2, 6, folder=tmp_path).grad_accum == 1
     with pytest.raises(GPT2Error, match="took 6 micro-batches a step .* 4 processes cannot"):
