@@ -703,6 +703,34 @@ def test_a_bad_n_vocab_in_meta_is_one_line(tmp_path, run_cli, n_vocab):
     assert len(r.err.strip().splitlines()) == 1
 
 
+def test_a_quantized_model_cannot_be_fine_tuned(tmp_path, run_cli, hf_checkpoint):
+    int8 = tmp_path / "int8"
+    assert run_cli("convert", hf_checkpoint(n_vocab=50257).folder, int8, "--quantize",
+                   "int8").code == 0
+    data = with_gpt2_vocab(synthetic(tmp_path / "d", n_vocab=50257))
+    args = _args(data, tmp_path / "o", "--init", str(int8))
+    for flag in ("--n-layer", "--n-head", "--n-embd"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    r = run_cli(*args)
+    assert r.code == 1 and f"--init {int8}: the model is quantized (int8" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_resume_skips_damaged_log_lines(tmp_path):
+    """On resume a log line whose step is not a number is dropped like a line cut short,
+    and a byte that is not UTF-8 is read as U+FFFD: the run goes on."""
+    data = synthetic(tmp_path / "d")
+    out = tmp_path / "o"
+    cfg = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, eval_interval=0,
+               device="cpu", progress=False)
+    train(TrainConfig(data=str(data), out=str(out), max_steps=3, stop_at=2, **cfg))
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"step": "x"}\n{"step": 1, "note": "\xff"}\n[1, 2]\n')
+    train(TrainConfig(data=None, out=str(out), resume=True, device="cpu", progress=False))
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
+
+
 def test_a_new_run_starts_its_own_log(tmp_path, monkeypatch):
     """The log and samples of a run that never saved a checkpoint (killed, say) are not
     continued by the next run in that folder: they were appended to. A run that fails

@@ -565,6 +565,10 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
         model = GPT2(config)
     else:
         loaded = GPT2.from_pretrained(init)
+        if getattr(loaded, "quantization", None):
+            raise GPT2Error(f"--init {init}: the model is quantized "
+                            f"({loaded.quantization['method']}), which cannot be trained; "
+                            "fine-tune the fp32 or bf16 model it was made from")
         config = loaded.config.replace(dropout=cfg.dropout)
         with torch.device("meta"):
             model = GPT2(config)
@@ -725,13 +729,15 @@ def _read_log(path: Path, *, upto: int) -> list[dict]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # (errors="replace": a damaged byte spoils its line, which is then dropped, not the log)
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        if isinstance(r, dict) and r.get("step", math.inf) <= upto:
-            records.append(r)
+        step = r.get("step") if isinstance(r, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step <= upto:
+            records.append(r)  # (a line without a step number is not one of ours)
     return records
 
 
