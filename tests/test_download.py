@@ -353,7 +353,7 @@ def test_resolve_model_names_the_download_command(tmp_path):
         hub.resolve_model("gpt2-medium")
     assert str(e.value) == (
         f"model 355M is not downloaded (looked in {tmp_path}); fetch it with "
-        "`gpt2 download 355M` (or point --model at a folder)"
+        "`gpt2 download 355M` (or give the path of a folder that holds it)"
     )
     assert "\n" not in str(e.value)
 

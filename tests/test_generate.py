@@ -397,6 +397,13 @@ def test_cli_refuses_text_that_is_not_utf8(run_cli, vocab_model, monkeypatch):
     assert r.code == 1 and "PROMPT is not UTF-8 text" in r.err and r.out == ""
     r = run_cli("tokenize", latin1)
     assert r.code == 1 and "TEXT is not UTF-8 text" in r.err
+    # each argument named as the usage line writes it, in nested subcommands too
+    for args, where in ((["prepare", latin1, "--out", "x"], "FILE"),
+                        (["inspect", "tokens", latin1], "TEXT"),
+                        (["validate", latin1], "MODEL"), (["score", "--model", latin1, "f"],
+                                                          "--model")):
+        r = run_cli(*args)
+        assert r.code == 1 and f"{where} is not UTF-8 text" in r.err, (args, r.err)
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"fine\ncaf\xe9\n")))
     r = run_cli("generate", "-i", "--model", vocab_model.folder, "-n", "3", "-t", "0")
     assert r.code == 1 and "stdin line 2: not UTF-8 text" in r.err

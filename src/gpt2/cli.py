@@ -43,7 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        _name_positionals(p)
     return parser
+
+
+def _name_positionals(parser: argparse.ArgumentParser) -> None:
+    """Record, for messages, how each positional argument is written in the usage line
+    (its metavar, FILE), here and in nested subcommands (gpt2 inspect attention ...)."""
+    names = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for inner in action.choices.values():
+                _name_positionals(inner)
+        elif not action.option_strings:
+            names[action.dest] = action.metavar or action.dest.upper()
+    parser.set_defaults(_positionals=names)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -61,11 +75,11 @@ def _error(message: str) -> None:
 def _check_utf8(args: argparse.Namespace) -> None:
     """Arguments that were not UTF-8 bytes (Python keeps such bytes as lone surrogates)
     would reach the tokenizer as U+FFFD: refuse them, as files that are not UTF-8 are."""
+    positionals = getattr(args, "_positionals", {})
     for name, value in vars(args).items():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
-                where = name.upper() if name in ("text", "prompt", "file") else \
-                    "--" + name.replace("_", "-")
+                where = positionals.get(name) or "--" + name.replace("_", "-")
                 raise GPT2Error(f"{where} is not UTF-8 text ({text!r}); pass UTF-8 (e.g. "
                                 "convert it with iconv -f latin1 -t utf-8)")
 

@@ -118,7 +118,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if found is None:
         raise GPT2Error(
             f"model {key} is not downloaded (looked in {cache_dir()}); fetch it with "
-            f"`gpt2 download {key}` (or point --model at a folder)"
+            f"`gpt2 download {key}` (or give the path of a folder that holds it)"
         )
     return found
 
