@@ -127,6 +127,9 @@ def test_decode(run_cli, tiktoken_gpt2, monkeypatch):
     # a piece of a character decodes to U+FFFD, as tiktoken does
     piece = tiktoken_gpt2.encode_ordinary("😀")[:1]
     assert run_cli("tokenize", "--decode", str(piece[0])).out == tiktoken_gpt2.decode(piece)
+    for nothing in ("", "  "):  # no ids: no text (it was an IndexError)
+        assert (run_cli("tokenize", "--decode", nothing).code,
+                run_cli("tokenize", "--decode", nothing).out) == (0, "")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -136,6 +139,8 @@ def test_bad_decode_input(run_cli):
     assert_one_line_error(run_cli("tokenize", "--decode", "31373", "hello"), "'hello'",
                           "not a token id")
     assert_one_line_error(run_cli("tokenize", "--decode", "50257"), "50257", "out of range")
+    # every id of a space-separated list, not only the last
+    assert_one_line_error(run_cli("tokenize", "--decode", "1 99999 2"), "99999", "out of range")
     assert_one_line_error(run_cli("tokenize", "--decode", "--", "-1"), "-1", "out of range")
     assert_one_line_error(run_cli("tokenize", "--decode", "1.5"), "not a token id")
     # an id left out between commas is not a separator; int() would take these three

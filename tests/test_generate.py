@@ -309,10 +309,12 @@ def test_cli_asking_for_more_memory_than_there_is_is_one_line(run_cli, vocab_mod
 @pytest.mark.parametrize("shell", ["gpt2 generate hi --model M -n 2 -t 0 > /dev/full",
                                    "gpt2 generate hi --model M -n 2 -t 0 >&-",
                                    "gpt2 generate -i --model M -n 2 <&-",
-                                   "gpt2 tokenize hi >&-", "gpt2 tokenize - <&-"])
+                                   "gpt2 tokenize hi >&-", "gpt2 tokenize - <&-",
+                                   "gpt2 generate hi --model M -n 2 -t 0 2>&-"])
 def test_cli_with_stdout_full_or_closed_is_one_line(vocab_model, tmp_path, shell):
     """A full device is a one-line error; a closed stdout takes the output away and a
-    closed stdin reads as empty, as print() and input() would (all were tracebacks)."""
+    closed stdin reads as empty, as print() and input() would (all were tracebacks); a
+    closed stderr takes away progress and statistics (which went to stdout)."""
     import subprocess
     import sys
 
@@ -326,6 +328,8 @@ def test_cli_with_stdout_full_or_closed_is_one_line(vocab_model, tmp_path, shell
         assert done.stderr.strip().endswith("error: No space left on device")
     else:
         assert done.returncode == 0, done.stderr
+    if "2>&-" in shell:  # a closed stderr: its lines go nowhere, not into the output
+        assert done.stdout.startswith("hi") and "tokens/s" not in done.stdout, done.stdout
 
 
 def test_cli_json_shape(run_cli, vocab_model, tiktoken_gpt2):
@@ -418,6 +422,9 @@ def test_cli_refuses_text_that_is_not_utf8(run_cli, vocab_model, monkeypatch):
     (["--repetition-penalty", "0"], "repetition penalty"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--max-new-tokens", "70"], "--sliding-window"),
+    (["--max-new-tokens", str(10**20), "--sliding-window"], "from 1 to 10,000,000"),
+    (["--num-samples", str(10**20)], "--num-samples must be from 1 to 4,096"),
+    (["--num-samples", "0"], "--num-samples must be from 1"),
     (["--stop", ""], "stop"),
     (["--cuda-graph"], "CUDA"),  # the model is on the CPU here
     (["--cuda-graph", "--repetition-penalty", "1.2"], "--cuda-graph does not support"),

@@ -72,6 +72,20 @@ def _error(message: str) -> None:
     print(f"{clear}{message}", file=sys.stderr)
 
 
+def _open_fd(stream) -> bool:
+    """False where stream's file descriptor is closed; True for one that is open or for
+    a stream with no descriptor (a test's capture)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return True
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def _check_utf8(args: argparse.Namespace) -> None:
     """Arguments that were not UTF-8 bytes (Python keeps such bytes as lone surrogates)
     would reach the tokenizer as U+FFFD: refuse them, as files that are not UTF-8 are."""
@@ -121,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin = open(os.devnull)  # noqa: SIM115 -- for the rest of the process
     if sys.stdout is None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    if sys.stderr is None or not _open_fd(sys.stderr):
+        # closed (2>&-): progress, notes and errors have nowhere to go, which is no failure
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     try:
         _check_utf8(args)
         with warnings.catch_warnings():

@@ -8,6 +8,10 @@ import sys
 
 NAME = "generate"
 HELP = "continue a prompt with GPT-2, streaming the text as it is produced"
+# Past the context only with --sliding-window, whose history buffer holds every token;
+# samples are rows of one batch (a KV cache each)
+MAX_NEW_TOKENS = 10_000_000
+MAX_SAMPLES = 4096
 
 EPILOG = """\
 The prompt is printed, then the continuation as tokens arrive. A sample ends at
@@ -78,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     if args.seed is not None:
         check_seed(args.seed)
-    if args.max_new_tokens < 1:
-        raise GPT2Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        raise GPT2Error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise GPT2Error(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got "
+                        f"{args.max_new_tokens}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise GPT2Error(f"--num-samples must be from 1 to {MAX_SAMPLES:,} (they run as one "
+                        f"batch; run the command again for more), got {args.num_samples}")
     if any(s == "" for s in args.stop):
         raise GPT2Error("--stop: a stop string must not be empty")
     if args.compile and not args.cuda_graph:

@@ -104,9 +104,9 @@ def _decode(tok, source: str, *, as_json: bool) -> int:
                 raise GPT2Error(f"--decode: {word[:40]!r} is not a token id (ids are "
                                 "integers, separated by spaces or commas)")
             ids.append(int(word))
-        if not 0 <= ids[-1] < tok.n_vocab:
-            raise GPT2Error(f"--decode: token id {ids[-1]} is out of range (this vocabulary "
-                            f"has ids 0 to {tok.n_vocab - 1})")
+            if not 0 <= ids[-1] < tok.n_vocab:
+                raise GPT2Error(f"--decode: token id {ids[-1]} is out of range (this "
+                                f"vocabulary has ids 0 to {tok.n_vocab - 1})")
     text = tok.decode(ids)
     if as_json:
         _write(_dumps({"ids": ids, "text": text}) + "\n")
