@@ -300,8 +300,8 @@ def test_cli_streams_prompt_and_greedy_text_with_speed_on_stderr(run_cli, vocab_
 def test_cli_asking_for_more_memory_than_there_is_is_one_line(run_cli, vocab_model):
     """torch's allocator raises a RuntimeError ("tried to allocate ... bytes"), not
     MemoryError: it came out as a traceback."""
-    r = run_cli("generate", "hi", "--model", vocab_model.folder, "--num-samples", "1000000",
-                "-n", "1")
+    r = run_cli("generate", "hi", "--model", vocab_model.folder, "--num-samples", "4096",
+                "-n", "10000000", "--sliding-window")  # a history of 4096 x 10M ids: 328 GB
     assert r.code == 1 and r.err.startswith("gpt2 generate: error: out of memory")
     assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
 

@@ -523,6 +523,29 @@ def test_validate_int8_checkpoint(tiny, tmp_path, run_cli):
     assert data["bytes"] < 0.45 * float_report["bytes"]
 
 
+def test_nan_weights_are_found_by_validate_and_stop_generation(tiny, tmp_path, run_cli):
+    """NaN in a row that a short forward pass never reads (a late position): validate
+    checks every tensor, and generation stops with the error when it reaches it, rather
+    than printing tokens picked from NaN logits."""
+    from gpt2.generate import stream
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny.folder, bad)
+    state = load_file(bad / "model.safetensors")
+    key = next(k for k in state if k.endswith("wpe.weight"))
+    state[key][20] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    r = run_cli("validate", bad)
+    assert r.code == 1 and "wpe.weight hold NaN or infinite values" in r.err, r.err
+    model = GPT2.from_pretrained(bad)
+    tokens = []
+    with pytest.raises(GPT2Error, match="logits are NaN or infinite"):
+        for token in stream(model, torch.tensor([[1, 2, 3]]), max_new_tokens=25,
+                            temperature=0.0):
+            tokens.append(token)
+    assert len(tokens) == 18  # positions 3..20 fed; the logits after position 20 are NaN
+
+
 def test_write_safetensors_is_read_back_by_safetensors(tmp_path):
     """Our streaming writer against the safetensors library as the reader: every dtype
     a checkpoint holds, scalars, empty and non-contiguous tensors, transposes, a cast."""

@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(model) -> dict:
     """The static part of the report: where the weights came from and what they are."""
+    import torch
+
+    from gpt2.errors import GPT2Error
     from gpt2.quantize import quantized_state_dict
 
     source = model.source
@@ -68,6 +71,14 @@ def describe(model) -> dict:
         {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
         for name, p in state.items()
     ]
+    # every value, not only those a short forward pass reads (wpe's rows past the sample)
+    damaged = [name for name, p in state.items()
+               if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3
+                                          else "")
+        raise GPT2Error(f"{source.path}: {shown} hold NaN or infinite values; the weights are "
+                        "damaged (get the checkpoint again)")
     return {
         "path": str(source.path),
         "layout": source.layout,
