@@ -242,7 +242,7 @@ def test_quantize_int8_writes_int8_weights_that_load_without_requantizing(
     dst = tmp_path / "int8"
     result = run_cli("convert", ckpt.folder, dst, "--quantize", "int8")
     assert result.code == 0, result.err
-    with safe_open(dst / "model.safetensors", "pt") as f:
+    with safe_open(dst / "model-int8.safetensors", "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
     assert dtypes["transformer.h.0.attn.c_attn.weight"] == "I8"
     assert json.loads((dst / "config.json").read_text())["quantization"]["method"]

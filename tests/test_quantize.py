@@ -399,15 +399,32 @@ def test_int8_checkpoint_is_a_quarter_of_fp32(hf_checkpoint, tmp_path):
     model = quantize_model(GPT2.from_pretrained(ckpt.folder), "int8")
     folder = save_quantized(model, tmp_path / "int8")
     fp32 = (ckpt.folder / "model.safetensors").stat().st_size
-    assert (folder / "model.safetensors").stat().st_size < 0.35 * fp32
+    assert (folder / "model-int8.safetensors").stat().st_size < 0.35 * fp32
+
+
+def test_transformers_refuses_an_int8_checkpoint_and_ours_reads_the_old_name(
+        hf_checkpoint, tmp_path):
+    """transformers would load the int8 values as float weights (it ignores the scales
+    and config.json's "quantization"): the weights file has a name it does not look for.
+    A checkpoint saved before that (model.safetensors) still loads here."""
+    from transformers import GPT2LMHeadModel
+
+    model = quantize_model(GPT2.from_pretrained(hf_checkpoint().folder), "int8")
+    folder = save_quantized(model, tmp_path / "int8")
+    with pytest.raises(OSError):
+        GPT2LMHeadModel.from_pretrained(folder)
+    (folder / "model-int8.safetensors").rename(folder / "model.safetensors")
+    idx = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(folder)(idx), model(idx))
 
 
 def test_truncated_int8_checkpoint_is_a_clear_error(hf_checkpoint, tmp_path):
     model = quantize_model(GPT2.from_pretrained(hf_checkpoint().folder), "int8")
     folder = save_quantized(model, tmp_path / "int8")
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(GPT2Error, match="model.safetensors") as e:
+    data = (folder / "model-int8.safetensors").read_bytes()
+    (folder / "model-int8.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GPT2Error, match="model-int8.safetensors") as e:
         load_quantized(folder)
     assert "\n" not in str(e.value)
 

@@ -37,11 +37,14 @@ Both keep the model's structure, names and hooks; only the Linear modules (and,
 through `model.lm_head`, the tied LM head) change, and with an int8 head the token
 embedding becomes an `Int8Embedding` that reads the head's int8 rows.
 
-Saved int8 checkpoints use the Hugging Face layout with two differences: each
+Saved int8 checkpoints use the Hugging Face layout with three differences: each
 quantized weight `<name>.weight` is int8 with a bf16 `<name>.weight_scale`
-beside it, and config.json says `"quantization": {"method": "int8-weight-only",
-...}`. `save_quantized` writes one, `load_quantized_state` reads it back with
-no re-quantization.
+beside it, config.json says `"quantization": {"method": "int8-weight-only",
+...}`, and the weights file is `model-int8.safetensors`, a name transformers
+does not look for: it refuses the folder instead of loading the int8 values as
+if they were weights (it ignores config.json's entry and the scales).
+`save_quantized` writes one, `load_quantized_state` reads it back with no
+re-quantization (and reads the `model.safetensors` of earlier versions too).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ METHODS = ("int8", "int8-weight-only")  # the runtime choices; both store the sa
 # (activations are never stored), whichever kernel later runs them.
 FORMAT = "int8-weight-only"
 FORMAT_VERSION = 1
+INT8_WEIGHTS = "model-int8.safetensors"
 
 # The int8 kernel reads K (the input width) in blocks of 16; other widths crash it,
 # so those layers fall back to dequantize-then-matmul (correct, just slower).
@@ -745,7 +749,7 @@ def save_quantized(
 
     state = quantized_state_dict(model)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / "model.safetensors",
+        write_safetensors(tmp / INT8_WEIGHTS,
                           {f"transformer.{name}": t for name, t in state.items()},
                           transposed={f"transformer.{name}" for name in state
                                       if is_transposed(name)},
@@ -799,7 +803,9 @@ def load_quantized_state(path: str | os.PathLike):
     if info is None:
         raise GPT2Error(f"{folder}: config.json has no \"quantization\"; not an int8 checkpoint")
     config = GPT2Config.from_hf_config(folder / "config.json")
-    weights = folder / "model.safetensors"
+    weights = folder / INT8_WEIGHTS
+    if not weights.is_file() and (folder / "model.safetensors").is_file():
+        weights = folder / "model.safetensors"  # written before the int8 file had its name
 
     def convert(hf_name: str, t: torch.Tensor) -> torch.Tensor:
         return transpose(t) if is_transposed(hf_name.removeprefix("transformer.")) else t

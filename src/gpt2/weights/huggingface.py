@@ -34,7 +34,8 @@ from gpt2.weights.names import (
     transpose,
 )
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "model-int8.safetensors")  # (gpt2's int8 checkpoints: gpt2.quantize)
 
 
 def is_hf_folder(folder: Path) -> bool:
