@@ -417,6 +417,10 @@ def test_transformers_refuses_an_int8_checkpoint_and_ours_reads_the_old_name(
     idx = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(load_quantized(folder)(idx), model(idx))
+    # it runs in its own precision: another dtype is refused, not silently ignored
+    with pytest.raises(GPT2Error, match="int8 checkpoint, which runs in its own precision"):
+        GPT2.from_pretrained(folder, dtype="fp16")
+    assert GPT2.from_pretrained(folder, dtype="fp32").quantization  # the CLI's default
 
 
 def test_truncated_int8_checkpoint_is_a_clear_error(hf_checkpoint, tmp_path):

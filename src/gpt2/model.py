@@ -471,6 +471,12 @@ class GPT2(nn.Module):
             )
         path = resolve_model(str(name_or_path))
         if q.quantization_info(path) is not None:
+            from gpt2.weights import parse_dtype
+
+            if parse_dtype(dtype) not in (None, torch.float32):  # (fp32: the CLI's default)
+                raise GPT2Error(f"{path} is an int8 checkpoint, which runs in its own "
+                                f"precision: dtype {dtype!r} (--dtype) does not apply; leave "
+                                "it out")
             model = q.load_quantized(path, device=device, method=quantize or "int8").eval()
             mapping.trim_heap()
             return model
