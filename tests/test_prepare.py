@@ -237,9 +237,10 @@ def test_a_single_path_is_one_file(tmp_path, two_docs):
     ({"val_fraction": math.nan}, "--val-fraction must be a number in [0, 1)"),
     ({"files": None}, "files must be a path or a list of paths"),
     ({"files": [3]}, "files must be a path or a list of paths"),
+    ({"out": ""}, "--out must name a folder for the token files, got ''"),  # (it wrote into .)
 ])
 def test_bad_arguments_are_gpt2_errors(tmp_path, two_docs, kwargs, message):
-    kwargs = {"files": [two_docs[0]], **kwargs}
+    kwargs = {"files": [two_docs[0]], "out": tmp_path / "out", **kwargs}
     with pytest.raises(GPT2Error, match=re.escape(message)):
-        prepare(out=tmp_path / "out", progress=False, **kwargs)
+        prepare(progress=False, **kwargs)
     assert not (tmp_path / "out").exists()

@@ -448,6 +448,7 @@ BAD_INPUTS = {
     "shape with init": (["--init", "INIT", "--n-layer", "1", "--n-embd", "32"],
                         "--n-layer: the shape of a model trained from scratch; --init"),
     "block above data": (["--block-size", "100000"], "fewer than --block-size + 1"),
+    "empty out": (["--out", ""], "--out is empty"),
 }
 
 
@@ -715,6 +716,27 @@ def test_a_quantized_model_cannot_be_fine_tuned(tmp_path, run_cli, hf_checkpoint
     r = run_cli(*args)
     assert r.code == 1 and f"--init {int8}: the model is quantized (int8" in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_resume_past_the_step_asked_for_is_refused_and_no_val_still_plots(tmp_path, run_cli):
+    """A run at step 3 resumed with --stop-at 2 (or --max-steps 2) did nothing and said
+    it trained "steps 3..2". And a run without a val split draws its train loss."""
+    pytest.importorskip("matplotlib")
+    data = synthetic(tmp_path / "d")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["train_tokens"] += meta["val_tokens"]
+    (data / "train.bin").write_bytes((data / "train.bin").read_bytes()
+                                     + (data / "val.bin").read_bytes())
+    (data / "val.bin").write_bytes(b"")
+    meta["val_tokens"] = 0
+    (data / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "o"
+    assert run_cli(*_args(data, out, "--max-steps", "3")).code == 0
+    assert (out / "loss.png").is_file()
+    for flags, said in ((["--stop-at", "2"], "past --stop-at 2"),
+                        (["--max-steps", "2"], "past --max-steps 2")):
+        r = run_cli("train", "--out", out, "--resume", "-q", *flags)
+        assert r.code == 1 and f"the run is at step 3 already, {said}" in r.err, r.err
 
 
 def test_resume_skips_damaged_log_lines(tmp_path):

@@ -87,6 +87,8 @@ def prepare(
         raise GPT2Error(f"--val-fraction must be a number in [0, 1), got {val_fraction!r}")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise GPT2Error(f"chunk_bytes must be an integer >= 1, got {chunk_bytes!r}")
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).strip():
+        raise GPT2Error(f"--out must name a folder for the token files, got {out!r}")
     if isinstance(files, (str, os.PathLike)):
         files = [files]  # one file, not a list of its name's characters
     bad = [files] if not isinstance(files, Sequence) else \

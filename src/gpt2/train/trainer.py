@@ -220,6 +220,13 @@ class _Run:
             cfg = _same_batches(cfg, self.state.info.get("world_size", 1), info.world_size,
                                 folder=resume_from)
         cfg = validated(cfg)
+        if self.state is not None:
+            last = cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
+            if last < self.state.step:
+                flag = "--stop-at" if last == cfg.stop_at else "--max-steps"
+                raise GPT2Error(f"--resume: the run is at step {self.state.step} already, past "
+                                f"{flag} {last}; to train on, give --max-steps above "
+                                f"{self.state.step}")
         self.data = self._open_data(cfg, given=data_given)
         # the run records where its data is, wherever it is resumed from
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
@@ -454,6 +461,7 @@ class _Run:
                 self._say(f"note: val split has {len(self.data.val)} tokens, too few for "
                           f"block size {cfg.block_size}; no validation (raise --val-fraction)")
                 self._val_noted = True
+            self._plot()  # the train loss alone
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device)
@@ -467,17 +475,21 @@ class _Run:
         val = (total / cfg.eval_steps).item()
         self._log({"step": self.step, "val_loss": val})
         self._say(f"step {self.step}: val loss {val:.4f}")
+        self._plot()
+        if self.info.is_main and val < self.best_val:
+            self.best_val = val
+            save_best(self.out, model_state=self.model.state_dict(),
+                      config=self.model.config, vocab_dir=self._vocab_dir(),
+                      step=self.step, val_loss=val)
+        self.best_val = min(self.best_val, val)
+        return val
+
+    def _plot(self) -> None:
+        """loss.png from the log so far (where matplotlib is installed)."""
         if self.info.is_main:
             from gpt2.train.plot import plot_losses
 
             plot_losses(self.records, self.out / "loss.png", note=self._say)
-            if val < self.best_val:
-                self.best_val = val
-                save_best(self.out, model_state=self.model.state_dict(),
-                          config=self.model.config, vocab_dir=self._vocab_dir(),
-                          step=self.step, val_loss=val)
-        self.best_val = min(self.best_val, val)
-        return val
 
     def _sample(self) -> None:
         if not self.info.is_main or self.tokenizer is None:
@@ -594,6 +606,9 @@ def validated(cfg: TrainConfig) -> TrainConfig:
     """cfg with its types and ranges checked (a GPT2Error naming the flag) and min_lr
     filled in."""
     cfg = _typed(cfg)
+    for name in ("out", "data", "init"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
+            raise GPT2Error(f"--{name} is empty; give a folder (. for this one)")
     positive = ("block_size", "batch_size", "grad_accum", "max_steps", "eval_steps",
                 "sample_tokens")
     for name in positive:
