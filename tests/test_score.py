@@ -159,6 +159,7 @@ def test_training_mode_is_restored_and_not_used(small):
     ({}, [], "at least two"),
     ({}, [1, 200], "token ids"),
     ({}, [[1, 2], [3, 4]], "1-D"),
+    ({}, "hello", "token ids, not text: pass tokenizer.encode"),  # a text, not its ids
     ({"batch_size": 0}, [1, 2, 3], "batch_size"),
     ({"bos": "no"}, [1, 2, 3], "bos must be True or False, got 'no'"),
 ])
@@ -231,6 +232,8 @@ def test_cli_text_output(run_cli, vocab_model, tmp_path):
     (b"Hello world", ["--max-length", "65"], "context"),
     (b"Hello", [], "--bos"),
     (b"", ["--bos"], "empty"),
+    (b"Hello world", ["--batch-size", "0"], "--batch-size must be >= 1"),  # the flag's name
+    (b"Hello world", ["--max-length", "1"], "--max-length must be >= 2"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, tmp_path, content, flags,
                                               message):

@@ -109,12 +109,12 @@ def score(
 
 def _check_window(max_length: int, stride: int, n_ctx: int) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise GPT2Error(f"max-length must be an integer >= 2, got {max_length!r}")
+        raise GPT2Error(f"max_length must be an integer >= 2, got {max_length!r}")
     if max_length > n_ctx:
-        raise GPT2Error(f"max-length {max_length} exceeds the model's context of {n_ctx} "
-                        f"tokens; use at most {n_ctx}")
+        raise GPT2Error(f"max_length {max_length} (--max-length) exceeds the model's context "
+                        f"of {n_ctx} tokens; use at most {n_ctx}")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= max_length:
-        raise GPT2Error(f"stride must be an integer from 1 to max-length ({max_length}), "
+        raise GPT2Error(f"stride must be an integer from 1 to max_length ({max_length}), "
                         f"got {stride!r}")
 
 
@@ -168,6 +168,8 @@ class _Tokens:
     """The ids to score, read a window at a time; bos puts EOT in front without a copy."""
 
     def __init__(self, ids, *, bos: bool, n_vocab: int) -> None:
+        if isinstance(ids, (str, bytes)):
+            raise GPT2Error("score takes token ids, not text: pass tokenizer.encode(text)")
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu()
         elif not isinstance(ids, np.ndarray):

@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     # What can be checked without the model is checked before loading it.
     if args.stride is not None and args.stride < 1:
         raise GPT2Error(f"--stride must be >= 1, got {args.stride}")
+    if args.max_length is not None and args.max_length < 2:
+        raise GPT2Error(f"--max-length must be >= 2 (a token and the one it predicts), got "
+                        f"{args.max_length}")
+    if args.batch_size < 1:
+        raise GPT2Error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.stride is not None and args.stride > args.max_length:
         raise GPT2Error(f"--stride ({args.stride}) must not exceed --max-length "
                         f"({args.max_length})")
