@@ -440,6 +440,17 @@ def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, flags, messa
     assert message in r.err and "Traceback" not in r.err
 
 
+def test_cli_text_for_a_model_without_its_vocabulary(run_cli, hf_checkpoint, tmp_path):
+    """A 128-token model whose folder has no vocabulary files: text encoded with GPT-2's
+    vocabulary has ids it does not have; the message says where the vocabulary goes."""
+    folder = hf_checkpoint().folder
+    (tmp_path / "t.txt").write_text("hello world")
+    for args in (["generate", "hello"], ["score", str(tmp_path / "t.txt")]):
+        r = run_cli(*args, "--model", folder)
+        assert r.code == 1 and "holds token id 31373, but" in r.err, r.err
+        assert "has no vocabulary files of its own" in r.err and r.err.count("\n") == 1
+
+
 def test_cli_missing_model(run_cli, tmp_path):
     r = run_cli("generate", "Hello", "--model", tmp_path / "nowhere")
     assert r.code == 1 and r.err.count("\n") == 1 and "nowhere" in r.err

@@ -63,6 +63,19 @@ def load_model(args: argparse.Namespace):
     return model, load_tokenizer_for(model.source.path)
 
 
+def check_ids_fit(ids: list[int], model, what: str) -> None:
+    """GPT2Error where text encoded with the tokenizer the CLI found for `model` has ids
+    past the model's vocabulary: the model needs its own vocabulary files beside it."""
+    from gpt2.errors import GPT2Error
+
+    if ids and max(ids) >= model.config.n_vocab:
+        raise GPT2Error(f"{what} holds token id {max(ids)}, but {model.source.path} has "
+                        f"{model.config.n_vocab} tokens: it was encoded with GPT-2's "
+                        "vocabulary, as that folder has no vocabulary files of its own; put "
+                        "the model's (encoder.json + vocab.bpe, or vocab.json + merges.txt) "
+                        "beside it")
+
+
 def load_tokenizer_for(path):
     from pathlib import Path
 

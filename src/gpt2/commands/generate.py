@@ -140,10 +140,12 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
 
     import torch
 
+    from gpt2.commands._common import check_ids_fit
     from gpt2.errors import GPT2Error
     from gpt2.generate import TextStream, sampling_vocab, stream
 
     prompt_ids = tokenizer.encode(prompt)
+    check_ids_fit(prompt_ids, model, "the prompt")
     eot = _eot(tokenizer, model)
     if not prompt_ids and eot is None:
         raise GPT2Error("an empty prompt starts from <|endoftext|>, which this model's "

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import math
 
-    from gpt2.commands._common import load_model, read_text_file
+    from gpt2.commands._common import check_ids_fit, load_model, read_text_file
     from gpt2.errors import GPT2Error
     from gpt2.score import score
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.file)
     model, tokenizer = load_model(args)
     ids = tokenizer.encode(text)
+    check_ids_fit(ids, model, args.file)
     if len(ids) < 2 and not args.bos:
         raise GPT2Error(f"{args.file}: the text is {len(ids)} token(s); scoring needs at "
                         "least two (the first is only context), or pass --bos to score one")
