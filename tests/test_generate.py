@@ -69,6 +69,18 @@ def test_greedy_matches_transformers(small):
     assert out[0, 6:].tolist() == hf_greedy(hf, prompt, 40)
 
 
+def test_the_last_new_token_may_be_one_past_the_context(small):
+    """The last new token is never fed back, so prompt + new may be n_ctx + 1 (48 + 1
+    here), as transformers allows; one more needs --sliding-window."""
+    ours, hf = small
+    for T in (48, 40):
+        prompt = torch.randint(0, 128, (T,), generator=torch.Generator().manual_seed(T)).tolist()
+        out = generate(ours, torch.tensor([prompt]), max_new_tokens=49 - T, temperature=0.0)
+        assert out[0, T:].tolist() == hf_greedy(hf, prompt, 49 - T), T
+    with pytest.raises(GPT2Error, match="exceeds the model's context of 48"):
+        generate(ours, torch.tensor([prompt]), max_new_tokens=10, temperature=0.0)
+
+
 def test_greedy_with_repetition_penalty_matches_transformers(small):
     ours, hf = small
     prompt = [7, 7, 30, 2]

@@ -405,12 +405,14 @@ def stream(
         raise GPT2Error(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     idx, attention_mask = _check_prompt(model, idx, attention_mask)
     n_ctx = model.config.n_ctx
-    if not sliding_window and idx.size(1) + max_new_tokens > n_ctx:
+    # The last new token is never fed to the model: prompt + new may be n_ctx + 1
+    if not sliding_window and idx.size(1) + max_new_tokens > n_ctx + 1:
         raise GPT2Error(
             f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = "
-            f"{idx.size(1) + max_new_tokens} tokens exceeds the model's context of {n_ctx}; "
-            "shorten the prompt, ask for fewer tokens, or use --sliding-window "
-            "(sliding_window=True) to keep only the most recent tokens"
+            f"{idx.size(1) + max_new_tokens} tokens exceeds the model's context of {n_ctx} "
+            f"(plus the last new token, which is never fed back: {n_ctx + 1}); shorten the "
+            "prompt, ask for fewer tokens, or use --sliding-window (sliding_window=True) to "
+            "keep only the most recent tokens"
         )
     return _decode(model, idx, attention_mask, max_new_tokens, options,
                    _stop_set(stop_tokens, model.config.n_vocab), seed)
