@@ -374,6 +374,20 @@ def test_samples_of_a_model_with_more_logits_than_tokens(tmp_path, topics_data):
     assert samples.count("=== step") == 2 and len(samples) > 60
 
 
+def test_samples_longer_than_the_context_are_as_long_as_asked(tmp_path, topics_data):
+    """--sample-tokens past the model's context (block size 8 here) slides the window
+    rather than cutting the sample to 7 tokens without a word."""
+    from gpt2.tokenizer import Tokenizer
+
+    out = tmp_path / "o"
+    train(TrainConfig(data=str(topics_data), out=str(out), n_layer=1, n_head=2, n_embd=16,
+                      block_size=8, batch_size=2, max_steps=1, eval_interval=0, eval_steps=1,
+                      sample_interval=1, sample_tokens=30, device="cpu", progress=False))
+    text = (out / "samples.txt").read_text().split("===\n", 1)[1].removesuffix("\n")
+    n = len(Tokenizer.from_pretrained().encode(text, allowed_special="all"))
+    assert n >= 25, (n, text)  # 30 tokens (decoded and encoded again: merges may differ)
+
+
 def test_finetune_openai_layout(tmp_path, tf_fixture, topics_data, run_cli):
     out = tmp_path / "ft"
     train(TrainConfig(data=str(topics_data), out=str(out), init=str(tf_fixture("vocab")),

@@ -502,14 +502,13 @@ class _Run:
             return
         self.model.eval()
         prompt = torch.tensor([[self.tokenizer.eot_token]], device=self.device)
-        n = min(self.cfg.sample_tokens, self.model.config.n_ctx - 1)
-        if n < 1:
-            return  # a context of one position leaves no room after the prompt
         with self._autocast():
-            # a model with more logits than the tokenizer has tokens samples only its ids
-            ids = generate(self.model, prompt, max_new_tokens=n, temperature=0.8, top_k=200,
-                           seed=self.cfg.seed,
-                           vocab_size=sampling_vocab(self.model, self.tokenizer))
+            # a model with more logits than the tokenizer has tokens samples only its ids;
+            # samples longer than its context slide (generate's sliding_window)
+            ids = generate(self.model, prompt, max_new_tokens=self.cfg.sample_tokens,
+                           temperature=0.8, top_k=200, seed=self.cfg.seed,
+                           vocab_size=sampling_vocab(self.model, self.tokenizer),
+                           sliding_window=True)
         self.model.train()
         text = self.tokenizer.decode(ids[0, 1:].tolist())
         self._say(f"--- sample at step {self.step} ---\n{text}\n---")
