@@ -81,6 +81,27 @@ def test_the_last_new_token_may_be_one_past_the_context(small):
         generate(ours, torch.tensor([prompt]), max_new_tokens=10, temperature=0.0)
 
 
+def test_numpy_numbers_are_taken_as_numbers(small):
+    """np.int64(30) where 30 is wanted (counts computed with NumPy) was refused."""
+    import numpy as np
+
+    from gpt2.score import score
+
+    ours, _ = small
+    idx = torch.tensor([[5, 17, 99]])
+    kw = dict(temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    want = generate(ours, idx, max_new_tokens=12, **kw)
+    got = generate(ours, idx, max_new_tokens=np.int64(12), temperature=np.float32(0.7),
+                   top_k=np.int32(20), top_p=np.float64(0.9), seed=np.uint64(3))
+    assert torch.equal(got, want)
+    ids = list(range(40))
+    assert score(ours, ids, max_length=np.int64(16), stride=np.int64(8),
+                 batch_size=np.int64(2)) == score(ours, ids, max_length=16, stride=8,
+                                                  batch_size=2)
+    with pytest.raises(GPT2Error, match="max_new_tokens must be an integer"):
+        generate(ours, idx, max_new_tokens=np.float64(2.5))
+
+
 def test_greedy_with_repetition_penalty_matches_transformers(small):
     ours, hf = small
     prompt = [7, 7, 30, 2]

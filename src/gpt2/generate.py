@@ -29,6 +29,7 @@ only the newest token. Three front ends share it:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,19 @@ def check_top_p(p: float) -> None:
     _check_number(p, "top-p")
     if not 0.0 < p <= 1.0:
         raise GPT2Error(f"top-p must be in (0, 1] (1 keeps every token), got {p}")
+
+
+def plain_number(value):
+    """A NumPy (or other numbers-registered) integer or real as Python's int or float, so
+    that np.int64(3) passes where 3 does; anything else (bool included) as it is, for
+    the checks to judge."""
+    if isinstance(value, (int, float)) or value is None:  # (bool is an int)
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def seeded_generator(seed: int | None, device) -> torch.Generator:
@@ -395,6 +409,9 @@ def stream(
     [[...], [...]]
     """
     check_model(model)
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, vocab_size = map(
+        plain_number, (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                       vocab_size))
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, vocab_size)
     if vocab_size is not None:
         check_vocab_size(vocab_size, model.config.n_vocab)

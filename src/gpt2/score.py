@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.generate import EOT  # <|endoftext|>, put before the text by bos=True
+from gpt2.generate import EOT, plain_number  # EOT: put before the text by bos=True
 from gpt2.model import check_model, eval_mode
 
 
@@ -81,6 +81,7 @@ def score(
     4
     """
     check_model(model)
+    stride, max_length, batch_size = map(plain_number, (stride, max_length, batch_size))
     n_ctx = model.config.n_ctx
     max_length = n_ctx if max_length is None else max_length
     stride = max_length if stride is None else stride
