@@ -575,6 +575,8 @@ def test_a_top_p_too_small_for_float32_keeps_the_top_token():
     ({"blocks.0.attn.z": 3}, "is not a function"),
     ({"blocks.0.attn.z": lambda z: 3}, "returned int; return a float tensor"),
     ({"blocks.0.attn.z": lambda z: z.long()}, "returned Tensor of torch.int64"),
+    ({"blocks.0.resid_post": lambda z: z.double()},  # (LayerNorm failed on it)
+     "returned a torch.float64 tensor on cpu, but its input was torch.float32"),
     ([("blocks.0.attn.z", None)], "hooks takes a dict"),
 ])
 def test_bad_hooks_are_a_gpt2error(hooks, message):

@@ -410,6 +410,7 @@ def test_report_holds_the_models_numbers_and_escapes_the_text(vocab_ckpt, hf_tok
         (("next", ""), "empty"),
         (("ablate", "{tmp}/one.txt"), "at least 2"),
         (("ablate", "{tmp}/nothing.txt"), "file not found"),
+        (("next", TEXT, "--top", "0"), "--top must be >= 1, got 0"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_ckpt, tmp_path, args, message):
@@ -422,6 +423,43 @@ def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_ckpt, tmp_path, arg
     assert message in r.err and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
     assert r.err.startswith(f"gpt2 inspect {args[0]}: error: ")  # names the subcommand
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "a file was left behind"
+
+
+def test_cli_nan_logits_are_one_line_errors_not_nan_tables(run_cli, vocab_ckpt, tmp_path):
+    """A damaged model (NaN in a bias here; fp16 overflow does the same) printed "nan%"
+    tables, JSON with NaN (not JSON) and a blank report, with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(vocab_ckpt.folder, bad)
+    state = load_file(bad / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.bias"][0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "t.txt").write_text(TEXT)
+    for args in (["next", TEXT, "--json"], ["logit-lens", TEXT],
+                 ["attention", TEXT, "--out", tmp_path / "a.png"],
+                 ["ablate", tmp_path / "t.txt"], ["report", TEXT, "--out", tmp_path / "r.html"]):
+        r = run_cli("inspect", *args, "--model", bad)
+        assert r.code == 1 and "are NaN or infinite" in r.err, (args, r.err)
+        assert r.err.count("\n") == 1 and r.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "t.txt"]  # nothing written
+
+
+def test_cli_text_for_a_model_without_its_vocabulary(run_cli, hf_checkpoint):
+    r = run_cli("inspect", "next", TEXT, "--model", hf_checkpoint().folder)  # 128 tokens
+    assert r.code == 1 and "has no vocabulary files of its own" in r.err, r.err
+
+
+def test_report_says_why_there_is_no_ablation(vocab_ckpt):
+    from gpt2.inspect.report import report_data
+    from gpt2.tokenizer import Tokenizer
+
+    model, tok = GPT2.from_pretrained(vocab_ckpt.folder), Tokenizer.from_pretrained()
+    assert report_data(model, tok, TEXT, ablate=False)["ablation_skipped"] == "off"
+    assert report_data(model, tok, "Hello", ablate=True)["ablation_skipped"] == "one token"
+    assert report_data(model, tok, "Hello there", ablate=True)["ablation_skipped"] is None
+    page = (Path(__file__).parents[1] / "src/gpt2/inspect/report.html").read_text()
+    assert "left out with --no-ablation" in page
 
 
 def test_cli_report_writes_one_html_file(run_cli, vocab_ckpt, tmp_path):

@@ -85,6 +85,12 @@ class Taps:
                         f"hook on {name} returned shape {tuple(out.shape)}, "
                         f"expected {tuple(x.shape)}"
                     )
+                if out.dtype != x.dtype or out.device != x.device:
+                    raise GPT2Error(
+                        f"hook on {name} returned a {out.dtype} tensor on {out.device}, but "
+                        f"its input was {x.dtype} on {x.device}; return the same dtype and "
+                        "device (e.g. out.to(z))"
+                    )
                 x = out
         if name in self.keep:
             self.cache[name] = x.detach()

@@ -56,6 +56,10 @@ def _add(sub, name: str, help: str, *, text: str = "TEXT") -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpt2.errors import GPT2Error
+
+    if getattr(args, "top", 1) < 1:  # (before the model loads, under the flag's name)
+        raise GPT2Error(f"--top must be >= 1, got {args.top}")
     handlers = {
         "tokens": _tokens, "next": _next, "attention": _attention,
         "logit-lens": _logit_lens, "ablate": _ablate, "report": _report,
@@ -92,11 +96,12 @@ def _check_out(path: str | None, suffixes: tuple[str, ...]) -> None:
 
 
 def _load(args, text: str, *, min_tokens: int = 1):
-    from gpt2.commands._common import load_model
+    from gpt2.commands._common import check_ids_fit, load_model
     from gpt2.inspect import encode_for_model
 
     model, tok = load_model(args)
     ids = encode_for_model(tok, text, n_ctx=model.config.n_ctx, min_tokens=min_tokens)
+    check_ids_fit(ids, model, "the text")
     return model, tok, ids
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.inspect.attention import as_batch, check_count
+from gpt2.inspect.attention import as_batch, check_count, check_finite
 from gpt2.model import eval_mode
 
 
@@ -80,7 +80,9 @@ def ablate_heads(
 def _ablate(model, idx: torch.Tensor, batch_size: int) -> HeadAblation:
     T = idx.size(1)
     n_layer, n_head = model.config.n_layer, model.config.n_head
-    base = float(next_token_loss(model(idx), idx)[0])
+    logits = model(idx)
+    check_finite(logits)
+    base = float(next_token_loss(logits, idx)[0])
     losses = torch.empty(n_layer, n_head)
     for layer in range(n_layer):
         for start in range(0, n_head, batch_size):

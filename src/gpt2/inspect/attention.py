@@ -17,6 +17,15 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_finite(t: torch.Tensor, what: str = "logits") -> None:
+    """GPT2Error unless every value is finite: NaN shown as a probability, a pattern or
+    JSON (which has no NaN) would be silent garbage."""
+    if not bool(torch.isfinite(t).all()):
+        raise GPT2Error(f"the model's {what} are NaN or infinite: its weights hold NaN or inf "
+                        "(gpt2 validate MODEL checks every tensor), or its dtype overflows "
+                        "(try fp32)")
+
+
 def check_count(name: str, value, *, low: int = 1) -> None:
     """GPT2Error unless value is an integer >= low; name is the argument's flag."""
     if not is_int(value) or value < low:
@@ -95,4 +104,6 @@ def attention_patterns(
     idx = as_batch(ids, model)  # (1, T)
     with eval_mode(model):
         _, cache = model.run_with_cache(idx, names=names)
-    return torch.stack([cache[n][0].float().cpu() for n in names])  # (L, nh, T, T)
+    patterns = torch.stack([cache[n][0].float().cpu() for n in names])  # (L, nh, T, T)
+    check_finite(patterns, "attention patterns")
+    return patterns

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpt2.inspect.attention import as_batch, check_count
+from gpt2.inspect.attention import as_batch, check_count, check_finite
 from gpt2.model import eval_mode
 
 
@@ -48,6 +48,7 @@ def next_tokens(model, ids: Sequence[int] | torch.Tensor, *, top: int = 10) -> l
     idx = as_batch(ids, model)  # (1, T)
     with eval_mode(model):
         logits = model(idx, last_only=True)  # (1, 1, V)
+    check_finite(logits)
     probs = F.softmax(logits[0, -1].float(), dim=-1)  # (V,)
     p, i = probs.topk(min(top, probs.numel()))
     return [Prediction(int(a), float(b)) for a, b in zip(i.tolist(), p.tolist(), strict=True)]
@@ -74,6 +75,7 @@ def logit_lens(model, ids: Sequence[int] | torch.Tensor) -> LogitLens:
     # one depth at a time: all of them at once would be (L + 1, T, n_vocab) floats
     for name in names:
         logits = _unembed(model, model.ln_f(cache.pop(name)))[0]  # (T, V)
+        check_finite(logits, f"logits at {name}")
         probs = F.softmax(logits.float(), dim=-1)  # (T, V)
         p, i = probs.max(dim=-1)  # (T,), (T,)
         top_ids.append(i.cpu())

@@ -77,6 +77,9 @@ def report_data(model, tok, text: str, *, top: int = 10, ablate: bool = True) ->
             "base_loss": ablation.base_loss,
             "deltas": _rounded(ablation.deltas),
         },
+        # why there is none: "off" (not asked for) or "one token" (no loss to compare)
+        "ablation_skipped": None if ablation is not None else
+        ("off" if not ablate else "one token"),
     }
 
 
