@@ -135,15 +135,15 @@ def seeded_generator(seed: int | None, device) -> torch.Generator:
     return generator.manual_seed(seed)
 
 
-def check_finite(logits: torch.Tensor) -> None:
-    """GPT2Error unless every logit is finite: sampling from NaN would pick tokens silently
-    (it waits for the device)."""
-    if not bool(torch.isfinite(logits).all()):
-        _not_finite()
+def check_finite(values: torch.Tensor, what: str = "logits") -> None:
+    """GPT2Error unless every value is finite: sampling from NaN would pick tokens silently,
+    and NaN shown as a probability or written as JSON is garbage (it waits for the device)."""
+    if not bool(torch.isfinite(values).all()):
+        _not_finite(what)
 
 
-def _not_finite() -> None:
-    raise GPT2Error("the model's logits are NaN or infinite: its weights hold NaN or inf "
+def _not_finite(what: str = "logits") -> None:
+    raise GPT2Error(f"the model's {what} are NaN or infinite: its weights hold NaN or inf "
                     "(gpt2 validate MODEL checks every tensor), or its dtype overflows "
                     "(try fp32)")
 

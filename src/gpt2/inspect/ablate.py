@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.errors import GPT2Error
-from gpt2.inspect.attention import as_batch, check_count, check_finite
+from gpt2.generate import check_finite
+from gpt2.inspect.attention import as_batch, check_count
 from gpt2.model import eval_mode
 
 

@@ -9,21 +9,13 @@ import numpy as np
 import torch
 
 from gpt2.errors import GPT2Error
+from gpt2.generate import check_finite
 from gpt2.model import check_model, eval_mode
 
 
 def is_int(value) -> bool:
     """An integer, not a bool (True would silently mean layer 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_finite(t: torch.Tensor, what: str = "logits") -> None:
-    """GPT2Error unless every value is finite: NaN shown as a probability, a pattern or
-    JSON (which has no NaN) would be silent garbage."""
-    if not bool(torch.isfinite(t).all()):
-        raise GPT2Error(f"the model's {what} are NaN or infinite: its weights hold NaN or inf "
-                        "(gpt2 validate MODEL checks every tensor), or its dtype overflows "
-                        "(try fp32)")
 
 
 def check_count(name: str, value, *, low: int = 1) -> None:

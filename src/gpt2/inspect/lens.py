@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpt2.inspect.attention import as_batch, check_count, check_finite
+from gpt2.generate import check_finite
+from gpt2.inspect.attention import as_batch, check_count
 from gpt2.model import eval_mode
 
 

@@ -59,6 +59,11 @@ _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.jso
                 "model.ckpt.index", "best")
 
 
+def _last_step(cfg) -> int:
+    """The step a run with these settings stops after: --stop-at, at most --max-steps."""
+    return cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
+
+
 def _same_place(a: os.PathLike | str, b: os.PathLike | str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -221,7 +226,7 @@ class _Run:
                                 folder=resume_from)
         cfg = validated(cfg)
         if self.state is not None:
-            last = cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
+            last = _last_step(cfg)
             if last < self.state.step:
                 flag = "--stop-at" if last == cfg.stop_at else "--max-steps"
                 raise GPT2Error(f"--resume: the run is at step {self.state.step} already, past "
@@ -359,7 +364,7 @@ class _Run:
 
     def run(self) -> TrainSummary:
         cfg = self.cfg
-        last = cfg.max_steps if cfg.stop_at is None else min(cfg.stop_at, cfg.max_steps)
+        last = _last_step(cfg)
         self._say(f"training {self.model.num_parameters():,} parameters on {self.device}"
                   f"{f' x {self.info.world_size} processes' if self.info.enabled else ''}, "
                   f"steps {self.step}..{last}, {self._tokens_per_step():,} tokens per step")
