@@ -320,7 +320,7 @@ def test_bf16_logits_close_to_fp32(hf_checkpoint):
 
 def test_a_bf16_checkpoint_loads_with_the_packed_layers(hf_checkpoint, tmp_path):
     """Stored bf16 and loaded as stored (no dtype): packed like dtype="bf16" where the CPU
-    has native bf16 (plain bf16 F.linear ran at fp32's speed), plain bf16 elsewhere."""
+    has native bf16 (plain bf16 F.linear ran at fp32's speed), fp32 elsewhere (below)."""
     from gpt2.weights.huggingface import save_huggingface
 
     ckpt = hf_checkpoint()
@@ -330,13 +330,45 @@ def test_a_bf16_checkpoint_loads_with_the_packed_layers(hf_checkpoint, tmp_path)
     model = GPT2.from_pretrained(tmp_path / "bf16")
     assert model.wte.weight.dtype == torch.bfloat16
     packed = isinstance(model.h[0].attn.c_attn, PackedBF16Linear)
-    assert packed == quantize.cpu_supports_bf16()
+    assert packed == quantize.cpu_supports_bf16()  # (else fp32: the test below)
     idx = torch.randint(0, ckpt.config.n_vocab, (2, 10), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(ckpt.model, idx)
     with torch.no_grad():
         err = (model(idx).float() - ref).abs().max().item()
     assert err <= 0.1 * ref.std().item(), err  # as test_bf16_logits_close_to_fp32
     assert GPT2.from_pretrained(tmp_path / "bf16", dtype="fp32").wte.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("stored, native_bf16", [
+    (torch.float16, quantize.cpu_supports_bf16()),  # fp16 is emulated on every CPU we run on
+    (torch.bfloat16, False),  # a CPU without AVX512-BF16 or AMX
+])
+def test_half_precision_a_cpu_emulates_loads_as_fp32(hf_checkpoint, tmp_path, monkeypatch,
+                                                    stored, native_bf16):
+    """With no dtype asked for, weights stored in a half precision this CPU only emulates
+    (slower than fp32) run in fp32; asked for, they run as asked; `gpt2 validate`
+    reports them as stored."""
+    from gpt2.commands.validate import describe
+    from gpt2.weights.huggingface import save_huggingface
+
+    monkeypatch.setattr(quantize, "cpu_supports_bf16", lambda: native_bf16)
+    ckpt = hf_checkpoint()
+    float_model = GPT2.from_pretrained(ckpt.folder)
+    save_huggingface(float_model.state_dict(), float_model.config, tmp_path / "half",
+                     dtype=stored)
+    model = GPT2.from_pretrained(tmp_path / "half")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not any(isinstance(m, PackedBF16Linear) for m in model.modules())
+    # the stored weights, exactly: transformers holding them, upcast, is the oracle
+    hf = ckpt.model.__class__.from_pretrained(tmp_path / "half", dtype=torch.float32)
+    idx = torch.randint(0, ckpt.config.n_vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+    if stored == torch.float16:
+        assert GPT2.from_pretrained(tmp_path / "half", dtype="fp16").wte.weight.dtype == stored
+    kept = GPT2._load(tmp_path / "half", size=None, dtype=None, device="cpu", quantize=None,
+                      fp32_where_emulated=False)
+    assert {t["dtype"] for t in describe(kept)["tensors"]} == {str(stored).split(".")[1]}
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (1, 1, 64)])  # several rows: oneDNN; one: mv
@@ -420,7 +452,8 @@ def test_transformers_refuses_an_int8_checkpoint_and_ours_reads_the_old_name(
     # it runs in its own precision: another dtype is refused, not silently ignored
     with pytest.raises(GPT2Error, match="int8 checkpoint, which runs in its own precision"):
         GPT2.from_pretrained(folder, dtype="fp16")
-    assert GPT2.from_pretrained(folder, dtype="fp32").quantization  # the CLI's default
+    with pytest.raises(GPT2Error, match="int8 checkpoint, which runs in its own precision"):
+        GPT2.from_pretrained(folder, dtype="fp32")
 
 
 def test_truncated_int8_checkpoint_is_a_clear_error(hf_checkpoint, tmp_path):

@@ -456,8 +456,10 @@ class GPT2(nn.Module):
         by `gpt2 download`, or a path: an OpenAI/Kaggle folder, a Hugging Face folder or
         .safetensors file, or a folder written by `gpt2 train`. `size` picks the size
         folder inside a Kaggle download holding several. dtype: "fp32", "bf16" or "fp16"
-        (default: as stored; on a CPU, bf16 weights, asked for or stored, run packed
-        bf16 matmuls where the CPU has native bf16). quantize="int8": int8
+        (default: as stored -- fp32 for OpenAI's and the hub's weights -- except on a CPU,
+        where fp16 weights, and bf16 ones where the CPU has no native bf16, are run in
+        fp32: emulated there, they run slower than fp32; on a CPU, bf16 weights, asked for
+        or stored, run packed bf16 matmuls where the CPU has native bf16). quantize="int8": int8
         linear layers, activations quantized per row on the fly on x86 CPUs;
         "int8-weight-only": int8 weights, bf16 activations (see gpt2.quantize). A
         checkpoint written by `gpt2 convert --quantize int8` loads as int8 without being
@@ -465,6 +467,14 @@ class GPT2(nn.Module):
 
         >>> model = GPT2.from_pretrained("124M")  # doctest: +SKIP
         """
+        return cls._load(name_or_path, size=size, dtype=dtype, device=device,
+                         quantize=quantize, fp32_where_emulated=True)
+
+    @classmethod
+    def _load(cls, name_or_path, *, size, dtype, device, quantize,
+              fp32_where_emulated: bool) -> GPT2:
+        """from_pretrained; fp32_where_emulated=False keeps half-precision weights as
+        stored on any CPU (`gpt2 validate`, which reports the checkpoint as it is)."""
         from gpt2 import quantize as q
         from gpt2.commands._common import resolve_device
         from gpt2.weights import load_checkpoint, mapping
@@ -479,7 +489,7 @@ class GPT2(nn.Module):
         if q.quantization_info(path) is not None:
             from gpt2.weights import parse_dtype
 
-            if parse_dtype(dtype) not in (None, torch.float32):  # (fp32: the CLI's default)
+            if parse_dtype(dtype) is not None:
                 raise GPT2Error(f"{path} is an int8 checkpoint, which runs in its own "
                                 f"precision: dtype {dtype!r} (--dtype) does not apply; leave "
                                 "it out")
@@ -495,6 +505,10 @@ class GPT2(nn.Module):
         model.source = dataclasses.replace(ckpt, state_dict={})
         del ckpt  # the model holds the tensors now: what it replaces is freed at once
         model = model.to(device).eval()
+        stored = model.ln_f.weight.dtype
+        if dtype is None and fp32_where_emulated and torch.device(device).type == "cpu" and (
+                stored == torch.float16 or stored == torch.bfloat16 and not q.cpu_supports_bf16()):
+            model = model.float()  # half precision as stored, but emulated here: slower
         if quantize is not None:
             float_wte = model.wte.weight
             model = q.quantize_model(model, quantize)

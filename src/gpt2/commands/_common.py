@@ -17,8 +17,10 @@ def add_model_arguments(p: argparse.ArgumentParser, *, dtype: bool = True) -> No
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     if dtype:
         p.add_argument(
-            "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-            help="weights and activations precision (default: fp32)",
+            "--dtype", choices=["fp32", "bf16", "fp16"],
+            help="weights and activations precision (default: as the checkpoint stores them, "
+            "fp32 for OpenAI's and the hub's weights; on a CPU, fp16 weights, and bf16 ones "
+            "where the CPU has no native bf16, run in fp32)",
         )
         p.add_argument(
             "--quantize", choices=["int8", "int8-weight-only"], default=None,

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from gpt2.model import GPT2
 
     device = resolve_device(args.device)
-    model = GPT2.from_pretrained(args.model, size=args.size, dtype=args.dtype, device=device)
+    model = GPT2._load(args.model, size=args.size, dtype=args.dtype, device=device,
+                       quantize=None, fp32_where_emulated=False)  # the tensors as stored
     report = describe(model)
     with torch.no_grad():
         report["sample"] = sample_loss(model, args.text or SAMPLE_TEXT, device)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks still open (bench/GPU_NOTES.md, "Open"), as one command for a
+# machine with a CUDA GPU and PyTorch, Triton, transformers and pytest already
+# installed. Run from the repository root; JSON and logs go to $OUT (default ./gpu-out).
+#
+#   bash bench/gpu_check.sh fused   # ~480 s: the fused decode-attention kernel's
+#                                   # tests on the GPU, then it against the default
+#                                   # at batch 1 and batch 32 (gpu_profile.py)
+#   bash bench/gpu_check.sh full    # ~420 s: bench/gpu.py decode + train (the
+#                                   # headline figures), then the two loss variants
+#
+# Nothing is installed: the package is used from src/ through PYTHONPATH.
+set -uo pipefail
+case "${1:-}" in fused|full) ;; *) echo "usage: bash bench/gpu_check.sh fused|full" >&2; exit 2;; esac
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, \
+'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+case "$1" in
+  fused)
+    # correctness first: a kernel that is wrong on the GPU must not be timed
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      "tests/test_fast_decode.py" -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: tests failed; not timing"; exit 1; }
+    mkdir -p "$OUT/b1" "$OUT/b32"
+    timeout 160 "$PY" bench/gpu_profile.py --sections decode --budget-s 140 --out "$OUT/b1" \
+      --decode-variants graph_one_row_tuned,graph_one_row_fused_tuned 2>&1 | tee "$OUT/b1.log"
+    timeout 160 "$PY" bench/gpu_profile.py --sections decode --budget-s 140 --out "$OUT/b32" \
+      --decode-batch 32 --decode-variants graph_compiled_layer_tuned,graph_compiled_layer_fused_tuned \
+      2>&1 | tee "$OUT/b32.log"
+    ;;
+  full)
+    timeout 300 "$PY" bench/gpu.py --sections decode,train --batches 1,32 --out "$OUT" \
+      2>&1 | tee "$OUT/gpu.log"
+    timeout 110 "$PY" bench/gpu_profile.py --sections train --budget-s 100 --out "$OUT" \
+      --train-variants compiled_with_loss,compiled_sliced_loss 2>&1 | tee "$OUT/profile.log"
+    ;;
+esac
