@@ -596,8 +596,12 @@ def int8_check(kernel, x, q, wsum, scale, b):
 
 
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 20, 64])
-@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (37, 100), (3, 1600)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16, 20, 64, 203])
+# past 8 rows the channels go in slices of ~128 KB of weight, each through every block
+# of rows: several slices a thread (2304 x 768: 168 channels each), a partial last one
+# (1000 x 1000), the smallest slice (12 channels of 12000 inputs), one slice (37 x 100)
+@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (768, 3072), (1000, 1000), (37, 100),
+                                             (3, 1600), (50, 12000)])
 def test_int8_linear_is_within_its_rounding_of_the_float64_product(rows, n_out, n_in, kernel):
     gen = torch.Generator().manual_seed(rows * 1000 + n_out)
     q, wsum, scale, b = int8_case(rows, n_out, n_in, gen)
@@ -739,10 +743,12 @@ def test_int8_layer_runs_our_kernel_for_decoding_rows_only(cpu, monkeypatch):
     if cpu == "avx2":  # ... and without AVX-512
         monkeypatch.setattr(cpu_kernels, "int8_available", lambda: False)
     layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1)
-    most = {"amx": cpu_kernels.AMX_INT8_MAX_ROWS, "vnni": 16, "avx2": 8}[cpu]
+    most = {"amx": cpu_kernels.AMX_INT8_MAX_ROWS, "vnni": cpu_kernels.INT8_MAX_ROWS,
+            "avx2": 8}[cpu]
     assert layer._native.max_rows == most and f"up to {most} rows" in repr(layer)
     assert layer.activation_bits == (7 if cpu == "avx2" else 8)
-    assert (layer._packed is None) == (cpu == "amx")  # FBGEMM for the rows ours leaves
+    # FBGEMM (and its copy of the weight) only for the rows ours leaves: AVX2's past 8
+    assert (layer._packed is None) == (cpu != "avx2")
     calls = count_calls(layer)
     for rows in (1, 8, most, most + 1):
         x = torch.randn(rows, 1, 64)
@@ -762,7 +768,8 @@ def test_int8_weight_only_layer_runs_our_kernel_for_decoding_rows_only(amx, monk
         monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1,
                                    activations="bf16")  # fmt: skip
-    most = cpu_kernels.AMX_BF16_MAX_ROWS if amx else 8  # AMX: 256 rows a call, in blocks
+    # AMX: 256 rows a call, in blocks; AVX512-BF16: the weight in slices past 8 rows
+    most = cpu_kernels.AMX_BF16_MAX_ROWS if amx else cpu_kernels.INT8WO_MAX_ROWS
     assert layer.kernel == "bf16" and layer.activation_bits is None
     assert layer._native.max_rows == most and f"bf16 (gpt2 {'AMX' if amx else 'AVX512-BF16'}" \
         f" kernel up to {most} rows)" in repr(layer)

@@ -104,6 +104,29 @@ void with_rows(int64_t n, const F& f) {
   }
 }
 
+// f(r, rows_now, s0, s1) for every block of up to kMaxRows rows from row r (rows_now as
+// an integral_constant) and slice [s0, s1) of the `out` channels, the channels split
+// over PyTorch's threads. One block of rows (decoding) takes each thread's channels in
+// one pass. Past that, the channels go in slices of about kSliceBytes of weight (rows of
+// `row_bytes` each), each slice through every block of rows while it is in the core's
+// cache, so the weight streams from memory once whatever the rows (a block at a time
+// over the whole weight read it once per block: 124M's LM head is 38-154 MB).
+constexpr int64_t kSliceBytes = 128 * 1024;
+constexpr int64_t kChannelGroup = 24;  // a multiple of every kernel's channels per tile
+
+template <class F>
+void rows_by_slices(int64_t rows, int64_t out, int64_t row_bytes, const F& f) {
+  const int64_t slice = rows <= kMaxRows ? out
+      : std::max<int64_t>(1, kSliceBytes / (row_bytes * kChannelGroup)) * kChannelGroup;
+  split_channels(out, kChannelGroup, [&](int64_t o0, int64_t o1) {
+    for (int64_t s0 = o0; s0 < o1; s0 += slice) {
+      const int64_t s1 = std::min(o1, s0 + slice);
+      for (int64_t r = 0; r < rows; r += kMaxRows)
+        with_rows(std::min<int64_t>(kMaxRows, rows - r), [&](auto rows_now) { f(r, rows_now, s0, s1); });
+    }
+  });
+}
+
 // ---- sums across the 16 lanes of 16 registers at once ----------------------------------
 //
 // A tile ends with R x OB registers of 16 partial sums each. Summing each register's
@@ -238,18 +261,18 @@ GPT2_BF16 void bf16_channels(const uint16_t* x, const uint16_t* w, const uint16_
   }
 }
 
+// R rows x channels [o0, o1) (the caller splits the channels: rows_by_slices)
 template <int R>
 GPT2_BF16 void bf16_rows(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y,
-                         int64_t in, int64_t out) {
+                         int64_t in, int64_t out, int64_t o0, int64_t o1) {
   constexpr int OB = R <= 2 ? 4 : 2;  // R * OB accumulators within the 32 registers
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    bf16_channels<R, OB>(x, w, b, y, in, out, o0, o1);
-  });
+  bf16_channels<R, OB>(x, w, b, y, in, out, o0, o1);
 }
 
 // Rows x (rows, in) times weight (out, in) (+ bias), both of one element type E (float,
 // or uint16_t holding bf16), through run(rows as an integral_constant, the block's
-// arguments for a *_rows<R>), kMaxRows rows at a time: checked, result allocated.
+// arguments for a *_rows<R>, channels [s0, s1)) over rows_by_slices: checked, result
+// allocated.
 template <class E, class Run>
 Tensor dense_in_row_blocks(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                            ScalarType dtype, Run run) {
@@ -266,10 +289,9 @@ Tensor dense_in_row_blocks(const Tensor& x, const Tensor& weight, const std::opt
   const auto* xp = (const E*)x.const_data_ptr();
   const auto* wp = (const E*)weight.const_data_ptr();
   auto* yp = (E*)y.mutable_data_ptr();
-  for (int64_t r = 0; r < rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, rows - r);
-    with_rows(n, [&](auto rows_now) { run(rows_now, xp + r * in, wp, b, yp + r * out, in, out); });
-  }
+  rows_by_slices(rows, out, in * (int64_t)sizeof(E), [&](int64_t r, auto rows_now, int64_t s0, int64_t s1) {
+    run(rows_now, xp + r * in, wp, b, yp + r * out, in, out, s0, s1);
+  });
   return y;
 }
 
@@ -310,11 +332,9 @@ GPT2_BF16 void int8wo_channels(const uint16_t* x, const int8_t* w, const float* 
 
 template <int R>
 GPT2_BF16 void int8wo_rows(const uint16_t* x, const int8_t* w, const float* ws, const float* b,
-                           float* y, int64_t in, int64_t out) {
+                           float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   constexpr int OB = R <= 2 ? 4 : 2;  // as bf16_rows
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    int8wo_channels<R, OB>(x, w, ws, b, y, in, out, o0, o1);
-  });
+  int8wo_channels<R, OB>(x, w, ws, b, y, in, out, o0, o1);
 }
 
 GPT2_BF16 void round_to_bf16(const float* x, uint16_t* xb, int64_t n) {
@@ -363,13 +383,10 @@ Tensor int8wo_linear(Tensor x, Tensor weight, Tensor weight_scale, std::optional
   Int8woCall c = int8wo_call(x, out, weight_scale, bias);
   STD_TORCH_CHECK(weight.size(1) == c.in, "gpt2 CPU kernel: x and weight widths differ");
   const auto* wp = (const int8_t*)weight.const_data_ptr();
-  for (int64_t r = 0; r < c.rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, c.rows - r);
-    with_rows(n, [&](auto rows_now) {
-      int8wo_rows<decltype(rows_now)::value>(c.xb.data() + r * c.in, wp, c.ws, c.b, c.yp + r * out,
-                                             c.in, out);
-    });
-  }
+  rows_by_slices(c.rows, out, c.in, [&](int64_t r, auto rows_now, int64_t s0, int64_t s1) {
+    int8wo_rows<decltype(rows_now)::value>(c.xb.data() + r * c.in, wp, c.ws, c.b, c.yp + r * out,
+                                           c.in, out, s0, s1);
+  });
   return c.y;
 }
 
@@ -421,12 +438,10 @@ GPT2_AVX512 void fp32_channels(const float* x, const float* w, const float* b, f
 
 template <int R>
 GPT2_AVX512 void fp32_rows(const float* x, const float* w, const float* b, float* y, int64_t in,
-                           int64_t out) {
+                           int64_t out, int64_t o0, int64_t o1) {
   // R * OB accumulators, OB weights and a row within the 32 registers
   constexpr int OB = R <= 2 ? 8 : R <= 4 ? 4 : 2;
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    fp32_channels<R, OB>(x, w, b, y, in, out, o0, o1);
-  });
+  fp32_channels<R, OB>(x, w, b, y, in, out, o0, o1);
 }
 
 Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
@@ -527,14 +542,13 @@ GPT2_VNNI void int8_channels(const uint8_t* q, const float* xs, const int32_t* x
   }
 }
 
+// R rows x channels [o0, o1) (the caller splits the channels: rows_by_slices)
 template <int R>
 GPT2_VNNI void int8_rows(const uint8_t* q, const float* xs, const int32_t* xz, const int8_t* w,
                          const int32_t* wsum, const float* ws, const float* b, float* y,
-                         int64_t in, int64_t out) {
+                         int64_t in, int64_t out, int64_t o0, int64_t o1) {
   constexpr int OB = R <= 2 ? 4 : 2;
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    int8_channels<R, OB>(q, xs, xz, w, wsum, ws, b, y, in, out, o0, o1);
-  });
+  int8_channels<R, OB>(q, xs, xz, w, wsum, ws, b, y, in, out, o0, o1);
 }
 
 // What every int8 op takes besides its weight: fp32 rows x (rows, in) and, per output
@@ -567,9 +581,10 @@ Int8Call int8_call(const Tensor& x, int64_t out, const Tensor& weight_sum,
           b, y, (float*)y.mutable_data_ptr()};
 }
 
-// The plain-weight int8 ops (AVX-512, AVX2): blocks of up to kMaxRows rows, each row
-// quantized by quantize(row, in, q, &scale, &zero), then run(rows as an
-// integral_constant, the block's arguments for the kernel's *_rows<R>).
+// The plain-weight int8 ops (AVX-512, AVX2): each row quantized by quantize(row, in, q,
+// &scale, &zero), then run(rows as an integral_constant, a block's arguments for the
+// kernel's *_rows<R>, channels [s0, s1)) over rows_by_slices.
+
 template <class Quantize, class Run>
 Tensor int8_in_row_blocks(const Tensor& x, const Tensor& weight, const Tensor& weight_sum,
                           const Tensor& weight_scale, const std::optional<Tensor>& bias,
@@ -581,16 +596,20 @@ Tensor int8_in_row_blocks(const Tensor& x, const Tensor& weight, const Tensor& w
   Tensor qt = torch::stable::new_empty(x, {c.rows * c.in}, ScalarType::Byte);
   auto* q = (uint8_t*)qt.mutable_data_ptr();
   const auto* wp = (const int8_t*)weight.const_data_ptr();
-  for (int64_t r = 0; r < c.rows; r += kMaxRows) {
-    const int64_t n = std::min<int64_t>(kMaxRows, c.rows - r);
-    float xs[kMaxRows];
-    int32_t xz[kMaxRows];
-    uint8_t* qr = q + r * c.in;
-    for (int64_t k = 0; k < n; k++) quantize(c.x + (r + k) * c.in, c.in, qr + k * c.in, &xs[k], &xz[k]);
-    with_rows(n, [&](auto rows_now) {
-      run(rows_now, qr, xs, xz, wp, c.wsum, c.ws, c.b, c.yp + r * c.out, c.in, c.out);
-    });
+  std::vector<float> xs(c.rows);
+  std::vector<int32_t> xz(c.rows);
+  const auto quantize_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) quantize(c.x + r * c.in, c.in, q + r * c.in, &xs[r], &xz[r]);
+  };
+  if (c.rows <= kMaxRows) {
+    quantize_rows(0, c.rows);
+  } else {
+    torch::stable::parallel_for(0, c.rows, 16, quantize_rows);
   }
+  rows_by_slices(c.rows, c.out, c.in, [&](int64_t r, auto rows_now, int64_t s0, int64_t s1) {
+    run(rows_now, q + r * c.in, xs.data() + r, xz.data() + r, wp, c.wsum, c.ws, c.b,
+        c.yp + r * c.out, c.in, c.out, s0, s1);
+  });
   return c.y;
 }
 
@@ -710,16 +729,15 @@ GPT2_AVX2 void int8_avx2_channels(const uint8_t* q, const float* xs, const int32
   }
 }
 
+// R rows x channels [o0, o1) (the caller splits the channels: rows_by_slices)
 template <int R>
 void int8_avx2_rows(const uint8_t* q, const float* xs, const int32_t* xz, const int8_t* w,
                     const int32_t* wsum, const float* ws, const float* b, float* y, int64_t in,
-                    int64_t out) {
+                    int64_t out, int64_t o0, int64_t o1) {
   // R * OB accumulators + OB weights + 3 within the 16 registers; measured (1-8 rows):
   // 2 rows x 3 channels and 3-4 rows x 1 beat 2 x 4 and 4 x 2 by 5-25%
   constexpr int OB = R <= 1 ? 4 : (R <= 2 ? 3 : 1);
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    int8_avx2_channels<R, OB>(q, xs, xz, w, wsum, ws, b, y, in, out, o0, o1);
-  });
+  int8_avx2_channels<R, OB>(q, xs, xz, w, wsum, ws, b, y, in, out, o0, o1);
 }
 
 Tensor int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale,
@@ -779,12 +797,10 @@ GPT2_AVX2 void fp32_avx2_channels(const float* x, const float* w, const float* b
 
 template <int R>
 void fp32_avx2_rows(const float* x, const float* w, const float* b, float* y, int64_t in,
-                    int64_t out) {
+                    int64_t out, int64_t o0, int64_t o1) {
   // R * OB accumulators + OB weights + a row within the 16 registers
   constexpr int OB = R <= 2 ? 4 : R == 3 ? 3 : R == 4 ? 2 : 1;
-  split_channels(out, OB, [&](int64_t o0, int64_t o1) {
-    fp32_avx2_channels<R, OB>(x, w, b, y, in, out, o0, o1);
-  });
+  fp32_avx2_channels<R, OB>(x, w, b, y, in, out, o0, o1);
 }
 
 Tensor fp32_linear_avx2(Tensor x, Tensor weight, std::optional<Tensor> bias) {

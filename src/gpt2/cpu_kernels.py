@@ -12,11 +12,12 @@ holds kernels that stream at close to the full rate:
   torch.ops.gpt2.int8wo_linear_amx                   the same for int8 weights x bf16
       rows ("int8-weight-only"): any prompt, 256 rows a call
   torch.ops.gpt2.bf16_linear / int8_linear           AVX512-BF16 / AVX512-VNNI,
-      on the plain weight: up to 8 / 16 rows, where the CPU has no AMX
+      on the plain weight, where the CPU has no AMX: up to 8 rows / any prompt (the
+      weight in slices, each through every block of 8 rows while it is in cache)
   torch.ops.gpt2.int8_linear_avx2                    int8 on CPUs with AVX2 but no
       AVX-512 (most laptops): activations quantized to 7 bits, as FBGEMM does there
   torch.ops.gpt2.int8wo_linear                       int8-weight-only on AVX512-BF16,
-      where the CPU has no AMX: up to 8 rows
+      where the CPU has no AMX: up to 64 rows (in slices as int8_linear)
   torch.ops.gpt2.fp32_linear / fp32_linear_avx2      fp32 on AVX-512 / AVX2: 2-8 rows,
       for `gpt2.products.matmul_t` (one row is MKL's matrix-vector product, as fast)
   torch.ops.gpt2.argmax_rows / argmax_rows_avx2      greedy decoding's argmax (`argmax`)
@@ -27,7 +28,8 @@ call, multiplies, and rescales with the weight's per-channel scales.
 `kernel_for_bf16` / `kernel_for_int8` / `kernel_for_int8_weight_only` pick the
 kernel for a weight; they are what `gpt2.quantize.PackedBF16Linear` and
 `Int8Linear` call. More rows than a kernel's `max_rows` (prompts, on CPUs without
-AMX) run oneDNN's or FBGEMM's matrix-matrix products.
+AMX: bf16, int8-weight-only, and int8 on AVX2) run oneDNN's or FBGEMM's
+matrix-matrix products.
 
 The source is compiled once per machine, PyTorch version and compiler, with the
 system's C++ compiler (`$CXX`, else `c++`) against PyTorch's stable C ABI, into
@@ -71,21 +73,28 @@ ENV = "GPT2_CPU_KERNELS"
 # Up to this many rows per call go through these kernels. More rows make a
 # matrix-matrix product, where oneDNN (bf16) and FBGEMM (int8) block the work better.
 # Measured on the 48 products of a 124M step (bench/CPU_NOTES.md): AVX-512 bf16 at 8
-# rows 10.0-10.4 ms against oneDNN's 8.8-9.2; VNNI int8 at 16 rows about FBGEMM's. The
+# rows 10.0-10.4 ms against oneDNN's 8.8-9.2. The
 # AMX kernels multiply each pair of 16-channel blocks by every block of 16 rows while
 # its weights are in cache: int8 beats FBGEMM and widening the weight to bf16 for
 # oneDNN at every prompt length measured (256 rows 24 against 55 ms, 1024 rows 132
 # against 410), so it takes any prompt GPT-2 has (8 x 1024 rows); so does bf16 (ahead of
 # oneDNN's F.linear from 16 rows: 128 rows 25 against 45 ms, 1024 rows 171 against 343).
 BF16_MAX_ROWS = 8
-INT8_MAX_ROWS = 16
+# AVX512-VNNI int8 takes any number of rows too: past 8 rows it goes through the weight
+# in 128 KB slices, each through every block of 8 rows while it is in cache. On a
+# 2-core AMD EPYC (Zen 4, no AMX) it beat FBGEMM at 17-64 rows (124M's shapes:
+# 1.0-1.3x; the LM head 1.16x) and widening the weight to bf16 past 64 (128 rows
+# 1.45-2.1x, 512 1.4-1.8x), and the layer keeps no FBGEMM copy of its weight.
+INT8_MAX_ROWS = 8192
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
-# its arithmetic from 4); AMX 1.5-3.2x at 1-8, and ahead of widening the weight to bf16
+# its arithmetic from 4), and, in slices as int8 above, 1.1-2.8x it (to 32 rows) and
+# widening the weight to bf16 (to 64) on 124M's shapes on the AMD EPYC; at 128 rows
+# 0.8-1.3x, at 512 0.7-1.0x, so more rows than 64 still widen; AMX 1.5-3.2x at 1-8, and ahead of widening the weight to bf16
 # for oneDNN up to 256 rows in one call (59 against 78 ms; level at 512); more rows go
 # through it 256 at a time (124M prompt of 512 tokens 234 against 278 ms, 1024 604
 # against 708), so the layer needs no plain weight beside the tiles
-INT8WO_MAX_ROWS = 8
+INT8WO_MAX_ROWS = 64
 AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 8192
 AMX_INT8_MAX_ROWS = 8192

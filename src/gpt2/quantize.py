@@ -19,14 +19,16 @@ streams them at full speed:
          values, not on its neighbours'. It runs gpt2's own kernel: on AMX for any
          prompt as well as decoding (each weight is read once per call and reused
          from cache for every block of 16 rows: a 256-token 124M prompt in 68 ms,
-         CTranslate2 int8 106), or AVX512-VNNI up to 16 rows (quantize, multiply
-         and rescale in one call, at close to the memory bandwidth); for more rows,
-         or without either, FBGEMM's GEMM (`torch.ops.quantized.linear_dynamic`).
+         CTranslate2 int8 106), or AVX512-VNNI likewise for any prompt (quantize,
+         multiply and rescale in one call, at close to the memory bandwidth for a
+         few rows; past 8 rows the weight goes in slices, each through every block
+         of rows while in cache), or AVX2 up to 8 rows; for more rows there, or
+         without either, FBGEMM's GEMM (`torch.ops.quantized.linear_dynamic`).
          Memory traffic is a quarter of fp32's.
          `quantize_model(model, "int8-weight-only")` keeps the activations in bf16
          instead: each row rounded to bf16 times the int8 weights widened to bf16
          in registers, fp32 sums (gpt2's own kernel: AMX for any prompt, 256 rows
-         a call, or AVX512-BF16 up to 8; elsewhere `torch._weight_int8pack_mm`): closer to
+         a call, or AVX512-BF16 up to 64; elsewhere `torch._weight_int8pack_mm`): closer to
          fp32, 65-91% of int8's speed in our runs; it is also the path on CPUs
          without FBGEMM (ARM) and on other devices. Prompts of more rows than the
          kernels take (FBGEMM 64, `_weight_int8pack_mm` 32) widen the int8 weights
@@ -373,10 +375,10 @@ class Int8Linear(_KernelCopy):
         self._restore()
         self._packed = self._native = None
         w = self.weight
-        # prompts of more rows than our kernel takes (all but AMX CPUs) go through a bf16
-        # matmul where the CPU has native bf16: faster than FBGEMM and _weight_int8pack_mm
-        # there (256-token 124M prefill: ~2300 tokens/s, FBGEMM ~1600-2200,
-        # _weight_int8pack_mm 624), and activations stay bf16
+        # prompts of more rows than our kernel takes (AVX2 int8, weight-only without AMX)
+        # go through a bf16 matmul where the CPU has native bf16: faster than FBGEMM and
+        # _weight_int8pack_mm there (256-token 124M prefill: ~2300 tokens/s, FBGEMM
+        # ~1600-2200, _weight_int8pack_mm 624), and activations stay bf16
         self._bf16_for_many_rows = w.device.type == "cpu" and cpu_supports_bf16()
         if w.device.type != "cpu" or w.is_meta:
             return
@@ -411,9 +413,9 @@ class Int8Linear(_KernelCopy):
         """What runs for a few rows (decoding): "int8" (activations quantized per row:
         gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
         (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). On AMX
-        our kernels take prompts too (weight-only 256 rows a call); past the rows a
-        kernel takes (elsewhere 64 int8, 32 weight-only), a bf16 matmul on CPUs with
-        native bf16."""
+        our kernels take prompts too (weight-only 256 rows a call), and so does int8's on
+        AVX512-VNNI; past the rows a kernel takes (elsewhere FBGEMM's 64 int8, 32
+        weight-only), a bf16 matmul on CPUs with native bf16."""
         int8 = self._packed is not None or self._native is not None
         return "int8" if int8 and self.activations == "int8" else "bf16"
 
