@@ -337,6 +337,9 @@ def test_a_bf16_checkpoint_loads_with_the_packed_layers(hf_checkpoint, tmp_path)
         err = (model(idx).float() - ref).abs().max().item()
     assert err <= 0.1 * ref.std().item(), err  # as test_bf16_logits_close_to_fp32
     assert GPT2.from_pretrained(tmp_path / "bf16", dtype="fp32").wte.weight.dtype == torch.float32
+    # quantized: fp32 activations between the int8 layers (their kernels take fp32 rows)
+    int8 = GPT2.from_pretrained(tmp_path / "bf16", quantize="int8")
+    assert int8.ln_f.weight.dtype == torch.float32 and int8.quantization
 
 
 @pytest.mark.parametrize("stored, native_bf16", [
@@ -366,6 +369,9 @@ def test_half_precision_a_cpu_emulates_loads_as_fp32(hf_checkpoint, tmp_path, mo
         torch.testing.assert_close(model(idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
     if stored == torch.float16:
         assert GPT2.from_pretrained(tmp_path / "half", dtype="fp16").wte.weight.dtype == stored
+    # quantized: fp32 activations between the int8 layers, whatever the stored precision
+    int8 = GPT2.from_pretrained(tmp_path / "half", quantize="int8")
+    assert int8.ln_f.weight.dtype == torch.float32 and int8.quantization
     kept = GPT2._load(tmp_path / "half", size=None, dtype=None, device="cpu", quantize=None,
                       fp32_where_emulated=False)
     assert {t["dtype"] for t in describe(kept)["tensors"]} == {str(stored).split(".")[1]}

@@ -90,10 +90,11 @@ AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faste
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
 # its arithmetic from 4), and, in slices as int8 above, 1.1-2.8x it (to 32 rows) and
 # widening the weight to bf16 (to 64) on 124M's shapes on the AMD EPYC; at 128 rows
-# 0.8-1.3x, at 512 0.7-1.0x, so more rows than 64 still widen; AMX 1.5-3.2x at 1-8, and ahead of widening the weight to bf16
-# for oneDNN up to 256 rows in one call (59 against 78 ms; level at 512); more rows go
-# through it 256 at a time (124M prompt of 512 tokens 234 against 278 ms, 1024 604
-# against 708), so the layer needs no plain weight beside the tiles
+# 0.8-1.3x, at 512 0.7-1.0x, so more rows than 64 still widen; AMX 1.5-3.2x at 1-8,
+# and ahead of widening the weight to bf16 for oneDNN up to 256 rows in one call (59
+# against 78 ms; level at 512); more rows go through it 256 at a time (124M prompt of
+# 512 tokens 234 against 278 ms, 1024 604 against 708), so the layer needs no plain
+# weight beside the tiles
 INT8WO_MAX_ROWS = 64
 AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 8192

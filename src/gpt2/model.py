@@ -457,8 +457,9 @@ class GPT2(nn.Module):
         .safetensors file, or a folder written by `gpt2 train`. `size` picks the size
         folder inside a Kaggle download holding several. dtype: "fp32", "bf16" or "fp16"
         (default: as stored -- fp32 for OpenAI's and the hub's weights -- except on a CPU,
-        where fp16 weights, and bf16 ones where the CPU has no native bf16, are run in
-        fp32: emulated there, they run slower than fp32; on a CPU, bf16 weights, asked for
+        where fp16 weights, and bf16 ones where the CPU has no native bf16 or `quantize`
+        is given, are run in fp32: emulated there, they run slower than fp32, and the
+        int8 kernels take fp32 activations; on a CPU, bf16 weights, asked for
         or stored, run packed bf16 matmuls where the CPU has native bf16). quantize="int8": int8
         linear layers, activations quantized per row on the fly on x86 CPUs;
         "int8-weight-only": int8 weights, bf16 activations (see gpt2.quantize). A
@@ -507,8 +508,11 @@ class GPT2(nn.Module):
         model = model.to(device).eval()
         stored = model.ln_f.weight.dtype
         if dtype is None and fp32_where_emulated and torch.device(device).type == "cpu" and (
-                stored == torch.float16 or stored == torch.bfloat16 and not q.cpu_supports_bf16()):
-            model = model.float()  # half precision as stored, but emulated here: slower
+                stored == torch.float16 or stored == torch.bfloat16 and (
+                    quantize is not None or not q.cpu_supports_bf16())):
+            # half precision as stored, but emulated here: slower; or int8 layers, whose
+            # CPU kernels take fp32 rows (the int8 weights are the same either way)
+            model = model.float()
         if quantize is not None:
             float_wte = model.wte.weight
             model = q.quantize_model(model, quantize)

@@ -20,7 +20,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, dtype: bool = True) -> No
             "--dtype", choices=["fp32", "bf16", "fp16"],
             help="weights and activations precision (default: as the checkpoint stores them, "
             "fp32 for OpenAI's and the hub's weights; on a CPU, fp16 weights, and bf16 ones "
-            "where the CPU has no native bf16, run in fp32)",
+            "where the CPU has no native bf16 or with --quantize, run in fp32)",
         )
         p.add_argument(
             "--quantize", choices=["int8", "int8-weight-only"], default=None,
