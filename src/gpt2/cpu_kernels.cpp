@@ -25,7 +25,8 @@
 // channels at once, so each weight is loaded once for all rows, and prefetch the
 // next channels' weights while the current ones are summed: that prefetch is most of
 // the speed (without it the rows stream at 8-16 GB/s, with it at 20-22 on a 22 GB/s
-// machine). The work is split over PyTorch's threads by output channel.
+// machine). The work is split over PyTorch's threads by output channel; more rows than
+// one block (prompts) take the weight a cache-sized slice at a time (rows_by_slices).
 //
 // Built by `gpt2/cpu_kernels.py` on first use against PyTorch's stable C ABI (no
 // ATen headers: ~10 s to compile); each kernel is compiled for its instruction set
@@ -584,7 +585,6 @@ Int8Call int8_call(const Tensor& x, int64_t out, const Tensor& weight_sum,
 // The plain-weight int8 ops (AVX-512, AVX2): each row quantized by quantize(row, in, q,
 // &scale, &zero), then run(rows as an integral_constant, a block's arguments for the
 // kernel's *_rows<R>, channels [s0, s1)) over rows_by_slices.
-
 template <class Quantize, class Run>
 Tensor int8_in_row_blocks(const Tensor& x, const Tensor& weight, const Tensor& weight_sum,
                           const Tensor& weight_scale, const std::optional<Tensor>& bias,
