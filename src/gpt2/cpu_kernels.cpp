@@ -58,6 +58,27 @@ constexpr int kMaxRows = 8;  // rows summed together per pass over the weights (
 // slices (AMX). Measured: 2 groups ~5% faster than 1 at 8 rows, no better at 4 or 8;
 // AMX 4 or 8 slices ~25% faster than 2, and than prefetching one line per slice.
 constexpr int kGroupsAhead = 2;
+
+// Where the int8 and fp32 AVX-512/AVX2 kernels prefetch the weights to: L2 on AMD CPUs,
+// L1 elsewhere. On a 2-core AMD EPYC (Zen 4), 1-8 rows of a 160 MB int8 weight streamed
+// 1.2-2x faster with L2, and 124M decoded 1.37x faster in int8 at batch 1, 1.15x at 8,
+// fp32 1.12-1.29x at 8 (bench/CPU_NOTES.md); the bf16 tiles were not faster with L2
+// there and keep L1, as do all kernels on the Intel Xeons (AMX) they were tuned on.
+inline bool prefetch_to_l2() {
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return (bool)__builtin_cpu_is("amd");
+  }();
+  return amd;
+}
+
+inline void prefetch_weights(const void* p, bool l2) {
+  if (l2) {
+    _mm_prefetch((const char*)p, _MM_HINT_T1);
+  } else {
+    _mm_prefetch((const char*)p, _MM_HINT_T0);
+  }
+}
 constexpr int kSlicesAhead = 4;
 
 #define GPT2_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -214,6 +235,7 @@ GPT2_BF16 inline __m512bh load_weights(const int8_t* p, int64_t left) { return l
 // both kernels ran 3-6% slower at 8 rows.)
 template <int R, int OB, class W>
 GPT2_BF16 __attribute__((always_inline)) inline __m512 bf16_tile(const uint16_t* x, const W* wo, int64_t in, int nb) {
+  const bool l2 = false;  // (L2 measured slower here on the AMD EPYC: 0.8-0.95x decoding)
   static_assert(R * OB <= 16, "a tile's sums must fit one register");
   __m512 acc[R][OB];
   for (int r = 0; r < R; r++)
@@ -224,7 +246,7 @@ GPT2_BF16 __attribute__((always_inline)) inline __m512 bf16_tile(const uint16_t*
     for (int c = 0; c < OB; c++) {
       // the next group's weights, a cache line each, while this group is summed
       if (sizeof(W) == 2 || (i & 63) == 0)  // (bf16: every step is a new line)
-        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        prefetch_weights(wo + (OB * kGroupsAhead + c) * in + i, l2);
       wv[c] = c < nb ? load_weights(wo + c * in + i, left) : (__m512bh)_mm512_setzero_si512();
     }
     for (int r = 0; r < R; r++) {
@@ -407,6 +429,7 @@ GPT2_AVX512 inline __m512 load_f32(const float* p, int64_t left) {
 template <int R, int OB>
 GPT2_AVX512 void fp32_channels(const float* x, const float* w, const float* b, float* y,
                                int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const bool l2 = prefetch_to_l2();
   static_assert(R * OB <= 16, "a tile's sums must fit one register");
   const __m512i by_channel = lanes_of_channel(OB);
   for (int64_t o = o0; o < o1; o += OB) {
@@ -419,7 +442,7 @@ GPT2_AVX512 void fp32_channels(const float* x, const float* w, const float* b, f
       const int64_t left = in - i;
       __m512 wv[OB];
       for (int c = 0; c < OB; c++) {
-        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        prefetch_weights(wo + (OB * kGroupsAhead + c) * in + i, l2);
         wv[c] = c < nb ? load_f32(wo + c * in + i, left) : _mm512_setzero_ps();
       }
       for (int r = 0; r < R; r++) {
@@ -501,6 +524,7 @@ template <int R, int OB>
 GPT2_VNNI void int8_channels(const uint8_t* q, const float* xs, const int32_t* xz, const int8_t* w,
                              const int32_t* wsum, const float* ws, const float* b, float* y,
                              int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const bool l2 = prefetch_to_l2();
   static_assert(R * OB <= 16, "a tile's sums must fit one register");
   const __m512i by_channel = lanes_of_channel(OB);
   alignas(64) int32_t zero_of_lane[16] = {};
@@ -521,7 +545,7 @@ GPT2_VNNI void int8_channels(const uint8_t* q, const float* xs, const int32_t* x
       const int64_t left = in - i;
       __m512i wv[OB];
       for (int c = 0; c < OB; c++) {
-        _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        prefetch_weights(wo + (OB * kGroupsAhead + c) * in + i, l2);
         wv[c] = c < nb ? load_i8(wo + c * in + i, left) : _mm512_setzero_si512();
       }
       for (int r = 0; r < R; r++) {
@@ -699,6 +723,7 @@ GPT2_AVX2 void int8_avx2_channels(const uint8_t* q, const float* xs, const int32
                                   const int8_t* w, const int32_t* wsum, const float* ws,
                                   const float* b, float* y, int64_t in, int64_t out, int64_t o0,
                                   int64_t o1) {
+  const bool l2 = prefetch_to_l2();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t o = o0; o < o1; o += OB) {
     const int nb = (int)std::min<int64_t>(OB, o1 - o);
@@ -710,7 +735,7 @@ GPT2_AVX2 void int8_avx2_channels(const uint8_t* q, const float* xs, const int32
       const int64_t left = in - i;
       __m256i wv[OB];
       for (int c = 0; c < OB; c++) {
-        if ((i & 63) == 0) _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        if ((i & 63) == 0) prefetch_weights(wo + (OB * kGroupsAhead + c) * in + i, l2);
         wv[c] = c < nb ? load_i8_32(wo + c * in + i, left) : _mm256_setzero_si256();
       }
       for (int r = 0; r < R; r++) {
@@ -772,6 +797,7 @@ GPT2_AVX2 inline float lane_sum8(__m256 v) {
 template <int R, int OB>
 GPT2_AVX2 void fp32_avx2_channels(const float* x, const float* w, const float* b, float* y,
                                   int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const bool l2 = prefetch_to_l2();
   for (int64_t o = o0; o < o1; o += OB) {
     const int nb = (int)std::min<int64_t>(OB, o1 - o);
     __m256 acc[R][OB];
@@ -782,7 +808,7 @@ GPT2_AVX2 void fp32_avx2_channels(const float* x, const float* w, const float* b
       const int64_t left = in - i;
       __m256 wv[OB];
       for (int c = 0; c < OB; c++) {
-        if ((i & 15) == 0) _mm_prefetch((const char*)(wo + (OB * kGroupsAhead + c) * in + i), _MM_HINT_T0);
+        if ((i & 15) == 0) prefetch_weights(wo + (OB * kGroupsAhead + c) * in + i, l2);
         wv[c] = c < nb ? load_f32_8(wo + c * in + i, left) : _mm256_setzero_ps();
       }
       for (int r = 0; r < R; r++) {
