@@ -378,6 +378,11 @@ def test_cli_json_shape(run_cli, vocab_model, tiktoken_gpt2):
         assert 1 <= len(sample["ids"]) <= 6 and all(isinstance(i, int) for i in sample["ids"])
         kept = [i for i in sample["ids"] if i != EOT]
         assert sample["text"] == tiktoken_gpt2.decode(kept) or "\ufffd" in sample["text"]
+    # an empty prompt: the samples continue <|endoftext|>, and prompt_ids says so
+    r = run_cli("generate", "", "--model", vocab_model.folder, "-n", "2", "--seed", "5",
+                "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["prompt_ids"] == [EOT]
     again = json.loads(run_cli("generate", "Hello there", "--model", vocab_model.folder, "-n",
                                "6", "--num-samples", "3", "--seed", "5", "--top-k", "40",
                                "--json").out)

@@ -368,6 +368,9 @@ def test_cli_ablate_json_matches_transformers_loss(run_cli, vocab_ckpt, hf_token
     hs = vocab_ckpt.config.head_size
     expected = hf_loss(hf_without_head(vocab_ckpt.model, 1, 2, hs), ids)
     assert got["losses"][1][2] == pytest.approx(expected, abs=1e-4)
+    # one forward pass a head: the command says how far it has got (the last line here)
+    n = vocab_ckpt.config.n_layer * vocab_ckpt.config.n_head
+    assert r.err.strip().splitlines()[-1] == f"ablate: {n}/{n} heads"
 
 
 def test_report_holds_the_models_numbers_and_escapes_the_text(vocab_ckpt, hf_tokenizer):
@@ -553,8 +556,14 @@ def test_ablation_batch_size_must_be_a_positive_integer(batch_size):
 
 def test_ablation_in_batches_of_one_equals_one_batch():
     model = small()
-    one = ablate_heads(model, [1, 2, 3, 4], batch_size=1)
+    calls = []
+    one = ablate_heads(model, [1, 2, 3, 4], batch_size=1,
+                       progress=lambda done, total: calls.append((done, total)))
     torch.testing.assert_close(one.losses, ablate_heads(model, [1, 2, 3, 4]).losses)
+    n = model.config.n_layer * model.config.n_head
+    assert calls == [(done, n) for done in range(1, n + 1)]  # after every head
+    with pytest.raises(GPT2Error, match="progress must be a function"):
+        ablate_heads(model, [1, 2, 3], progress="yes")
 
 
 @pytest.mark.parametrize("top", [0, "3", None, 2.5, True])

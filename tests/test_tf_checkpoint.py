@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.config import GPT2Config
+from gpt2.config import PRESETS, GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.weights.names import (
     check_state_dict,
@@ -216,11 +216,20 @@ def test_openai_state_dict_loads_into_transformers_gpt2():
 # --- the Kaggle layout ----------------------------------------------------------------
 
 
+def released_hparams(folder: Path, size: str) -> None:
+    """Give a fixture the hparams.json of a released size (its tensors stay tiny: for
+    tests that resolve folders without loading them)."""
+    p = PRESETS[size]
+    (folder / "hparams.json").write_text(json.dumps(
+        {"n_vocab": p.n_vocab, "n_ctx": p.n_ctx, "n_embd": p.n_embd, "n_head": p.n_head,
+         "n_layer": p.n_layer}))
+
+
 def test_kaggle_top_folder(tmp_path):
     top = tmp_path / "gpt2"
     top.mkdir()
-    copy_fixture(top, "tiny", "124M")
-    copy_fixture(top, "deep", "355M")
+    released_hparams(copy_fixture(top, "tiny", "124M"), "124M")
+    released_hparams(copy_fixture(top, "deep", "355M"), "355M")
     (top / "README.txt").write_text("not a size\n")
     assert resolve_openai_folder(top, size="124M") == top / "124M"
     assert resolve_openai_folder(top, size="gpt2-medium") == top / "355M"
@@ -231,10 +240,16 @@ def test_kaggle_top_folder(tmp_path):
         resolve_openai_folder(top, size="774M")
     with pytest.raises(GPT2Error, match=r"unknown GPT-2 size '9B'"):
         resolve_openai_folder(top, size="9B")
-    config, state = load_openai(top, size="355M")
-    assert config.n_layer == 12 and len(state) == len(expected_shapes(config))
     shutil.rmtree(top / "355M")
     assert resolve_openai_folder(top) == top / "124M"  # one size: no need to choose
+    # a size folder holding another geometry than its name says is refused, as a
+    # folder given directly with --size is (the tiny fixture under the name 355M loaded)
+    copy_fixture(top, "deep", "355M")
+    with pytest.raises(GPT2Error, match=r"355M: layers/heads/width \(12, .*are not those of "
+                       r"355M \(24, 16, 1024\); the folder's name and its hparams.json disagree"):
+        load_openai(top, size="355M")
+    config, state = load_openai(top / "355M")
+    assert config.n_layer == 12 and len(state) == len(expected_shapes(config))
 
 
 # --- broken downloads -----------------------------------------------------------------

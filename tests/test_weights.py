@@ -180,10 +180,19 @@ def test_openai_tf_layout(name, tf_fixture, tf_reference_model):
     assert_same_logits(model, hf, model.config.n_vocab, T=min(12, model.config.n_ctx))
 
 
-def test_kaggle_top_folder_with_size_folders(tf_fixture, tf_reference_model, tmp_path, run_cli):
+def test_kaggle_top_folder_with_size_folders(tf_fixture, tf_reference_model, tmp_path, run_cli,
+                                             monkeypatch):
     top = tmp_path / "kaggle"
     for size, fixture in (("124M", "tiny"), ("355M", "sharded")):
         shutil.copytree(tf_fixture(fixture), top / size)
+    # the fixtures are tiny: a size folder holding another shape than its name is refused
+    with pytest.raises(GPT2Error, match=r"124M: layers/heads/width .* are not those of 124M"):
+        GPT2.from_pretrained(top, size="124M")
+    assert run_cli("validate", top, "--size", "355M").code == 1
+    # ...so, to follow size= into the folders, the shape check is let through from here
+    import gpt2.weights.openai
+
+    monkeypatch.setattr(gpt2.weights.openai, "check_size", lambda *args, **kwargs: None)
     model = GPT2.from_pretrained(top, size="124M")
     assert model.source.path == top / "124M"
     assert_same_logits(model, tf_reference_model("tiny"), 512)

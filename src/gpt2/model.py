@@ -314,6 +314,20 @@ class GPT2(nn.Module):
             x = x[:, -keep_last:, :]
         return tap("ln_final", self.ln_f(x))
 
+    def _logits_from_block(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits (B, T, n_vocab) for a residual stream x (B, T, C) entering block `start`:
+        the rest of an unmasked, uncached forward pass, hooks included. Head ablation
+        (`gpt2.inspect.ablate_heads`) reuses the blocks below the one it changes."""
+        taps = self._taps
+        tap = taps if taps is not None else _no_tap
+        wants = taps.wants if taps is not None else _never
+        for block in self.h[start:]:
+            x = block(x, None, None, tap, wants)
+        x = tap("ln_final", self.ln_f(x))
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return _tied_head(x, self.wte.weight)
+
     # -- inspection ---------------------------------------------------------------------
 
     def activation_names(self) -> list[str]:

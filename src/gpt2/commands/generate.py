@@ -19,8 +19,9 @@ The prompt is printed, then the continuation as tokens arrive. A sample ends at
 An empty prompt starts from <|endoftext|>, like OpenAI's unconditional samples.
 The speed ("N tokens, X tokens/s") goes to stderr, so stdout holds only text.
 --json prints {"prompt_ids", "samples": [{"ids", "text"}], "tokens_per_s"}, where
-"ids" are every token the sample generated, including the one that ended it, and
-"text" is the continuation cut before the stop string.
+"prompt_ids" are the tokens the samples continue (an empty prompt's: <|endoftext|>),
+"ids" every token the sample generated, including the one that ended it, and
+"text" the continuation cut before the stop string.
 """
 
 
@@ -200,7 +201,7 @@ def _sample(model, tokenizer, prompt: str, args: argparse.Namespace) -> None:
 
     if args.json:
         samples = [{"ids": text.ids, "text": text.text} for text in texts]
-        out.write(json.dumps({"prompt_ids": prompt_ids, "samples": samples,
+        out.write(json.dumps({"prompt_ids": start_ids, "samples": samples,
                               "tokens_per_s": round(rate, 3)}, ensure_ascii=False) + "\n")
     elif live:
         out.write("\n")

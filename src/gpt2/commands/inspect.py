@@ -4,8 +4,10 @@ logit lens, head ablation, and one HTML page holding all of them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 
 from gpt2.commands._common import add_model_arguments
 
@@ -227,13 +229,35 @@ def _logit_lens(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _heads_progress():
+    """A progress(done, total) for ablate_heads that keeps a stderr status line ("ablate:
+    37/144 heads, ~40 s left"): each head costs a forward pass of the layers above it."""
+    from gpt2.train.progress import StatusLine
+
+    bar = StatusLine("ablate")
+    start = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        spent = time.monotonic() - start
+        # (the lower layers' heads run more blocks: a plain average overestimates)
+        left = f", ~{spent / done * (total - done):.0f} s left" if done < total else ""
+        bar.show(f"{done}/{total} heads{left}", force=done == total)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
 def _ablate(args) -> int:
     _check_out(args.out, (".png",))
     text = _text(args)
     from gpt2.inspect import ablate_heads
 
     model, _, ids = _load(args, text, min_tokens=2)
-    ablation = ablate_heads(model, ids)
+    with _heads_progress() as progress:
+        ablation = ablate_heads(model, ids, progress=progress)
     if args.out:
         from gpt2.inspect.plots import plot_ablation, save_png
 
@@ -262,6 +286,8 @@ def _report(args) -> int:
     from gpt2.inspect import write_report
 
     model, tok, _ = _load(args, text)
-    write_report(model, tok, text, args.out, top=args.top, ablate=not args.no_ablation)
+    with _heads_progress() as progress:
+        write_report(model, tok, text, args.out, top=args.top, ablate=not args.no_ablation,
+                     progress=progress)
     _wrote(args.out)
     return 0

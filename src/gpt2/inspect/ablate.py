@@ -9,7 +9,7 @@ heads can stand in for each other).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,13 +54,16 @@ def zero_heads(heads: torch.Tensor):
 
 @torch.no_grad()
 def ablate_heads(
-    model, ids: Sequence[int] | torch.Tensor, *, batch_size: int | None = None
+    model, ids: Sequence[int] | torch.Tensor, *, batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> HeadAblation:
     """The text's loss with each attention head zeroed in turn.
 
     The ablated copies of the text run as one batch per layer (row b zeroes
     head b), `batch_size` rows at a time (default: as many as keep the logits
-    under about 1 GiB).
+    under about 1 GiB), from the residual stream entering that layer (the layers
+    below are the same for every copy, so they run once). `progress(done, total)`
+    is called after each batch with the heads done so far.
 
     >>> from gpt2 import GPT2, GPT2Config
     >>> model = GPT2(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_vocab=10, n_ctx=8))
@@ -74,22 +77,30 @@ def ablate_heads(
     if batch_size is None:
         batch_size = max(1, (1 << 28) // (T * model.config.n_vocab))  # 2^28 fp32 = 1 GiB
     check_count("batch_size", batch_size)
+    if progress is not None and not callable(progress):
+        raise GPT2Error(f"progress must be a function (done, total), got {progress!r}")
     with eval_mode(model):
-        return _ablate(model, idx, batch_size)
+        return _ablate(model, idx, batch_size, progress)
 
 
-def _ablate(model, idx: torch.Tensor, batch_size: int) -> HeadAblation:
+def _ablate(model, idx: torch.Tensor, batch_size: int, progress) -> HeadAblation:
     T = idx.size(1)
     n_layer, n_head = model.config.n_layer, model.config.n_head
-    logits = model(idx)
+    entering = [f"blocks.{layer}.resid_pre" for layer in range(n_layer)]
+    logits, resid = model.run_with_cache(idx, names=entering)  # resid: (1, T, C) each
     check_finite(logits)
     base = float(next_token_loss(logits, idx)[0])
+    del logits
     losses = torch.empty(n_layer, n_head)
     for layer in range(n_layer):
         for start in range(0, n_head, batch_size):
             heads = torch.arange(start, min(start + batch_size, n_head), device=idx.device)
-            batch = idx.expand(len(heads), T)  # (B, T)
+            x = resid[f"blocks.{layer}.resid_pre"].expand(len(heads), T, -1)  # (B, T, C)
             with model.hooks({f"blocks.{layer}.attn.z": zero_heads(heads)}):
-                loss = next_token_loss(model(batch), batch)  # (B,)
-            losses[layer, start:start + len(heads)] = loss.cpu()
+                logits = model._logits_from_block(x, layer)  # (B, T, V)
+            losses[layer, start:start + len(heads)] = next_token_loss(
+                logits, idx.expand(len(heads), T)).cpu()  # fmt: skip
+            del logits
+            if progress is not None:
+                progress(layer * n_head + start + len(heads), n_layer * n_head)
     return HeadAblation(base_loss=base, losses=losses)

@@ -35,11 +35,14 @@ def quantize(probs: torch.Tensor) -> str:
     return base64.b64encode(scaled.contiguous().numpy().tobytes()).decode("ascii")
 
 
-def report_data(model, tok, text: str, *, top: int = 10, ablate: bool = True) -> dict:
+def report_data(
+    model, tok, text: str, *, top: int = 10, ablate: bool = True, progress=None
+) -> dict:
     """Everything the page shows, as plain JSON-ready values.
 
     ablate: also zero each head in turn (n_layer batched forward passes; the
-    section is left out for a one-token text, which has no loss).
+    section is left out for a one-token text, which has no loss); progress(done,
+    total) is called as heads are done (see `ablate_heads`).
     """
     check_model(model)
     config = model.config
@@ -47,7 +50,7 @@ def report_data(model, tok, text: str, *, top: int = 10, ablate: bool = True) ->
     labels = token_labels(tok, ids)
     patterns = attention_patterns(model, ids)  # (L, H, T, T)
     lens = logit_lens(model, ids)
-    ablation = ablate_heads(model, ids) if ablate and len(ids) >= 2 else None
+    ablation = ablate_heads(model, ids, progress=progress) if ablate and len(ids) >= 2 else None
     source = getattr(model, "source", None)
     return {
         "text": text,
@@ -105,14 +108,15 @@ def render_report(data: dict) -> str:
 
 
 def write_report(
-    model, tok, text: str, path: str | os.PathLike, *, top: int = 10, ablate: bool = True
+    model, tok, text: str, path: str | os.PathLike, *, top: int = 10, ablate: bool = True,
+    progress=None,
 ) -> dict:
     """Compute the report for `text` and write the page to `path` atomically.
 
     >>> from gpt2 import GPT2, GPT2Config, Tokenizer  # doctest: +SKIP
     >>> write_report(model, Tokenizer.from_pretrained(), "The cat", "cat.html")  # doctest: +SKIP
     """
-    data = report_data(model, tok, text, top=top, ablate=ablate)
+    data = report_data(model, tok, text, top=top, ablate=ablate, progress=progress)
     page = render_report(data)
     try:
         atomic_write_bytes(path, page.encode("utf-8"))  # not the locale's encoding

@@ -66,7 +66,9 @@ HF_NEEDED = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 KAGGLE_HANDLE = "xhlulu/openai-gpt2-weights"
 
 SOURCES = ("openai", "hf", "kaggle")
-_INSTALL_HINT = "pip install 'gpt2[download]'"
+# (the package's "download" extra holds both; a bare `pip install 'gpt2[download]'` would
+# fetch PyPI's unrelated project of that name)
+_INSTALL_HINT = "pip install {}, or `pip install -e '.[download]'` in gpt2's checkout"
 _TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
@@ -311,7 +313,8 @@ def _fetch_hf(size: str, folder: Path, *, force: bool) -> None:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise GPT2Error(
-            f"--source hf needs huggingface_hub, which is not installed; {_INSTALL_HINT} "
+            f"--source hf needs huggingface_hub, which is not installed: "
+            f"{_INSTALL_HINT.format('huggingface_hub')} "
             f"(or use --source openai, which needs nothing extra)"
         ) from None
     repo = HF_REPOS[size]
@@ -332,7 +335,8 @@ def _fetch_kaggle(size: str, folder: Path, *, handle: str | None, force: bool) -
         import kagglehub
     except ImportError:
         raise GPT2Error(
-            f"--source kaggle needs kagglehub, which is not installed; {_INSTALL_HINT} "
+            f"--source kaggle needs kagglehub, which is not installed: "
+            f"{_INSTALL_HINT.format('kagglehub')} "
             f"(or use --source openai, which needs nothing extra)"
         ) from None
     if not _kaggle_credentials_present():

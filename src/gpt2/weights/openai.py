@@ -112,7 +112,11 @@ def resolve_openai_folder(path: str | os.PathLike, *, size: str | None = None) -
         if key is None:
             raise GPT2Error(f"unknown GPT-2 size {size!r}; choose one of {', '.join(PRESETS)}")
         if key in found:
-            return found[key]
+            sub = resolve_openai_folder(found[key])  # (its files checked)
+            check_size(GPT2Config.from_hparams(sub / "hparams.json"), key, sub,
+                       advice="the folder's name and its hparams.json disagree: a damaged or "
+                       "renamed download")
+            return sub
         where = f"it holds {', '.join(found)}" if found else "it holds no size folders"
         raise GPT2Error(f"{path}: no {key} folder; {where}")
     if len(found) == 1:
