@@ -822,6 +822,7 @@ def test_demo_prepares_trains_and_generates_offline(tmp_path, run_cli):
     assert "a sample:" in result.out and "Traceback" not in result.err
     text = (tmp_path / "demo" / "pydoc_topics.txt").read_text(encoding="utf-8")
     assert "statement" in text and "::=" not in text  # the prose, without the grammar rules
+    assert "| Option" not in text and "+-----" not in text  # nor the tables
     log = [_json.loads(line) for line in
            (tmp_path / "demo" / "run" / "log.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in log if "val_loss" in r]
