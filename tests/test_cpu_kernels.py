@@ -805,6 +805,36 @@ def test_bf16_layer_runs_our_kernel_for_decoding_rows_only(amx, monkeypatch):
     assert torch.equal(layer(x), layer(x.contiguous()))
 
 
+def test_bf16_lm_head_makes_onednns_copy_only_when_a_product_needs_it(monkeypatch):
+    """Without AMX, oneDNN's copy of the weight serves products past our kernel's 8 rows.
+    The LM head (wte's weight) makes it at the first such product: generating (a few rows,
+    prompts at their last position) never does, so wte is held once."""
+    import copy
+
+    from gpt2.config import GPT2Config
+    from gpt2.model import GPT2
+    from gpt2.quantize import prepare_bf16
+
+    if not HAS_BF16 or not CAN_BUILD:
+        pytest.skip("no AVX512-BF16 kernel here")
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # as such a CPU runs
+    torch.manual_seed(0)
+    model = prepare_bf16(GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=4, n_vocab=96)).eval())
+    head = model.lm_head
+    assert head._packed is None and head._packed_later and "at first use" in repr(head)
+    assert model.h[0].mlp.c_fc._packed is not None  # the blocks' (prompts need them)
+    idx = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        model.generate(idx[:, :3], max_new_tokens=4, temperature=0.0)  # 1-row products
+        model(idx, last_only=True)
+        assert head._packed is None
+        eager = PackedBF16Linear(model.wte.weight, None, persistent=False)  # packed now
+        x = torch.randn(12, 64).bfloat16()  # past the kernel's rows: oneDNN's product
+        assert torch.equal(head(x), eager(x))
+    assert head._packed is not None and not head._packed_later
+    assert copy.deepcopy(model).lm_head._packed_later  # a copy starts without it again
+
+
 # -- building ------------------------------------------------------------------------------
 
 

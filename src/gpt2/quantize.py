@@ -540,7 +540,8 @@ class PackedBF16Linear(_KernelCopy):
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, *, persistent: bool = True
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, persistent: bool = True,
+        lazy: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -550,6 +551,11 @@ class PackedBF16Linear(_KernelCopy):
             self.register_buffer("bias", bias.detach().to(torch.bfloat16))
         else:
             self.bias = None
+        # lazy: make oneDNN's copy (CPUs without AMX) at the first product of more rows
+        # than our kernel takes, not now. For the LM head: decoding a few rows and
+        # prompts (their last position only) never need it, scoring does; until then
+        # the head holds no second copy of wte (77 MB for 124M, 161 MB for 1558M).
+        self._lazy = lazy
         self.pack()
 
     @classmethod
@@ -562,6 +568,7 @@ class PackedBF16Linear(_KernelCopy):
         self._restore()
         w = self.weight
         self._packed = self._native = None
+        self._packed_later = False
         if w.device.type == "cpu" and not w.is_meta and cpu_supports_bf16():
             # decoding: our kernel (gpt2.cpu_kernels) where it runs
             self._native = cpu_kernels.kernel_for_bf16(w, self.bias)
@@ -569,7 +576,10 @@ class PackedBF16Linear(_KernelCopy):
                 # more rows: oneDNN on its own layout (the batch-size hint 1 tunes it for
                 # few rows; any still work). The AMX kernel takes prompts too; past its
                 # rows, plain F.linear
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                if getattr(self, "_lazy", False):  # (a layer pickled before it: not lazy)
+                    self._packed_later = True
+                else:
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         self._let_go()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -577,6 +587,9 @@ class PackedBF16Linear(_KernelCopy):
             y = _through_kernel(self._native, x, self.in_features, self.out_features)
             if y is not None:
                 return y
+        if self._packed_later and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+            self._packed_later = False
         if self._packed is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             if x.numel() == self.in_features:
                 # One row (batch-1 decoding) without our kernel: PyTorch's bf16
@@ -595,6 +608,7 @@ class PackedBF16Linear(_KernelCopy):
         kernels = [f"gpt2 {self._native.name} kernel up to {self._native.max_rows} rows"
                    ] if self._native is not None else []  # fmt: skip
         kernels += ["oneDNN packed"] if self._packed is not None else []
+        kernels += ["oneDNN packed at first use"] if self._packed_later else []
         return (f"in_features={self.in_features}, out_features={self.out_features}, bf16"
                 + "".join(f", {k}" for k in kernels))  # fmt: skip
 
@@ -710,7 +724,7 @@ def prepare_bf16(model: nn.Module) -> nn.Module:
             layer.tiles_only()
             setattr(owner, attr, layer)
         if _has_lm_head_slot(model):
-            model.lm_head = PackedBF16Linear(model.wte.weight, None, persistent=False)
+            model.lm_head = PackedBF16Linear(model.wte.weight, None, persistent=False, lazy=True)
     return model
 
 
