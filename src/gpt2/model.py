@@ -251,9 +251,13 @@ class GPT2(nn.Module):
         """
         x = self.features(idx, position_ids=position_ids, attention_mask=attention_mask,
                           cache=cache, last_only=last_only, keep_last=keep_last)
+        return self._unembed(x)
+
+    def _unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head: features (B, T, C) -> logits (B, T, n_vocab)."""
         if self.lm_head is not None:
-            return self.lm_head(x)  # (B, T, n_vocab): a quantized or packed copy of wte
-        return _tied_head(x, self.wte.weight)  # (B, T, n_vocab): x @ wte.T
+            return self.lm_head(x)  # a quantized or packed copy of wte
+        return _tied_head(x, self.wte.weight)  # x @ wte.T
 
     def features(
         self,
@@ -323,10 +327,7 @@ class GPT2(nn.Module):
         wants = taps.wants if taps is not None else _never
         for block in self.h[start:]:
             x = block(x, None, None, tap, wants)
-        x = tap("ln_final", self.ln_f(x))
-        if self.lm_head is not None:
-            return self.lm_head(x)
-        return _tied_head(x, self.wte.weight)
+        return self._unembed(tap("ln_final", self.ln_f(x)))
 
     # -- inspection ---------------------------------------------------------------------
 
