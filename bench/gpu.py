@@ -14,7 +14,10 @@ Sections (each one's failure is recorded in the JSON and the next one runs):
              large device-to-device copy gets), with each path's share of it
     train    124M, batch 16 x 1024, bf16 autocast, fused AdamW, TF32: one optimizer
              step of transformers (eager) vs what `gpt2 train` runs (the model and its
-             loss as one module), eager and torch.compile'd; MFU
+             loss as one module), eager and torch.compile'd; MFU. Each timed alone
+             (a wait for the GPU after every step) and 5 steps back to back
+    trainer  the training loop itself, `gpt2 train --compile` in bf16 on random tokens:
+             the median of the tokens/s it logs per step
     xl       1558M, batch 1, bf16: our cached path vs CUDA graph (plain, compiled);
              the same bound
     trained  greedy identity on trained weights: a 124M-shaped model trained for
@@ -59,6 +62,7 @@ from gpt2.train.trainer import ModelLoss
 
 TINY = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 TINY_DEEP = GPT2Config(n_vocab=512, n_ctx=64, n_embd=80, n_head=5, n_layer=4)
+BACK_TO_BACK = 5  # training steps per timed round in train_rate's back-to-back figure
 
 
 # --------------------------------------------------------------------------- helpers
@@ -364,7 +368,20 @@ def train_rate(forward_loss: Callable[[torch.Tensor], torch.Tensor], params, x, 
         opt.zero_grad(set_to_none=True)
 
     t = timed(step, device=device, runs=runs, warmup=2)
-    return {**t, "tokens_per_s": x[:, :-1].numel() / t["median_s"]}
+    # steps queued back to back, as a training loop that does not wait for each
+    # step's loss runs them (`gpt2 train` on a GPU): the GPU never waits for Python
+    # between steps. Median over `runs` rounds of BACK_TO_BACK steps.
+    rounds = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(BACK_TO_BACK):
+            step()
+        sync(device)
+        rounds.append((time.perf_counter() - t0) / BACK_TO_BACK)
+    tokens = x[:, :-1].numel()
+    return {**t, "tokens_per_s": tokens / t["median_s"],
+            "back_to_back_tokens_per_s": tokens / statistics.median(rounds)}
 
 
 def section_train(a, device, clock: Clock) -> dict:
@@ -411,7 +428,9 @@ def section_train(a, device, clock: Clock) -> dict:
     record("hf_eager", hf)
     record("ours_eager", trainer_step(False))
     for name, tuned in (("ours_compiled", False), ("ours_compiled_tuned", True)):
-        if device.type == "cuda" and clock.left() > a.compile_reserve_s:
+        if tuned and not a.train_tuned:
+            out[name] = {"skipped": "--no-train-tuned"}
+        elif device.type == "cuda" and clock.left() > a.compile_reserve_s:
             torch._dynamo.reset()  # compile afresh: the variants must not share code
             record(name, trainer_step(True, tuned))
         else:
@@ -426,13 +445,60 @@ def section_train(a, device, clock: Clock) -> dict:
         r = out.get(name, {})
         if peak and "tokens_per_s" in r:
             r["mfu"] = 6 * r["params"] * r["tokens_per_s"] / peak
+        if peak and "back_to_back_tokens_per_s" in r:
+            r["back_to_back_mfu"] = 6 * r["params"] * r["back_to_back_tokens_per_s"] / peak
     print(f"\nassumed peak: {peak / 1e12 if peak else 'unknown'} TFLOP/s bf16 dense")
-    rows = [(n, out[n].get("tokens_per_s"),
-             (f"MFU {out[n]['mfu']:.1%}" if "mfu" in out[n] else "")
-             + (out[n].get("error") or out[n].get("skipped") or ""))
-            for n in variants]
-    table(f"train {out['config']} {B} x {T}, one optimizer step (ratio vs transformers)",
-          rows, "tokens/s")
+    for key, what in (("", "each step timed alone"),
+                      ("back_to_back_", f"{BACK_TO_BACK} steps back to back")):
+        rows = [(n, out[n].get(f"{key}tokens_per_s"),
+                 (f"MFU {out[n][f'{key}mfu']:.1%}" if f"{key}mfu" in out[n] else "")
+                 + (out[n].get("error") or out[n].get("skipped") or ""))
+                for n in variants]
+        table(f"train {out['config']} {B} x {T}, one optimizer step, {what} "
+              "(ratio vs transformers)", rows, "tokens/s")
+    return out
+
+
+def section_trainer(a, device, clock: Clock) -> dict:
+    """The training loop itself (`gpt2 train --compile`, bf16) on random tokens: the
+    tokens/s it logs for each step, median over the steps after the first few."""
+    import tempfile
+
+    from gpt2.train.trainer import TrainConfig, train
+
+    config = TINY if a.dry_run else GPT2Config.preset("124M")
+    B, T = (2, 32) if a.dry_run else (16, 1024)
+    steps = 8 if a.dry_run else a.trainer_steps
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        n = (steps + 2) * B * (T + 1)
+        ids = np.random.default_rng(0).integers(0, config.n_vocab, n, dtype=np.uint16)
+        for split in ("train", "val"):
+            ids.tofile(data / f"{split}.bin")
+        (data / "meta.json").write_text(json.dumps({
+            "dtype": "uint16", "train_tokens": n, "val_tokens": n, "n_vocab": config.n_vocab}))
+        t0 = time.perf_counter()
+        train(TrainConfig(
+            data=str(data), out=str(Path(tmp) / "run"), n_layer=config.n_layer,
+            n_head=config.n_head, n_embd=config.n_embd, block_size=T, batch_size=B,
+            max_steps=steps, warmup_steps=2, eval_interval=0, eval_steps=1, save_interval=0,
+            sample_interval=0, dtype="bf16" if cuda else "fp32", compile=cuda,
+            device=device.type, seed=0, progress=False))
+        wall = time.perf_counter() - t0
+        log = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").open()]
+    rates = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
+    settled = rates[min(5, len(rates) - 1):]
+    out = {"config": "tiny" if a.dry_run else "124M", "batch": B, "seq": T, "steps": steps,
+           "compile": cuda, "dtype": "bf16" if cuda else "fp32", "wall_s": wall,
+           "tokens_per_s": statistics.median(settled), "min_tokens_per_s": min(settled),
+           "max_tokens_per_s": max(settled), "per_step": rates,
+           "mfu": statistics.median([r["mfu"] for r in log if "mfu" in r][5:] or [math.nan])}
+    print(f"\n`gpt2 train{' --compile' if cuda else ''}` {out['config']} {B} x {T}: "
+          f"{out['tokens_per_s']:,.0f} tokens/s (median of steps 6..{steps}; "
+          f"{out['min_tokens_per_s']:,.0f}-{out['max_tokens_per_s']:,.0f}), MFU {out['mfu']:.1%} "
+          f"as the trainer counts it (attention included); {wall:.0f} s with compiling")
     return out
 
 
@@ -545,8 +611,8 @@ def section_trained(a, device, clock: Clock) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-SECTIONS = {"decode": section_decode, "train": section_train, "xl": section_xl,
-            "trained": section_trained}
+SECTIONS = {"decode": section_decode, "train": section_train, "trainer": section_trainer,
+            "xl": section_xl, "trained": section_trained}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -555,10 +621,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="folder for gpu.json (default: $OUT, else the current folder)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny configs on CPU (or the GPU if there is one): checks the script")
-    p.add_argument("--sections", default="decode,train,xl,trained",
+    p.add_argument("--sections", default="decode,train,trainer,xl,trained",
                    help="comma-separated subset")
     p.add_argument("--trained-steps", type=int, default=300,
                    help="training steps of the model the trained section decodes with")
+    p.add_argument("--trainer-steps", type=int, default=30,
+                   help="steps of the trainer section's run")
+    p.add_argument("--no-train-tuned", dest="train_tuned", action="store_false",
+                   help="skip the train section's coordinate-descent-tuned compile")
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (median)")
     p.add_argument("--batches", default="1,32", help="decode batch sizes for 124M")
     p.add_argument("--budget-s", type=float, default=270.0,

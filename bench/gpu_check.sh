@@ -3,15 +3,20 @@
 # machine with a CUDA GPU and PyTorch, Triton, transformers and pytest already
 # installed. Run from the repository root; JSON and logs go to $OUT (default ./gpu-out).
 #
+#   bash bench/gpu_check.sh train   # ~200 s: bench/gpu.py train + trainer (one step
+#                                   # timed alone and 5 back to back, transformers
+#                                   # beside ours; then the `gpt2 train` loop itself)
 #   bash bench/gpu_check.sh fused   # ~480 s: the fused decode-attention kernel's
 #                                   # tests on the GPU, then it against the default
 #                                   # at batch 1 and batch 32 (gpu_profile.py)
+#   bash bench/gpu_check.sh fused-b1  # ~310 s: the same at batch 1 only
 #   bash bench/gpu_check.sh full    # ~420 s: bench/gpu.py decode + train (the
 #                                   # headline figures), then the two loss variants
 #
 # Nothing is installed: the package is used from src/ through PYTHONPATH.
 set -uo pipefail
-case "${1:-}" in fused|full) ;; *) echo "usage: bash bench/gpu_check.sh fused|full" >&2; exit 2;; esac
+case "${1:-}" in train|fused|fused-b1|full) ;;
+  *) echo "usage: bash bench/gpu_check.sh train|fused|fused-b1|full" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -22,7 +27,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 case "$1" in
-  fused)
+  train)
+    timeout 240 "$PY" bench/gpu.py --sections train,trainer --no-train-tuned --out "$OUT" \
+      2>&1 | tee "$OUT/train.log"
+    ;;
+  fused|fused-b1)
     # correctness first: a kernel that is wrong on the GPU must not be timed
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
       "tests/test_fast_decode.py" -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
@@ -30,6 +39,7 @@ case "$1" in
     mkdir -p "$OUT/b1" "$OUT/b32"
     timeout 160 "$PY" bench/gpu_profile.py --sections decode --budget-s 140 --out "$OUT/b1" \
       --decode-variants graph_one_row_tuned,graph_one_row_fused_tuned 2>&1 | tee "$OUT/b1.log"
+    [ "$1" = fused-b1 ] && exit 0
     timeout 160 "$PY" bench/gpu_profile.py --sections decode --budget-s 140 --out "$OUT/b32" \
       --decode-batch 32 --decode-variants graph_compiled_layer_tuned,graph_compiled_layer_fused_tuned \
       2>&1 | tee "$OUT/b32.log"

@@ -24,12 +24,16 @@ def test_gpu_bench_dry_run_writes_every_section(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
     sections = result["sections"]
-    assert set(sections) == {"decode", "train", "xl", "trained"}
+    assert set(sections) == {"decode", "train", "trainer", "xl", "trained"}
     for name, section in sections.items():
         assert "error" not in section, (name, section["error"])
     train = sections["train"]
     for name in ("hf_eager", "ours_eager"):
         assert train[name]["tokens_per_s"] > 0, name
+        assert train[name]["back_to_back_tokens_per_s"] > 0, name
+    trainer = sections["trainer"]  # the loop's own log: one rate per step
+    assert len(trainer["per_step"]) == trainer["steps"] == 8
+    assert trainer["min_tokens_per_s"] <= trainer["tokens_per_s"] <= trainer["max_tokens_per_s"]
     assert "skipped" in train["ours_compiled"] and "skipped" in train["ours_compiled_tuned"]
     # in fp32 the static decode step must give the cached path's greedy tokens
     same = sections["decode"]["fp32_greedy_identity"]["ours_static_eager"]

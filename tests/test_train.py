@@ -896,6 +896,56 @@ def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkey
         assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
 
 
+def test_pipelined_steps_log_and_save_what_one_at_a_time_does(tmp_path, monkeypatch):
+    """On a GPU the loop queues step k + 1 before it reads step k's loss. Run that way on
+    a CPU it must log, evaluate, save and fail exactly as the step-at-a-time loop does,
+    reading each loss one step late except where a step evaluates, samples or saves."""
+    import gpt2.train.trainer as trainer
+
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=7, lr=3e-3, warmup_steps=2, grad_accum=2,
+              dropout=0.1, eval_interval=3, eval_steps=2, save_interval=5, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "plain"), **kw))
+    finished = []  # (the step whose loss is read, the last step queued then)
+    finish = trainer._Run._finish_step
+
+    def spy(run, launched):
+        finished.append((launched.step, run.step))
+        return finish(run, launched)
+
+    monkeypatch.setattr(trainer._Run, "_finish_step", spy)
+    monkeypatch.setattr(trainer, "PIPELINED_DEVICES", ("cpu",))
+    train(TrainConfig(out=str(tmp_path / "piped"), **kw))
+    # steps 3 (eval), 5 (save), 6 (eval) and 7 (the last) are read before going on
+    assert finished == [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]
+    plain, piped = read_log(tmp_path / "plain"), read_log(tmp_path / "piped")
+    assert [sorted(r) for r in piped] == [sorted(r) for r in plain]
+    for a, b in zip(plain, piped, strict=True):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == \
+            {k: v for k, v in b.items() if k != "tokens_per_s"}
+        assert b.get("tokens_per_s", 1) > 0
+    a, b = (load_training_state(latest_checkpoint(tmp_path / run)) for run in ("plain", "piped"))
+    assert (b.step, b.info["tokens_seen"]) == (a.step, a.info["tokens_seen"]) == (7, 7 * 128)
+    a = GPT2.from_pretrained(tmp_path / "plain").state_dict()
+    b = GPT2.from_pretrained(tmp_path / "piped").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    # a loss that is not finite is reported at its own step, though the next is queued
+    finished.clear()
+    real_step = trainer._Run._launch_step
+
+    def nan_at_2(run, after):
+        launched = real_step(run, after)
+        if launched.step == 2:
+            launched.loss = launched.loss * math.nan
+        return launched
+
+    monkeypatch.setattr(trainer._Run, "_launch_step", nan_at_2)
+    with pytest.raises(GPT2Error, match="the loss became nan at step 2;"):
+        train(TrainConfig(out=str(tmp_path / "nan"), **kw))
+    assert finished[-1] == (2, 3)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("grad_clip", math.nan, "--grad-clip must be a finite number, got nan"),
     ("weight_decay", math.inf, "--weight-decay must be a finite number, got inf"),

@@ -49,6 +49,9 @@ from gpt2.train.data import TokenData, batch_seed, open_tokens, sample_batch
 
 VOCAB_DIR = ".vocab"  # the run's vocabulary files, linked into every checkpoint
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# devices whose steps run behind Python: the loop queues the next step before it waits
+# for a step's loss (CPU steps are done when queued)
+PIPELINED_DEVICES = ("cuda",)
 # what a run writes into OUT before its first checkpoint or best/ (removed if it fails then)
 RUN_FILES = (VOCAB_DIR, "log.jsonl", "loss.png", "samples.txt", ".write-test",
              ".ckpt-*.partial")  # the first checkpoint, cut short by Ctrl-C
@@ -205,6 +208,46 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> Train
         return result
     finally:
         distributed.teardown(info)
+
+
+class _StepTimer:
+    """How long a step took on its device: from its start, or from the end of the step
+    queued before it if that had not ended yet, to the end of its work. On a GPU the
+    times are events in its stream; elsewhere a step's work is done when the Python
+    that queued it returns."""
+
+    def __init__(self, device: torch.device, after: _StepTimer | None) -> None:
+        self.events = None
+        if device.type == "cuda":
+            self.events = [torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True)]
+            if after is not None and after.events is not None:
+                self.events[0] = after.events[1]
+            else:
+                self.events[0].record()
+        self.started = time.perf_counter() if after is None else after.ended
+        self.ended = self.started
+
+    def stop(self) -> None:
+        if self.events is not None:
+            self.events[1].record()
+        self.ended = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.events is not None:
+            self.events[1].synchronize()
+            return self.events[0].elapsed_time(self.events[1]) / 1e3
+        return self.ended - self.started
+
+
+@dataclass
+class _Launched:
+    """A queued optimizer step: its number (counted from 1), loss on the device, lr."""
+
+    step: int
+    loss: torch.Tensor
+    lr: float
+    timer: _StepTimer
 
 
 class _Run:
@@ -381,16 +424,31 @@ class _Run:
                       f"{cfg.grad_accum} keeps its {self._tokens_per_step():,} tokens a step")
         loss = val = None
         saved_at = self.step if self.state is not None else None
+        # On a GPU the loss of a step is read (a wait for the GPU) once the next step is
+        # queued, so the GPU never idles while Python starts a step; a step that
+        # evaluates, samples or saves is read before it does.
+        pending: _Launched | None = None
+        piped = self.device.type in PIPELINED_DEVICES
         while self.step < last:
-            loss = self._train_step()
+            launched = self._launch_step(pending)
+            if pending is not None:
+                loss = self._finish_step(pending)
             s = self.step
-            if cfg.eval_interval and s % cfg.eval_interval == 0 or s == last:
+            evaluate = bool(cfg.eval_interval and s % cfg.eval_interval == 0 or s == last)
+            sample = bool(cfg.sample_interval and s % cfg.sample_interval == 0)
+            save = bool(cfg.save_interval and s % cfg.save_interval == 0 or s == last)
+            pending = launched
+            if not piped or evaluate or sample or save:
+                loss, pending = self._finish_step(launched), None
+            if evaluate:
                 val = self._evaluate()
-            if cfg.sample_interval and s % cfg.sample_interval == 0:
+            if sample:
                 self._sample()
-            if cfg.save_interval and s % cfg.save_interval == 0 or s == last:
+            if save:
                 self._save()
                 saved_at = s
+        if pending is not None:
+            loss = self._finish_step(pending)
         if saved_at != self.step:
             self._save()
         self.bar.close()
@@ -406,9 +464,12 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self) -> float:
+    def _launch_step(self, after: _Launched | None) -> _Launched:
+        """Queue one optimizer step (on a GPU it runs while Python goes on) behind
+        `after`, the step queued before it if its loss is unread; the step's loss stays
+        on the device until _finish_step reads it."""
         cfg, info, step = self.cfg, self.info, self.step
-        started = time.perf_counter()
+        timer = _StepTimer(self.device, after.timer if after is not None else None)
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                    max_steps=cfg.max_steps)
         for group in self.optimizer.param_groups:
@@ -430,19 +491,25 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_value = distributed.mean_over_ranks(total, info).item()  # waits for the GPU too
-        if not math.isfinite(loss_value):
-            raise GPT2Error(f"the loss became {loss_value} at step {step + 1}; lower --lr, "
-                            "raise --warmup-steps or use --dtype bf16/fp32")
         self.step = step + 1
-        tokens_per_s = self._tokens_per_step() / (time.perf_counter() - started)
-        record = {"step": self.step, "loss": loss_value, "lr": lr,
+        timer.stop()
+        return _Launched(self.step, distributed.mean_over_ranks(total, info), lr, timer)
+
+    def _finish_step(self, launched: _Launched) -> float:
+        """Wait for a queued step's loss; check, log and show it."""
+        cfg = self.cfg
+        loss_value = launched.loss.item()  # waits for the device
+        if not math.isfinite(loss_value):
+            raise GPT2Error(f"the loss became {loss_value} at step {launched.step}; lower --lr, "
+                            "raise --warmup-steps or use --dtype bf16/fp32")
+        tokens_per_s = self._tokens_per_step() / launched.timer.seconds()
+        record = {"step": launched.step, "loss": loss_value, "lr": launched.lr,
                   "tokens_per_s": round(tokens_per_s, 1)}
-        shown = f"step {self.step}/{cfg.max_steps} loss {loss_value:.4f} lr {lr:.2e} " \
-                f"{tokens_per_s:,.0f} tok/s"
+        shown = f"step {launched.step}/{cfg.max_steps} loss {loss_value:.4f} " \
+                f"lr {launched.lr:.2e} {tokens_per_s:,.0f} tok/s"
         if self.peak_flops:
             record["mfu"] = round(flops.mfu(self.flops_per_token, tokens_per_s, self.peak_flops,
-                                      info.world_size), 4)
+                                      self.info.world_size), 4)
             shown += f" MFU {record['mfu']:.1%}"
         self._log(record)
         self.bar.show(shown)
