@@ -459,16 +459,14 @@ def section_train(a, device, clock: Clock) -> dict:
     return out
 
 
-def section_trainer(a, device, clock: Clock) -> dict:
-    """The training loop itself (`gpt2 train --compile`, bf16) on random tokens: the
-    tokens/s it logs for each step, median over the steps after the first few."""
+def run_trainer(config: GPT2Config, B: int, T: int, steps: int, device, **settings) -> dict:
+    """`gpt2 train` (the loop itself: --compile and bf16 on a GPU) on random tokens for
+    `steps` steps; the tokens/s it logs per step, the median over those after the
+    first five, and the run's wall time. `settings`: more TrainConfig fields."""
     import tempfile
 
     from gpt2.train.trainer import TrainConfig, train
 
-    config = TINY if a.dry_run else GPT2Config.preset("124M")
-    B, T = (2, 32) if a.dry_run else (16, 1024)
-    steps = 8 if a.dry_run else a.trainer_steps
     cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -480,25 +478,36 @@ def section_trainer(a, device, clock: Clock) -> dict:
         (data / "meta.json").write_text(json.dumps({
             "dtype": "uint16", "train_tokens": n, "val_tokens": n, "n_vocab": config.n_vocab}))
         t0 = time.perf_counter()
-        train(TrainConfig(
-            data=str(data), out=str(Path(tmp) / "run"), n_layer=config.n_layer,
-            n_head=config.n_head, n_embd=config.n_embd, block_size=T, batch_size=B,
-            max_steps=steps, warmup_steps=2, eval_interval=0, eval_steps=1, save_interval=0,
-            sample_interval=0, dtype="bf16" if cuda else "fp32", compile=cuda,
-            device=device.type, seed=0, progress=False))
+        train(TrainConfig(**{
+            **dict(data=str(data), out=str(Path(tmp) / "run"), n_layer=config.n_layer,
+                   n_head=config.n_head, n_embd=config.n_embd, block_size=T, batch_size=B,
+                   max_steps=steps, warmup_steps=2, eval_interval=0, eval_steps=1,
+                   save_interval=0, sample_interval=0, dtype="bf16" if cuda else "fp32",
+                   compile=cuda, device=device.type, seed=0, progress=False),
+            **settings}))
         wall = time.perf_counter() - t0
         log = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").open()]
     rates = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
     settled = rates[min(5, len(rates) - 1):]
-    out = {"config": "tiny" if a.dry_run else "124M", "batch": B, "seq": T, "steps": steps,
-           "compile": cuda, "dtype": "bf16" if cuda else "fp32", "wall_s": wall,
-           "tokens_per_s": statistics.median(settled), "min_tokens_per_s": min(settled),
-           "max_tokens_per_s": max(settled), "per_step": rates,
-           "mfu": statistics.median([r["mfu"] for r in log if "mfu" in r][5:] or [math.nan])}
-    print(f"\n`gpt2 train{' --compile' if cuda else ''}` {out['config']} {B} x {T}: "
+    return {"batch": B, "seq": T, "steps": steps, "compile": cuda,
+            "dtype": "bf16" if cuda else "fp32", "wall_s": wall,
+            "tokens_per_s": statistics.median(settled), "min_tokens_per_s": min(settled),
+            "max_tokens_per_s": max(settled), "per_step": rates,
+            "mfu": statistics.median([r["mfu"] for r in log if "mfu" in r][5:] or [math.nan])}
+
+
+def section_trainer(a, device, clock: Clock) -> dict:
+    """The training loop itself (`gpt2 train --compile`, bf16) on random tokens: the
+    tokens/s it logs for each step, median over the steps after the first few."""
+    config = TINY if a.dry_run else GPT2Config.preset("124M")
+    B, T = (2, 32) if a.dry_run else (16, 1024)
+    steps = 8 if a.dry_run else a.trainer_steps
+    out = {"config": "tiny" if a.dry_run else "124M",
+           **run_trainer(config, B, T, steps, device)}
+    print(f"\n`gpt2 train{' --compile' if out['compile'] else ''}` {out['config']} {B} x {T}: "
           f"{out['tokens_per_s']:,.0f} tokens/s (median of steps 6..{steps}; "
           f"{out['min_tokens_per_s']:,.0f}-{out['max_tokens_per_s']:,.0f}), MFU {out['mfu']:.1%} "
-          f"as the trainer counts it (attention included); {wall:.0f} s with compiling")
+          f"as the trainer counts it (attention included); {out['wall_s']:.0f} s with compiling")
     return out
 
 

@@ -29,6 +29,11 @@ kernels, heaviest first, of:
              before); SDPA without cuDNN's kernel (its flash kernel instead);
              max-autotune; CUDA graphs of the forward and backward
              (mode="reduce-overhead"), alone and with SDPA's flash kernel
+    trainer  the training loop itself (`gpt2 train --compile`, 30 steps): tokens/s,
+             the Python time to queue a step, the synchronising CUDA calls and the
+             kernels of a few steps; variants without gradient clipping, with a
+             deeper pipeline, without host-to-device batches, with one AdamW
+             parameter group (--trainer-variants)
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -62,7 +67,7 @@ from gpt2.fast_decode import (  # noqa: E402
 )
 from gpt2.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 from gpt2.train.trainer import ModelLoss, lm_loss  # noqa: E402
-from gpu import Clock, first_mismatch, free, ours  # noqa: E402 (bench/gpu.py, beside this)
+from gpu import Clock, first_mismatch, free, ours, run_trainer  # noqa: E402 (bench/gpu.py)
 
 
 def kernel_table(prof, steps: int, limit: int = 18) -> dict:
@@ -398,6 +403,118 @@ def section_train(a, clock: Clock) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- trainer
+
+
+def section_trainer(a, clock: Clock) -> dict:
+    """The training loop itself (gpt2.train.trainer, --compile, bf16, 124M, 16 x 1024,
+    random tokens), 30 steps per variant. Each step's Python (the time _launch_step
+    takes to queue it) is timed: a loop whose Python takes longer than the GPU's step
+    leaves the GPU waiting. "default" also lists the synchronising CUDA calls made
+    while steps 20-22 are queued (torch.cuda.set_sync_debug_mode) and profiles steps
+    16-18: their kernels and their wall time. Variants: without gradient clipping;
+    reading each loss two steps later (PIPELINE_DEPTH 2); the batches made on the GPU
+    once (no host-to-device copies); one AdamW parameter group instead of two."""
+    import warnings
+
+    import gpt2.train.trainer as trainer
+
+    config = GPT2Config.preset("124M")
+    B, T = 16, 1024
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a check
+    if device.type == "cpu":
+        config, B, T = GPT2Config(n_vocab=512, n_ctx=64, n_embd=64, n_head=4, n_layer=2), 2, 32
+    cached: dict = {}
+
+    def batch_on_device(run, tokens, seed, real=trainer._Run._batch):
+        if seed not in cached:
+            cached.clear()
+            cached[seed] = real(run, tokens, seed)
+        return cached[seed]
+
+    def one_group(model, weight_decay):
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+
+    variants = {  # name: (TrainConfig settings, (object, attribute, value) patches)
+        "default": ({}, ()),
+        "no_clip": ({"grad_clip": 0.0}, ()),
+        "depth2": ({}, ((trainer, "PIPELINE_DEPTH", 2),)),
+        "gpu_batches": ({}, ((trainer._Run, "_batch", batch_on_device),)),
+        "one_group": ({}, ((trainer, "param_groups", one_group),)),
+    }
+    out: dict = {}
+    launch = trainer._Run._launch_step
+    for name, (settings, patches) in variants.items():
+        if name not in a.trainer_variants:
+            continue
+        if clock.left() < 45:
+            out[name] = {"skipped": f"time budget ({clock.left():.0f} s left)"}
+            continue
+        queued, prof, syncs = [], {}, {}
+
+        def timed_launch(run, after, name=name, queued=queued, prof=prof, syncs=syncs):
+            if name == "default" and run.step in (15, 18):  # around steps 16..18
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if run.step == 15:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    prof["p"] = profile(activities=[ProfilerActivity.CPU,
+                                                    ProfilerActivity.CUDA])
+                    prof["p"].__enter__()
+                    prof["t0"] = time.perf_counter()
+                else:
+                    prof["wall_s"] = (time.perf_counter() - prof["t0"]) / 3
+                    prof["p"].__exit__(None, None, None)
+            watch = name == "default" and 19 <= run.step < 22 and device.type == "cuda"
+            t0 = time.perf_counter()
+            if watch:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        launched = launch(run, after)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                for w in caught:
+                    where = f"{Path(w.filename).name}:{w.lineno}: {str(w.message)[:80]}"
+                    syncs[where] = syncs.get(where, 0) + 1
+            else:
+                launched = launch(run, after)
+            queued.append(time.perf_counter() - t0)
+            return launched
+
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+        trainer._Run._launch_step = timed_launch
+        for obj, attr, value in patches:
+            setattr(obj, attr, value)
+        try:
+            torch._dynamo.reset()
+            r = run_trainer(config, B, T, 30, device, **settings)
+            r["python_ms_per_step"] = 1e3 * statistics.median(queued[5:])
+            print(f"\ntrainer {name}: {r['tokens_per_s']:,.0f} tokens/s "
+                  f"({B * T / r['tokens_per_s'] * 1e3:.1f} ms/step), Python to queue a "
+                  f"step {r['python_ms_per_step']:.1f} ms")
+            if name == "default":
+                r["synchronising_calls_in_3_steps"] = syncs
+                print(f"  synchronising CUDA calls while steps 20-22 were queued: {syncs}")
+            if "wall_s" in prof:
+                r["profiled_wall_ms_per_step"] = 1e3 * prof["wall_s"]
+                print(f"  steps 16-18 profiled: {1e3 * prof['wall_s']:.1f} ms/step of wall time")
+                r["profile"] = kernel_table(prof["p"], 3, limit=40)
+            out[name] = r
+        except Exception as e:
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            trainer._Run._launch_step = launch
+            for obj, attr, value in saved:
+                setattr(obj, attr, value)
+        free(device)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
@@ -414,12 +531,14 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned,"
                    "graph_one_row_realize_tuned,graph_one_row_fused_tuned,"
                    "graph_compiled_layer_fused_tuned,graph_fused")
+    p.add_argument("--trainer-variants", default="default,no_clip,depth2,gpu_batches,one_group")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="variants that would not fit in what is left are skipped")
     a = p.parse_args(argv)
     a.train_variants = set(a.train_variants.split(","))
+    a.trainer_variants = set(a.trainer_variants.split(","))
     a.decode_variants = a.decode_variants.split(",")  # in this order
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; nothing to profile")
@@ -430,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.out) / "gpu_profile.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     for name in a.sections.split(","):
-        fn = {"train": section_train, "decode": section_decode}[name]
+        fn = {"train": section_train, "decode": section_decode, "trainer": section_trainer}[name]
         result[name] = fn(a, clock)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"\ntotal {time.perf_counter() - clock.start:.0f} s; wrote {path}")

@@ -896,10 +896,15 @@ def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkey
         assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
 
 
-def test_pipelined_steps_log_and_save_what_one_at_a_time_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("depth, order", [
+    (1, [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),
+    (2, [(1, 3), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),
+])
+def test_pipelined_steps_log_and_save_what_one_at_a_time_does(tmp_path, monkeypatch, depth,
+                                                              order):
     """On a GPU the loop queues step k + 1 before it reads step k's loss. Run that way on
     a CPU it must log, evaluate, save and fail exactly as the step-at-a-time loop does,
-    reading each loss one step late except where a step evaluates, samples or saves."""
+    reading each loss `depth` steps late except where a step evaluates, samples or saves."""
     import gpt2.train.trainer as trainer
 
     data = synthetic(tmp_path / "d")
@@ -915,9 +920,10 @@ def test_pipelined_steps_log_and_save_what_one_at_a_time_does(tmp_path, monkeypa
 
     monkeypatch.setattr(trainer._Run, "_finish_step", spy)
     monkeypatch.setattr(trainer, "PIPELINED_DEVICES", ("cpu",))
+    monkeypatch.setattr(trainer, "PIPELINE_DEPTH", depth)
     train(TrainConfig(out=str(tmp_path / "piped"), **kw))
     # steps 3 (eval), 5 (save), 6 (eval) and 7 (the last) are read before going on
-    assert finished == [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]
+    assert finished == order
     plain, piped = read_log(tmp_path / "plain"), read_log(tmp_path / "piped")
     assert [sorted(r) for r in piped] == [sorted(r) for r in plain]
     for a, b in zip(plain, piped, strict=True):

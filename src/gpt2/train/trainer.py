@@ -19,6 +19,7 @@ would and, on CPU, reproduces its losses.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -49,9 +50,10 @@ from gpt2.train.data import TokenData, batch_seed, open_tokens, sample_batch
 
 VOCAB_DIR = ".vocab"  # the run's vocabulary files, linked into every checkpoint
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# devices whose steps run behind Python: the loop queues the next step before it waits
-# for a step's loss (CPU steps are done when queued)
+# devices whose steps run behind Python: the loop queues PIPELINE_DEPTH more steps
+# before it waits for a step's loss (CPU steps are done when queued)
 PIPELINED_DEVICES = ("cuda",)
+PIPELINE_DEPTH = 1
 # what a run writes into OUT before its first checkpoint or best/ (removed if it fails then)
 RUN_FILES = (VOCAB_DIR, "log.jsonl", "loss.png", "samples.txt", ".write-test",
              ".ckpt-*.partial")  # the first checkpoint, cut short by Ctrl-C
@@ -427,19 +429,17 @@ class _Run:
         # On a GPU the loss of a step is read (a wait for the GPU) once the next step is
         # queued, so the GPU never idles while Python starts a step; a step that
         # evaluates, samples or saves is read before it does.
-        pending: _Launched | None = None
-        piped = self.device.type in PIPELINED_DEVICES
+        queued: collections.deque[_Launched] = collections.deque()  # loss not read yet
+        depth = PIPELINE_DEPTH if self.device.type in PIPELINED_DEVICES else 0
         while self.step < last:
-            launched = self._launch_step(pending)
-            if pending is not None:
-                loss = self._finish_step(pending)
+            queued.append(self._launch_step(queued[-1] if queued else None))
             s = self.step
             evaluate = bool(cfg.eval_interval and s % cfg.eval_interval == 0 or s == last)
             sample = bool(cfg.sample_interval and s % cfg.sample_interval == 0)
             save = bool(cfg.save_interval and s % cfg.save_interval == 0 or s == last)
-            pending = launched
-            if not piped or evaluate or sample or save:
-                loss, pending = self._finish_step(launched), None
+            keep = 0 if evaluate or sample or save else depth
+            while len(queued) > keep:
+                loss = self._finish_step(queued.popleft())
             if evaluate:
                 val = self._evaluate()
             if sample:
@@ -447,8 +447,8 @@ class _Run:
             if save:
                 self._save()
                 saved_at = s
-        if pending is not None:
-            loss = self._finish_step(pending)
+        while queued:
+            loss = self._finish_step(queued.popleft())
         if saved_at != self.step:
             self._save()
         self.bar.close()
