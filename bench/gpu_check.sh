@@ -3,9 +3,10 @@
 # machine with a CUDA GPU and PyTorch, Triton, transformers and pytest already
 # installed. Run from the repository root; JSON and logs go to $OUT (default ./gpu-out).
 #
-#   bash bench/gpu_check.sh train   # ~200 s: bench/gpu.py train + trainer (one step
+#   bash bench/gpu_check.sh train   # ~170 s: bench/gpu.py train + trainer (one step
 #                                   # timed alone and 5 back to back, transformers
-#                                   # beside ours; then the `gpt2 train` loop itself)
+#                                   # beside ours; then the `gpt2 train` loop itself),
+#                                   # then the loop's variants (gpu_profile.py trainer)
 #   bash bench/gpu_check.sh fused   # ~480 s: the fused decode-attention kernel's
 #                                   # tests on the GPU, then it against the default
 #                                   # at batch 1 and batch 32 (gpu_profile.py)
@@ -30,6 +31,9 @@ case "$1" in
   train)
     timeout 240 "$PY" bench/gpu.py --sections train,trainer --no-train-tuned --out "$OUT" \
       2>&1 | tee "$OUT/train.log"
+    mkdir -p "$OUT/loop"
+    timeout 150 "$PY" bench/gpu_profile.py --sections trainer --budget-s 140 --out "$OUT/loop" \
+      --trainer-variants default,no_clip,compiled_optimizer 2>&1 | tee "$OUT/loop.log"
     ;;
   fused|fused-b1)
     # correctness first: a kernel that is wrong on the GPU must not be timed

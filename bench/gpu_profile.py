@@ -33,7 +33,8 @@ kernels, heaviest first, of:
              the Python time to queue a step, the synchronising CUDA calls and the
              kernels of a few steps; variants without gradient clipping, with a
              deeper pipeline, without host-to-device batches, with one AdamW
-             parameter group (--trainer-variants)
+             parameter group, with the clipping and optimizer step compiled
+             (--trainer-variants)
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -414,7 +415,8 @@ def section_trainer(a, clock: Clock) -> dict:
     while steps 20-22 are queued (torch.cuda.set_sync_debug_mode) and profiles steps
     16-18: their kernels and their wall time. Variants: without gradient clipping;
     reading each loss two steps later (PIPELINE_DEPTH 2); the batches made on the GPU
-    once (no host-to-device copies); one AdamW parameter group instead of two."""
+    once (no host-to-device copies); one AdamW parameter group instead of two; the
+    gradient clipping and AdamW step compiled together (torch.compile's optimizer)."""
     import warnings
 
     import gpt2.train.trainer as trainer
@@ -436,12 +438,38 @@ def section_trainer(a, clock: Clock) -> dict:
         return [{"params": [p for p in model.parameters() if p.requires_grad],
                  "weight_decay": weight_decay}]
 
+    def compiled_optimizer(model, *, lr, weight_decay, device):
+        # torch.compile's optimizer: foreach AdamW, lr a tensor (a new lr would recompile
+        # a float), capturable (the step counts on the GPU; needed with foreach there)
+        cuda = device.type == "cuda"
+        return torch.optim.AdamW(trainer.param_groups(model, weight_decay),
+                                 lr=torch.tensor(lr, device=device), betas=(0.9, 0.95),
+                                 eps=1e-8, foreach=cuda, capturable=cuda)
+
+    def compiled_optimizer_step(run):
+        step = run.__dict__.get("_compiled_step")
+        if step is None:
+            params = [p for p in run.model.parameters() if p.requires_grad]
+            clip = run.cfg.grad_clip
+
+            def clip_and_step():
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                run.optimizer.step()
+
+            step = run._compiled_step = torch.compile(clip_and_step)
+        step()
+
     variants = {  # name: (TrainConfig settings, (object, attribute, value) patches)
         "default": ({}, ()),
         "no_clip": ({"grad_clip": 0.0}, ()),
         "depth2": ({}, ((trainer, "PIPELINE_DEPTH", 2),)),
         "gpu_batches": ({}, ((trainer._Run, "_batch", batch_on_device),)),
         "one_group": ({}, ((trainer, "param_groups", one_group),)),
+        # (its lr tensor does not go into a checkpoint's optimizer.json: no saving)
+        "compiled_optimizer": ({}, ((trainer, "make_optimizer", compiled_optimizer),
+                                    (trainer._Run, "_optimizer_step", compiled_optimizer_step),
+                                    (trainer._Run, "_save", lambda run: None))),
     }
     out: dict = {}
     launch = trainer._Run._launch_step
@@ -531,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_one_row_sdpa,graph_one_row_sdpa_tuned,graph_compiled_layer_tuned,"
                    "graph_one_row_realize_tuned,graph_one_row_fused_tuned,"
                    "graph_compiled_layer_fused_tuned,graph_fused")
-    p.add_argument("--trainer-variants", default="default,no_clip,depth2,gpu_batches,one_group")
+    p.add_argument("--trainer-variants",
+                   default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,

@@ -896,6 +896,35 @@ def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkey
         assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
 
 
+def test_an_optimizer_with_a_tensor_lr_follows_the_schedule(tmp_path, monkeypatch):
+    """A compiled optimizer keeps its lr as a tensor (a new float would recompile it):
+    the loop sets the schedule's lr into that tensor, and the updates match a float lr's."""
+    import gpt2.train.trainer as trainer
+
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=5, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+              eval_interval=0, save_interval=0, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "float"), **kw))
+    made = []
+
+    def tensor_lr(model, *, lr, weight_decay, device):
+        made.append(torch.optim.AdamW(trainer.param_groups(model, weight_decay),
+                                      lr=torch.tensor(lr), betas=(0.9, 0.95), eps=1e-8))
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "make_optimizer", tensor_lr)
+    monkeypatch.setattr(trainer._Run, "_save", lambda run: None)  # lr tensors: not for JSON
+    train(TrainConfig(out=str(tmp_path / "tensor"), **kw))
+    a, b = ([r for r in read_log(tmp_path / run) if "loss" in r] for run in ("float", "tensor"))
+    assert [r["lr"] for r in b] == [r["lr"] for r in a] == [
+        lr_at(s, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=5) for s in range(5)]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+    for group in made[0].param_groups:
+        assert isinstance(group["lr"], torch.Tensor)
+        assert group["lr"].item() == pytest.approx(a[-1]["lr"], rel=1e-6)  # float32
+
+
 @pytest.mark.parametrize("depth, order", [
     (1, [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),
     (2, [(1, 3), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),

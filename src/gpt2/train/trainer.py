@@ -473,7 +473,10 @@ class _Run:
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
                    max_steps=cfg.max_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # a compiled optimizer's: kept in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         torch.manual_seed(step_seed(cfg.seed, step, info.rank))  # this step's dropout masks
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -485,15 +488,20 @@ class _Run:
                     loss = self.net(x, y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
-        if cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step + 1
         timer.stop()
         return _Launched(self.step, distributed.mean_over_ranks(total, info), lr, timer)
+
+    def _optimizer_step(self) -> None:
+        """Clip the gradients' norm, then AdamW (through the scaler, which unscales
+        fp16's gradients first)."""
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _finish_step(self, launched: _Launched) -> float:
         """Wait for a queued step's loss; check, log and show it."""
