@@ -196,6 +196,10 @@ def read_bandwidth_gbs(mb: int = 1024, reps: int = 5) -> float:
     return src.numel() * 4 / best / 1e9
 
 
+ENGINES = ("hf-fp32", "ours-fp32", "ours-bf16", "ours-int8", "ours-int8wo", "ct2-int8",
+           "ct2-fp32")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -206,14 +210,17 @@ def main() -> int:
                    help=f"prompt tokens (default {PROMPT}); with --new 1 the run is the prompt")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=None, help="torch/CT2 threads (default: all)")
-    p.add_argument("--engines",
-                   default="hf-fp32,ours-fp32,ours-bf16,ours-int8,ours-int8wo,ct2-int8,ct2-fp32")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"comma-separated, from {','.join(ENGINES)} (default: all)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quality", metavar="CHECKPOINT",
                    help="instead: measure bf16/int8 against fp32 on a trained checkpoint")
     p.add_argument("--text", type=Path, default=Path(__file__).parents[1] / "README.md",
                    help="text for --quality (default: README.md)")
     args = p.parse_args()
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES]
+    if unknown:
+        p.error(f"--engines: unknown {', '.join(unknown)}; choose from {','.join(ENGINES)}")
     if args.quality:
         result = quality(args.quality, args.text)
         print(json.dumps(result))

@@ -108,7 +108,18 @@ def avx2_int8(*args):
     return torch.ops.gpt2.int8_linear_avx2(*args)
 
 
+def onednn_int8(x, q, wsum, scale, b):
+    """int8_linear's two halves around oneDNN's int8 x int8 product, whatever the rows
+    (the layers take this way for INT8_ONEDNN_MIN_ROWS rows or more on AVX512-VNNI, and
+    16 inputs or more: PyTorch's product is wrong for one, K = 1)."""
+    if q.shape[1] < 16:
+        return torch.ops.gpt2.int8_linear(x, q, wsum, scale, b)
+    return cpu_kernels._int8_onednn(x, q, wsum, scale, b)
+
+
 INT8_KERNELS = kernels(lambda *args: torch.ops.gpt2.int8_linear(*args), amx_int8, HAS_VNNI)
+if HAS_VNNI and CAN_BUILD:
+    INT8_KERNELS.append(pytest.param(onednn_int8, id="onednn"))
 if HAS_AVX2 and CAN_BUILD:
     INT8_KERNELS.append(pytest.param(avx2_int8, id="avx2"))
 
@@ -168,7 +179,8 @@ def test_bf16_kernels_reject_wrong_inputs_with_a_message(kernel):
 def test_int8_kernels_reject_wrong_inputs_with_a_message(kernel):
     q = torch.ones(8, 32, dtype=torch.int8)
     wsum, scale = q.sum(dim=1, dtype=torch.int32), torch.ones(8)
-    with pytest.raises(RuntimeError, match="width|does not fit"):
+    # (oneDNN's product says it of the two halves: "needs to match")
+    with pytest.raises(RuntimeError, match="width|does not fit|needs to match"):
         kernel(torch.randn(1, 16), q, wsum, scale, None) if kernel is not amx_int8 else \
             torch.ops.gpt2.int8_linear_amx(torch.randn(1, 100), cpu_kernels.amx_layout(q, 4), 8,
                                            wsum, scale, None)  # fmt: skip
@@ -653,16 +665,38 @@ def test_amx_and_vnni_int8_agree_exactly(rows):
     assert torch.equal(amx_int8(x, q, wsum, scale, b), vnni)
 
 
+@pytest.mark.skipif(not (HAS_VNNI and CAN_BUILD), reason="no AVX512-VNNI kernels here")
+@pytest.mark.parametrize("rows", [1, 2, 17, 64, 203, 700])
+@pytest.mark.parametrize(("n_out", "n_in"), [(2304, 768), (37, 100), (3, 1600), (50, 12000)])
+def test_onednn_and_our_int8_products_agree_exactly(rows, n_out, n_in):
+    """Prompts on AVX512-VNNI go through oneDNN's int8 product between our quantizer
+    and epilogue: the same integers and the same float operations as our kernel, so
+    the same result to the bit (tails of 64 inputs and 16 outputs included)."""
+    gen = torch.Generator().manual_seed(rows * 7 + n_in)
+    q, wsum, scale, b = int8_case(rows, n_out, n_in, gen)
+    x = torch.randn(rows, n_in, generator=gen)
+    x[0] *= 1000
+    if rows > 2:
+        x[1] = 0  # scale 1, zero point 0
+        x[2] = x[2].abs()  # zero point 0: the shifted rows' zero is -128
+    for bias in (b, None):
+        ours = torch.ops.gpt2.int8_linear(x, q, wsum, scale, bias)
+        assert torch.equal(onednn_int8(x, q, wsum, scale, bias), ours)
+        assert torch.equal(cpu_kernels._int8_vnni(x, q, wsum, scale, bias), ours)
+
+
 @pytest.mark.parametrize("which", ["bf16_linear", "bf16_linear_amx", "int8_linear",
                                    "int8_linear_amx", "int8_linear_avx2",
                                    "fp32_linear", "fp32_linear_avx2",
                                    "argmax_rows", "argmax_rows_avx2", "gelu_tanh",
                                    "gelu_tanh_avx2", "int8wo_linear",
-                                   "int8wo_linear_amx"])  # fmt: skip
+                                   "int8wo_linear_amx", "int8_quantize_rows",
+                                   "int8_rescale"])  # fmt: skip
 def test_ops_are_well_formed_for_torch_compile(which):
     """Schema, the shapes registered for tracing (torch.compile, the meta device) and
     what the op really returns agree (PyTorch's own checker)."""
     needs = {"bf16_linear": HAS_BF16, "int8_linear": HAS_VNNI, "int8_linear_avx2": HAS_AVX2,
+             "int8_quantize_rows": HAS_VNNI, "int8_rescale": HAS_VNNI,
              "fp32_linear": HAS_AVX512, "argmax_rows": HAS_AVX512, "gelu_tanh": HAS_AVX512,
              "int8wo_linear": HAS_BF16, "gelu_tanh_avx2": HAS_AVX2,
              "argmax_rows_avx2": HAS_AVX2,
@@ -687,6 +721,9 @@ def test_ops_are_well_formed_for_torch_compile(which):
         "gelu_tanh_avx2": (torch.randn(2, 3, 37),),
         "int8wo_linear": (x, q, tail[1], b),
         "int8wo_linear_amx": (x, cpu_kernels.amx_layout(q, 2), 40, tail[1], b),
+        "int8_quantize_rows": (x, torch.empty(3), torch.empty(3, dtype=torch.int32)),
+        "int8_rescale": (torch.randint(-9999, 9999, (3, 40), dtype=torch.int32, generator=gen),
+                         torch.rand(3), torch.randint(-128, 128, (3,), dtype=torch.int32), *tail),
     }[which]
     torch.library.opcheck(getattr(torch.ops.gpt2, which).default, args)
 
@@ -758,6 +795,21 @@ def test_int8_layer_runs_our_kernel_for_decoding_rows_only(cpu, monkeypatch):
     assert calls == [1, 8, most]
     x = torch.randn(64, 5).t()  # (5, 64), not contiguous: copied, same result
     assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+def test_int8_layer_takes_onednns_product_for_prompts_without_amx(monkeypatch):
+    if not (HAS_VNNI and CAN_BUILD):
+        pytest.skip("no AVX512-VNNI kernels here")
+    cpu_kernels.load()
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    layer = Int8Linear.from_weight(torch.randn(96, 64) * 0.1, torch.randn(96) * 0.1)
+    least = cpu_kernels.INT8_ONEDNN_MIN_ROWS
+    for rows in (least - 1, least, 3 * least):
+        x = torch.randn(rows, 64)
+        names = ops_run(lambda x=x: layer(x))
+        assert ("aten::_int_mm" in names) == (rows >= least), rows
+        assert ("gpt2::int8_linear" in names) == (rows < least), rows
+        assert torch.equal(layer(x), torch.ops.gpt2.int8_linear(x, *layer._native.args))
 
 
 @pytest.mark.parametrize("amx", [True, False])

@@ -12,6 +12,9 @@
 //       quantized on the fly to 8 bits over its own range (asymmetric, as FBGEMM does
 //       for one row), times an int8 weight (out, in) with one scale per output channel
 //       (AVX512-VNNI `vpdpbusd`, exact int32 sums), rescaled to fp32 with the bias.
+//   gpt2::int8_quantize_rows(x, scale!, zero!), gpt2::int8_rescale(acc, scale, zero,
+//       weight_sum, weight_scale, bias?)  int8_linear in two halves, around
+//       oneDNN's int8 x int8 product (torch._int_mm) for prompts
 //   gpt2::bf16_linear_amx / int8_linear_amx / int8wo_linear_amx  the same products on Intel AMX
 //       tiles, over a copy of the weight laid out for them (see "AMX" below).
 //   gpt2::int8_linear_avx2  int8 on CPUs with AVX2 only (7-bit activations).
@@ -645,6 +648,87 @@ Tensor int8_linear(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_sca
                             [](auto rows_now, auto... args) {
                               int8_rows<decltype(rows_now)::value>(args...);
                             });
+}
+
+// ---- int8 rows for oneDNN's int8 x int8 product (prompts, AVX512-VNNI without AMX) --------
+// gpt2/cpu_kernels.py multiplies many rows by torch._int_mm (oneDNN), between these two:
+// int8_quantize_rows quantizes each row as int8_linear does, shifted to int8 (q - 128,
+// the bytes' top bit flipped) with zero[r] = z - 128, so x ~= s (q8 - zero); then
+// int8_rescale is int8_linear's epilogue, the same float operations on the same int32
+// sums (sum q8 w - zero wsum = sum q w - z wsum), in place: the two paths agree to the bit.
+
+GPT2_VNNI void flip_top_bits(uint8_t* q, int64_t n) {
+  const __m512i top = _mm512_set1_epi8((char)0x80);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    _mm512_storeu_si512(q + i, _mm512_xor_si512(_mm512_loadu_si512(q + i), top));
+  for (; i < n; i++) q[i] ^= 0x80;
+}
+
+Tensor int8_quantize_rows(Tensor x, Tensor scale, Tensor zero) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
+                  "gpt2 CPU kernel int8_quantize_rows: this CPU has no AVX512-VNNI");
+  check_matrix(x, ScalarType::Float, "x");
+  const int64_t rows = x.size(0), in = x.size(1);
+  check_vector(scale, ScalarType::Float, rows, "scale");
+  check_vector(zero, ScalarType::Int, rows, "zero");
+  Tensor q = torch::stable::new_empty(x, {rows, in}, ScalarType::Char);
+  auto* qp = (uint8_t*)q.mutable_data_ptr();
+  const auto* xp = (const float*)x.const_data_ptr();
+  auto* sp = (float*)scale.mutable_data_ptr();
+  auto* zp = (int32_t*)zero.mutable_data_ptr();
+  torch::stable::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      quantize_row(xp + r * in, in, qp + r * in, sp + r, zp + r);
+      flip_top_bits(qp + r * in, in);
+      zp[r] -= 128;
+    }
+  });
+  return q;
+}
+
+GPT2_VNNI void rescale_row(const int32_t* acc, float xs, int32_t xz, const int32_t* wsum,
+                           const float* ws, const float* b, float* y, int64_t out) {
+  const __m512i row_zero = _mm512_set1_epi32(xz);
+  const __m512 row_scale = _mm512_set1_ps(xs);
+  for (int64_t o = 0; o < out; o += 16) {
+    const int64_t left = out - o;
+    const __mmask16 valid = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    const __m512i dot = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(valid, acc + o),
+                                         _mm512_mullo_epi32(row_zero, _mm512_maskz_loadu_epi32(valid, wsum + o)));
+    __m512 yv = _mm512_mul_ps(_mm512_cvtepi32_ps(dot),
+                              _mm512_mul_ps(row_scale, _mm512_maskz_loadu_ps(valid, ws + o)));
+    if (b) yv = _mm512_add_ps(yv, _mm512_maskz_loadu_ps(valid, b + o));
+    _mm512_mask_storeu_ps(y + o, valid, yv);
+  }
+}
+
+// In place: acc's int32 sums become the fp32 results (the caller views it as float32),
+// so a prompt's product writes into memory it has just touched instead of a new tensor.
+void int8_rescale(Tensor acc, Tensor scale, Tensor zero, Tensor weight_sum, Tensor weight_scale,
+                  std::optional<Tensor> bias) {
+  STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
+                  "gpt2 CPU kernel int8_rescale: this CPU has no AVX512-VNNI");
+  check_matrix(acc, ScalarType::Int, "acc");
+  const int64_t rows = acc.size(0), out = acc.size(1);
+  check_vector(scale, ScalarType::Float, rows, "scale");
+  check_vector(zero, ScalarType::Int, rows, "zero");
+  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_vector(*bias, ScalarType::Float, out, "bias");
+    b = (const float*)bias->const_data_ptr();
+  }
+  auto* ap = (int32_t*)acc.mutable_data_ptr();
+  const auto* sp = (const float*)scale.const_data_ptr();
+  const auto* zp = (const int32_t*)zero.const_data_ptr();
+  const auto* wsum = (const int32_t*)weight_sum.const_data_ptr();
+  const auto* ws = (const float*)weight_scale.const_data_ptr();
+  torch::stable::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      rescale_row(ap + r * out, sp[r], zp[r], wsum, ws, b, (float*)(ap + r * out), out);
+  });
 }
 
 // ---- int8 on AVX2: CPUs without AVX-512 (most laptops) -----------------------------------
@@ -1341,6 +1425,9 @@ STABLE_TORCH_LIBRARY(gpt2, m) {
         "Tensor? bias) -> Tensor");
   m.def("int8_linear_avx2(Tensor x, Tensor weight, Tensor weight_sum, Tensor weight_scale, "
         "Tensor? bias) -> Tensor");
+  m.def("int8_quantize_rows(Tensor x, Tensor(a!) scale, Tensor(b!) zero) -> Tensor");
+  m.def("int8_rescale(Tensor(a!) acc, Tensor scale, Tensor zero, Tensor weight_sum, "
+        "Tensor weight_scale, Tensor? bias) -> ()");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("argmax_rows_avx2(Tensor x) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
@@ -1369,6 +1456,8 @@ STABLE_TORCH_LIBRARY_IMPL(gpt2, CPU, m) {
   m.impl("fp32_linear_avx2", TORCH_BOX(&fp32_linear_avx2));
   m.impl("int8_linear", TORCH_BOX(&int8_linear));
   m.impl("int8_linear_avx2", TORCH_BOX(&int8_linear_avx2));
+  m.impl("int8_quantize_rows", TORCH_BOX(&int8_quantize_rows));
+  m.impl("int8_rescale", TORCH_BOX(&int8_rescale));
   m.impl("int8_linear_amx", TORCH_BOX(&int8_linear_amx));
   m.impl("bf16_linear_amx", TORCH_BOX(&bf16_linear_amx));
 }

@@ -86,6 +86,11 @@ BF16_MAX_ROWS = 8
 # 1.0-1.3x; the LM head 1.16x) and widening the weight to bf16 past 64 (128 rows
 # 1.45-2.1x, 512 1.4-1.8x), and the layer keeps no FBGEMM copy of its weight.
 INT8_MAX_ROWS = 8192
+# From this many rows on (prompts), AVX512-VNNI int8 without AMX multiplies through
+# oneDNN instead (torch._int_mm, int8 x int8 -> int32, on the weight as stored, transposed
+# by a view: no copy), between our kernel's two halves (gpt2::int8_quantize_rows and
+# gpt2::int8_rescale), so the result is our kernel's to the bit. bench/CPU_NOTES.md.
+INT8_ONEDNN_MIN_ROWS = 64
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
 # its arithmetic from 4), and, in slices as int8 above, 1.1-2.8x it (to 32 rows) and
@@ -99,6 +104,11 @@ INT8WO_MAX_ROWS = 64
 AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 8192
 AMX_INT8_MAX_ROWS = 8192
+# From this many rows on (prompts), AVX512-VNNI int8 without AMX multiplies through
+# oneDNN instead (torch._int_mm, int8 x int8 -> int32, on the weight as stored, transposed
+# by a view: no copy), between our kernel's two halves (gpt2::int8_quantize_rows and
+# gpt2::int8_rescale), so the result is our kernel's to the bit. bench/CPU_NOTES.md.
+INT8_ONEDNN_MIN_ROWS = 64
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
 # the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:
 # MKL's matrix-vector product is as fast.
@@ -245,12 +255,34 @@ def kernel_for_int8(
         return Kernel(torch.ops.gpt2.int8_linear_amx, (amx_layout(q, 4), q.shape[0], *tail),
                       AMX_INT8_MAX_ROWS, "AMX", 4)  # fmt: skip
     if int8_available():
-        return Kernel(torch.ops.gpt2.int8_linear, (q.contiguous(), *tail), INT8_MAX_ROWS,
+        return Kernel(_int8_vnni, (q.contiguous(), *tail), INT8_MAX_ROWS,
                       "AVX512-VNNI")  # fmt: skip
     if _cpu_has("_is_avx2_supported") and load():
         return Kernel(torch.ops.gpt2.int8_linear_avx2, (q.contiguous(), *tail),
                       AVX2_INT8_MAX_ROWS, "AVX2")  # fmt: skip
     return None
+
+
+def _int8_vnni(x: torch.Tensor, weight: torch.Tensor, weight_sum: torch.Tensor,
+               weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gpt2::int8_linear, with oneDNN's product for INT8_ONEDNN_MIN_ROWS rows or more."""
+    # (torch._int_mm summed garbage for a single input, K = 1, in PyTorch 2.13; weights
+    # that narrow gain nothing from it anyway)
+    if x.shape[0] >= INT8_ONEDNN_MIN_ROWS and weight.shape[1] >= 16:
+        return _int8_onednn(x, weight, weight_sum, weight_scale, bias)
+    return torch.ops.gpt2.int8_linear(x, weight, weight_sum, weight_scale, bias)
+
+
+def _int8_onednn(x: torch.Tensor, weight: torch.Tensor, weight_sum: torch.Tensor,
+                 weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gpt2::int8_linear's two halves around oneDNN's int8 x int8 product."""
+    rows = x.shape[0]
+    scale = x.new_empty(rows)
+    zero = x.new_empty(rows, dtype=torch.int32)
+    q = torch.ops.gpt2.int8_quantize_rows(x, scale, zero)  # (rows, in) int8
+    sums = torch._int_mm(q, weight.t())  # (rows, out) int32; the weight's transposed view
+    torch.ops.gpt2.int8_rescale(sums, scale, zero, weight_sum, weight_scale, bias)
+    return sums.view(torch.float32)  # rescaled in place
 
 
 def _row_sums(q: torch.Tensor, rows: int = 256) -> torch.Tensor:
@@ -376,6 +408,9 @@ def _register_shapes() -> None:
         torch.library.register_fake(name)(lambda x, w, b: rows_by(x, w.shape[0]))
     for name in ("gpt2::int8_linear", "gpt2::int8_linear_avx2"):
         torch.library.register_fake(name)(lambda x, w, wsum, s, b: rows_by(x, w.shape[0]))
+    torch.library.register_fake("gpt2::int8_quantize_rows")(
+        lambda x, scale, zero: torch.empty_like(x, dtype=torch.int8))
+    torch.library.register_fake("gpt2::int8_rescale")(lambda acc, s, z, wsum, ws, b: None)
     for name in ("gpt2::argmax_rows", "gpt2::argmax_rows_avx2"):
         torch.library.register_fake(name)(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
     torch.library.register_fake("gpt2::gelu_tanh")(torch.empty_like)

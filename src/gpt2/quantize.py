@@ -414,8 +414,9 @@ class Int8Linear(_KernelCopy):
         gpt2's own kernel on x86 CPUs with AMX, AVX512-VNNI or AVX2, else FBGEMM) or "bf16"
         (weight-only: gpt2's own kernel on CPUs with AVX512-BF16, else PyTorch's). On AMX
         our kernels take prompts too (weight-only 256 rows a call), and so does int8's on
-        AVX512-VNNI; past the rows a kernel takes (elsewhere FBGEMM's 64 int8, 32
-        weight-only), a bf16 matmul on CPUs with native bf16."""
+        AVX512-VNNI (from 64 rows around oneDNN's int8 product); past the rows a kernel
+        takes (elsewhere FBGEMM's 64 int8, 32 weight-only), a bf16 matmul on CPUs with
+        native bf16."""
         int8 = self._packed is not None or self._native is not None
         return "int8" if int8 and self.activations == "int8" else "bf16"
 
