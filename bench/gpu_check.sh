@@ -29,6 +29,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 case "$1" in
   train)
+    # the pipelined loop on the GPU logs each step's own loss (a CPU run's)
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py \
+      -k "pipelined_gpu_loop" 2>&1 | tee "$OUT/tests.log"
     timeout 240 "$PY" bench/gpu.py --sections train,trainer --no-train-tuned --out "$OUT" \
       2>&1 | tee "$OUT/train.log"
     mkdir -p "$OUT/loop"

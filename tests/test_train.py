@@ -896,6 +896,26 @@ def test_compiled_training_runs_the_model_and_loss_as_one_graph(tmp_path, monkey
         assert b[step] == pytest.approx(a[step], abs=1e-5, rel=0), step
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_pipelined_gpu_loop_logs_the_losses_a_cpu_run_logs(tmp_path):
+    """On a GPU each step's loss is copied to the host at the end of its own step and
+    read once the next step is queued: the log must hold each step's own loss, as a
+    CPU run logs it (fp32; the GPU's TF32 products stay within 1e-3 here, where
+    consecutive steps' losses differ by 3e-3 or more), and step times > 0."""
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=9, lr=3e-3, warmup_steps=2, grad_accum=2,
+              eval_interval=4, eval_steps=2, save_interval=5, dtype="fp32")
+    train(TrainConfig(out=str(tmp_path / "cpu"), device="cpu", **kw))
+    train(TrainConfig(out=str(tmp_path / "gpu"), device="cuda", **kw))
+    a, b = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
+    assert [sorted(r) for r in b] == [sorted(r) for r in a]
+    for x, y in zip(a, b, strict=True):
+        assert x["step"] == y["step"]
+        key = "loss" if "loss" in x else "val_loss"
+        assert y[key] == pytest.approx(x[key], rel=1e-3), (x, y)
+        assert y.get("tokens_per_s", 1) > 0
+
+
 def test_an_optimizer_with_a_tensor_lr_follows_the_schedule(tmp_path, monkeypatch):
     """A compiled optimizer keeps its lr as a tensor (a new float would recompile it):
     the loop sets the schedule's lr into that tensor, and the updates match a float lr's."""

@@ -235,9 +235,14 @@ class _StepTimer:
             self.events[1].record()
         self.ended = time.perf_counter()
 
-    def seconds(self) -> float:
+    def wait(self) -> None:
+        """Until the device has done the step's work (on a CPU it has)."""
         if self.events is not None:
             self.events[1].synchronize()
+
+    def seconds(self) -> float:
+        if self.events is not None:
+            self.wait()
             return self.events[0].elapsed_time(self.events[1]) / 1e3
         return self.ended - self.started
 
@@ -491,8 +496,14 @@ class _Run:
         self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step + 1
-        timer.stop()
-        return _Launched(self.step, distributed.mean_over_ranks(total, info), lr, timer)
+        loss = distributed.mean_over_ranks(total, info)
+        if self.device.type == "cuda":
+            # copied to the host here, in the step's own place in the stream: a .item()
+            # once the next step is queued would copy behind that step and wait for it
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            loss = host.copy_(loss, non_blocking=True)
+        timer.stop()  # (after the copy: waiting for the timer's end waits for it too)
+        return _Launched(self.step, loss, lr, timer)
 
     def _optimizer_step(self) -> None:
         """Clip the gradients' norm, then AdamW (through the scaler, which unscales
@@ -506,7 +517,8 @@ class _Run:
     def _finish_step(self, launched: _Launched) -> float:
         """Wait for a queued step's loss; check, log and show it."""
         cfg = self.cfg
-        loss_value = launched.loss.item()  # waits for the device
+        launched.timer.wait()  # for the device to finish the step (and its loss's copy)
+        loss_value = launched.loss.item()
         if not math.isfinite(loss_value):
             raise GPT2Error(f"the loss became {loss_value} at step {launched.step}; lower --lr, "
                             "raise --warmup-steps or use --dtype bf16/fp32")
