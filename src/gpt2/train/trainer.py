@@ -249,7 +249,8 @@ class _StepTimer:
 
 @dataclass
 class _Launched:
-    """A queued optimizer step: its number (counted from 1), loss on the device, lr."""
+    """A queued optimizer step: its number (counted from 1), its loss (on a GPU, the
+    pinned host tensor the loss is being copied into), its lr and its timer."""
 
     step: int
     loss: torch.Tensor
@@ -471,8 +472,8 @@ class _Run:
 
     def _launch_step(self, after: _Launched | None) -> _Launched:
         """Queue one optimizer step (on a GPU it runs while Python goes on) behind
-        `after`, the step queued before it if its loss is unread; the step's loss stays
-        on the device until _finish_step reads it."""
+        `after`, the step queued before it if its loss is unread; _finish_step reads
+        the step's loss."""
         cfg, info, step = self.cfg, self.info, self.step
         timer = _StepTimer(self.device, after.timer if after is not None else None)
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
