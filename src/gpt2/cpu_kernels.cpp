@@ -592,16 +592,20 @@ struct Int8Call {
   float* yp;
 };
 
+// The per-channel arguments of the int8 ops, checked; the bias's data (nullptr: none).
+const float* check_channel_params(const Tensor& weight_sum, const Tensor& weight_scale,
+                                  const std::optional<Tensor>& bias, int64_t out) {
+  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
+  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
+  if (!bias.has_value()) return nullptr;
+  check_vector(*bias, ScalarType::Float, out, "bias");
+  return (const float*)bias->const_data_ptr();
+}
+
 Int8Call int8_call(const Tensor& x, int64_t out, const Tensor& weight_sum,
                    const Tensor& weight_scale, const std::optional<Tensor>& bias) {
   check_matrix(x, ScalarType::Float, "x");
-  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
-  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
+  const float* b = check_channel_params(weight_sum, weight_scale, bias, out);
   const int64_t rows = x.size(0);
   Tensor y = torch::stable::new_empty(x, {rows, out});
   return {rows, x.size(1), out, (const float*)x.const_data_ptr(),
@@ -665,13 +669,18 @@ GPT2_VNNI void flip_top_bits(uint8_t* q, int64_t n) {
   for (; i < n; i++) q[i] ^= 0x80;
 }
 
+// A prompt's rows as int8_quantize_rows leaves them: a scale and a zero point per row.
+void check_row_params(const Tensor& scale, const Tensor& zero, int64_t rows) {
+  check_vector(scale, ScalarType::Float, rows, "scale");
+  check_vector(zero, ScalarType::Int, rows, "zero");
+}
+
 Tensor int8_quantize_rows(Tensor x, Tensor scale, Tensor zero) {
   STD_TORCH_CHECK(__builtin_cpu_supports("avx512vnni"),
                   "gpt2 CPU kernel int8_quantize_rows: this CPU has no AVX512-VNNI");
   check_matrix(x, ScalarType::Float, "x");
   const int64_t rows = x.size(0), in = x.size(1);
-  check_vector(scale, ScalarType::Float, rows, "scale");
-  check_vector(zero, ScalarType::Int, rows, "zero");
+  check_row_params(scale, zero, rows);
   Tensor q = torch::stable::new_empty(x, {rows, in}, ScalarType::Char);
   auto* qp = (uint8_t*)q.mutable_data_ptr();
   const auto* xp = (const float*)x.const_data_ptr();
@@ -711,15 +720,8 @@ void int8_rescale(Tensor acc, Tensor scale, Tensor zero, Tensor weight_sum, Tens
                   "gpt2 CPU kernel int8_rescale: this CPU has no AVX512-VNNI");
   check_matrix(acc, ScalarType::Int, "acc");
   const int64_t rows = acc.size(0), out = acc.size(1);
-  check_vector(scale, ScalarType::Float, rows, "scale");
-  check_vector(zero, ScalarType::Int, rows, "zero");
-  check_vector(weight_sum, ScalarType::Int, out, "weight_sum");
-  check_vector(weight_scale, ScalarType::Float, out, "weight_scale");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_vector(*bias, ScalarType::Float, out, "bias");
-    b = (const float*)bias->const_data_ptr();
-  }
+  check_row_params(scale, zero, rows);
+  const float* b = check_channel_params(weight_sum, weight_scale, bias, out);
   auto* ap = (int32_t*)acc.mutable_data_ptr();
   const auto* sp = (const float*)scale.const_data_ptr();
   const auto* zp = (const int32_t*)zero.const_data_ptr();
