@@ -112,7 +112,7 @@ def onednn_int8(x, q, wsum, scale, b):
     """int8_linear's two halves around oneDNN's int8 x int8 product, whatever the rows
     (the layers take this way for INT8_ONEDNN_MIN_ROWS rows or more on AVX512-VNNI, and
     16 inputs or more: PyTorch's product is wrong for one, K = 1)."""
-    if q.shape[1] < 16:
+    if q.shape[1] < cpu_kernels.INT8_ONEDNN_MIN_INPUTS:
         return torch.ops.gpt2.int8_linear(x, q, wsum, scale, b)
     return cpu_kernels._int8_onednn(x, q, wsum, scale, b)
 

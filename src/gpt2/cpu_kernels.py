@@ -91,6 +91,9 @@ INT8_MAX_ROWS = 8192
 # by a view: no copy), between our kernel's two halves (gpt2::int8_quantize_rows and
 # gpt2::int8_rescale), so the result is our kernel's to the bit. bench/CPU_NOTES.md.
 INT8_ONEDNN_MIN_ROWS = 64
+# ... and weights of this many inputs or more (torch._int_mm summed garbage for one
+# input, K = 1, in PyTorch 2.13; weights that narrow gain nothing from it anyway)
+INT8_ONEDNN_MIN_INPUTS = 16
 AVX2_INT8_MAX_ROWS = 8  # about FBGEMM's (AVX-512) speed at 4-8 rows here, faster at 1-3
 # int8 weights x bf16 rows: AVX512-BF16 1.5x _weight_int8pack_mm at 1-8 rows (bound by
 # its arithmetic from 4), and, in slices as int8 above, 1.1-2.8x it (to 32 rows) and
@@ -104,11 +107,6 @@ INT8WO_MAX_ROWS = 64
 AMX_INT8WO_MAX_ROWS = 256
 AMX_BF16_MAX_ROWS = 8192
 AMX_INT8_MAX_ROWS = 8192
-# From this many rows on (prompts), AVX512-VNNI int8 without AMX multiplies through
-# oneDNN instead (torch._int_mm, int8 x int8 -> int32, on the weight as stored, transposed
-# by a view: no copy), between our kernel's two halves (gpt2::int8_quantize_rows and
-# gpt2::int8_rescale), so the result is our kernel's to the bit. bench/CPU_NOTES.md.
-INT8_ONEDNN_MIN_ROWS = 64
 # fp32 at 2-8 rows: 1.1-1.35x oneDNN's product on its packed copy of the weight, without
 # the copy; at 16 rows (two passes over the weight) 10% slower in generate(). One row:
 # MKL's matrix-vector product is as fast.
@@ -266,9 +264,7 @@ def kernel_for_int8(
 def _int8_vnni(x: torch.Tensor, weight: torch.Tensor, weight_sum: torch.Tensor,
                weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gpt2::int8_linear, with oneDNN's product for INT8_ONEDNN_MIN_ROWS rows or more."""
-    # (torch._int_mm summed garbage for a single input, K = 1, in PyTorch 2.13; weights
-    # that narrow gain nothing from it anyway)
-    if x.shape[0] >= INT8_ONEDNN_MIN_ROWS and weight.shape[1] >= 16:
+    if x.shape[0] >= INT8_ONEDNN_MIN_ROWS and weight.shape[1] >= INT8_ONEDNN_MIN_INPUTS:
         return _int8_onednn(x, weight, weight_sum, weight_scale, bias)
     return torch.ops.gpt2.int8_linear(x, weight, weight_sum, weight_scale, bias)
 
