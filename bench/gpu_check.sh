@@ -7,6 +7,9 @@
 #                                   # timed alone and 5 back to back, transformers
 #                                   # beside ours; then the `gpt2 train` loop itself),
 #                                   # then the loop's variants (gpu_profile.py trainer)
+#   bash bench/gpu_check.sh loss    # ~200 s: the fused cross-entropy's tests on the GPU,
+#                                   # the loss alone (compiled F.cross_entropy against the
+#                                   # kernel's settings), then the loop with each loss
 #   bash bench/gpu_check.sh fused   # ~480 s: the fused decode-attention kernel's
 #                                   # tests on the GPU, then it against the default
 #                                   # at batch 1 and batch 32 (gpu_profile.py)
@@ -16,8 +19,8 @@
 #
 # Nothing is installed: the package is used from src/ through PYTHONPATH.
 set -uo pipefail
-case "${1:-}" in train|fused|fused-b1|full) ;;
-  *) echo "usage: bash bench/gpu_check.sh train|fused|fused-b1|full" >&2; exit 2;; esac
+case "${1:-}" in train|loss|fused|fused-b1|full) ;;
+  *) echo "usage: bash bench/gpu_check.sh train|loss|fused|fused-b1|full" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -37,6 +40,15 @@ case "$1" in
     mkdir -p "$OUT/loop"
     timeout 150 "$PY" bench/gpu_profile.py --sections trainer --budget-s 140 --out "$OUT/loop" \
       --trainer-variants default,no_clip,compiled_optimizer 2>&1 | tee "$OUT/loop.log"
+    ;;
+  loss)
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      tests/test_train.py -k "cross_entropy or pipelined_gpu_loop or full_width" 2>&1 \
+      | tee "$OUT/tests.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu_check: tests failed; not timing"; exit 1; }
+    mkdir -p "$OUT/loss"
+    timeout 170 "$PY" bench/gpu_profile.py --sections loss,trainer --budget-s 160 \
+      --out "$OUT/loss" --trainer-variants default,compiled_loss 2>&1 | tee "$OUT/loss.log"
     ;;
   fused|fused-b1)
     # correctness first: a kernel that is wrong on the GPU must not be timed

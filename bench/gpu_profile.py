@@ -33,8 +33,13 @@ kernels, heaviest first, of:
              the Python time to queue a step, the synchronising CUDA calls and the
              kernels of a few steps; variants without gradient clipping, with a
              deeper pipeline, without host-to-device batches, with one AdamW
-             parameter group, with the clipping and optimizer step compiled
-             (--trainer-variants)
+             parameter group, with the clipping and optimizer step compiled, with
+             the compiled F.cross_entropy instead of gpt2.gpu_kernels.cross_entropy
+             (compiled_loss) (--trainer-variants)
+    loss     the training loss alone at 16 x 1024 (bf16 logits, 50,304 wide, the pad at
+             -inf), forward and backward timed apart: the compiled F.cross_entropy
+             against gpt2.gpu_kernels.cross_entropy at each CE_BLOCK x CE_NUM_WARPS
+             of --loss-settings, the loss and gradient compared with the compiled one's
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -467,6 +472,7 @@ def section_trainer(a, clock: Clock) -> dict:
         "gpu_batches": ({}, ((trainer._Run, "_batch", batch_on_device),)),
         "one_group": ({}, ((trainer, "param_groups", one_group),)),
         # (its lr tensor does not go into a checkpoint's optimizer.json: no saving)
+        "compiled_loss": ({}, ((trainer, "FUSED_LOSS_ON_GPU", False),)),
         "compiled_optimizer": ({}, ((trainer, "make_optimizer", compiled_optimizer),
                                     (trainer._Run, "_optimizer_step", compiled_optimizer_step),
                                     (trainer._Run, "_save", lambda run: None))),
@@ -543,6 +549,71 @@ def section_trainer(a, clock: Clock) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- loss
+
+
+def section_loss(a, clock: Clock) -> dict:
+    """The training loss alone, forward and backward timed apart (CUDA events, median
+    of 4 x --runs after 3 warm-ups): (16384, 50304) bf16 logits, the last 47 columns at
+    -inf as the trainer's full-width head makes them. "compiled": torch.compile of
+    F.cross_entropy(logits.float(), targets) (the trainer's before); then
+    gpt2.gpu_kernels.cross_entropy (mean) at each CE_BLOCK x CE_NUM_WARPS in
+    --loss-settings, its loss and gradient compared with the compiled one's."""
+    import torch.nn.functional as F
+
+    from gpt2 import gpu_kernels
+
+    N, V, pad = 16384, 50257, 47
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(N, V + pad, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    logits[:, V:] = float("-inf")
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    runs = 4 * a.runs
+
+    def measure(fn) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        times = {"forward": [], "backward": []}
+        for i in range(3 + runs):
+            x = logits.detach().requires_grad_()
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            loss = fn(x, targets)
+            marks[1].record()
+            loss.backward()
+            marks[2].record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times["forward"].append(marks[0].elapsed_time(marks[1]))
+                times["backward"].append(marks[1].elapsed_time(marks[2]))
+        r = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+        return r, loss.detach(), x.grad
+
+    out: dict = {}
+    compiled = torch.compile(lambda x, t: F.cross_entropy(x.float(), t))
+    out["compiled"], want, want_grad = measure(compiled)
+    print(f"\nloss {N} x {V + pad} bf16, forward / backward ms")
+    print(f"  compiled F.cross_entropy      {out['compiled']['forward_ms']:6.3f} / "
+          f"{out['compiled']['backward_ms']:6.3f}")
+    saved = gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS
+    try:
+        for setting in a.loss_settings:
+            if clock.left() < 10:
+                out[setting] = {"skipped": "time budget"}
+                continue
+            block, warps = (int(v) for v in setting.split("x"))
+            gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS = block, warps
+            r, loss, grad = measure(lambda x, t: gpu_kernels.cross_entropy(x, t).mean())
+            r["loss_diff"] = abs(loss.item() - want.item())
+            r["grad_max_abs_diff"] = (grad.float() - want_grad.float()).abs().max().item()
+            out[f"fused_{setting}"] = r
+            print(f"  fused, block {block:5d}, {warps:2d} warps  {r['forward_ms']:6.3f} / "
+                  f"{r['backward_ms']:6.3f}   loss diff {r['loss_diff']:.1e}, grad "
+                  f"{r['grad_max_abs_diff']:.1e}")
+    finally:
+        gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS = saved
+    free(torch.device("cuda"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON")
@@ -560,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_one_row_realize_tuned,graph_one_row_fused_tuned,"
                    "graph_compiled_layer_fused_tuned,graph_fused")
     p.add_argument("--trainer-variants",
-                   default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer")
+                   default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer,"
+                   "compiled_loss")
+    p.add_argument("--loss-settings", default="1024x4,2048x4,2048x8,4096x8,4096x16,8192x16",
+                   help="CE_BLOCK x CE_NUM_WARPS settings the loss section times")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,
@@ -568,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.train_variants = set(a.train_variants.split(","))
     a.trainer_variants = set(a.trainer_variants.split(","))
+    a.loss_settings = a.loss_settings.split(",")
     a.decode_variants = a.decode_variants.split(",")  # in this order
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; nothing to profile")
@@ -578,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(a.out) / "gpu_profile.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     for name in a.sections.split(","):
-        fn = {"train": section_train, "decode": section_decode, "trainer": section_trainer}[name]
+        fn = {"train": section_train, "decode": section_decode, "trainer": section_trainer,
+              "loss": section_loss}[name]
         result[name] = fn(a, clock)
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"\ntotal {time.perf_counter() - clock.start:.0f} s; wrote {path}")

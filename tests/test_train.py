@@ -141,17 +141,33 @@ def test_padded_head_gives_the_loss_and_gradients_of_the_plain_head():
         torch.testing.assert_close(a, b)
 
 
-def test_full_width_loss_gives_the_loss_and_gradients_of_the_plain_head():
+@pytest.mark.parametrize("fused", [False, True])
+def test_full_width_loss_gives_the_loss_and_gradients_of_the_plain_head(request, monkeypatch,
+                                                                        fused):
     """ModelLoss over the padded head's logits (pad at -inf, what GPU training runs) against
-    the plain loss over x @ wte.T: same loss, same gradient for every parameter."""
+    the plain loss over x @ wte.T: same loss, same gradient for every parameter; through
+    F.cross_entropy, and through gpt2.gpu_kernels.cross_entropy (the GPU's loss; on a
+    GPU where there is one, else through Triton's interpreter)."""
+    import gpt2.train.trainer
+    from gpt2 import gpu_kernels
     from gpt2.model import full_width_head
     from gpt2.train.trainer import ModelLoss
 
+    monkeypatch.setattr(gpt2.train.trainer, "FUSED_LOSS_ON_GPU", fused)
+    used = []  # calls of the fused loss
+    device = "cpu"
+    if fused:
+        device = request.getfixturevalue("triton_device")  # skips without Triton
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(gpu_kernels, "cross_entropy",
+                            lambda *a, real=gpu_kernels.cross_entropy: used.append(1) or real(*a))
+
     torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_vocab=1000, n_ctx=64)).train()
+    model = GPT2(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_vocab=1000, n_ctx=64))
+    model = model.train().to(device)
     model.drop.p = 0.0  # the two passes must see the same network
-    x = torch.randint(0, 1000, (3, 33))
-    logits = full_width_head(torch.randn(2, 64), model.wte.weight)
+    x = torch.randint(0, 1000, (3, 33), device=device)
+    logits = full_width_head(torch.randn(2, 64, device=device), model.wte.weight)
     assert logits.shape == (2, 1024) and torch.isinf(logits[:, 1000:]).all()  # 24 pad columns
     results = []
     for full in (False, True):
@@ -160,7 +176,7 @@ def test_full_width_loss_gives_the_loss_and_gradients_of_the_plain_head():
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (full, full_grads) = results
-    assert torch.isfinite(full)
+    assert torch.isfinite(full) and len(used) == int(fused)
     torch.testing.assert_close(full, plain)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(full_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
@@ -901,14 +917,15 @@ def test_the_pipelined_gpu_loop_logs_the_losses_a_cpu_run_logs(tmp_path):
     """On a GPU each step's loss is copied to the host at the end of its own step and
     read once the next step is queued: the log must hold each step's own loss, as a
     CPU run logs it (fp32; the GPU's TF32 products stay within 1e-3 here, where
-    consecutive steps' losses differ by 3e-3 or more), and step times > 0."""
+    consecutive steps' losses differ by 3e-3 or more), and step times > 0. (A GPU's
+    step records add MFU, where its peak is known.)"""
     data = synthetic(tmp_path / "d")
     kw = dict(data=str(data), **TINY, max_steps=9, lr=3e-3, warmup_steps=2, grad_accum=2,
               eval_interval=4, eval_steps=2, save_interval=5, dtype="fp32")
     train(TrainConfig(out=str(tmp_path / "cpu"), device="cpu", **kw))
     train(TrainConfig(out=str(tmp_path / "gpu"), device="cuda", **kw))
     a, b = read_log(tmp_path / "cpu"), read_log(tmp_path / "gpu")
-    assert [sorted(r) for r in b] == [sorted(r) for r in a]
+    assert [sorted(r.keys() - {'mfu'}) for r in b] == [sorted(r) for r in a]
     for x, y in zip(a, b, strict=True):
         assert x["step"] == y["step"]
         key = "loss" if "loss" in x else "val_loss"
