@@ -3,10 +3,11 @@
 # machine with a CUDA GPU and PyTorch, Triton, transformers and pytest already
 # installed. Run from the repository root; JSON and logs go to $OUT (default ./gpu-out).
 #
-#   bash bench/gpu_check.sh train   # ~170 s: bench/gpu.py train + trainer (one step
+#   bash bench/gpu_check.sh train   # ~250 s: bench/gpu.py train + trainer (one step
 #                                   # timed alone and 5 back to back, transformers
 #                                   # beside ours; then the `gpt2 train` loop itself),
-#                                   # then the loop's variants (gpu_profile.py trainer)
+#                                   # then the loop's variants (gpu_profile.py trainer:
+#                                   # default, no clipping, clipping inside AdamW)
 #   bash bench/gpu_check.sh loss    # ~200 s: the fused cross-entropy's tests on the GPU,
 #                                   # the loss alone (compiled F.cross_entropy against the
 #                                   # kernel's settings), then the loop with each loss
@@ -39,7 +40,7 @@ case "$1" in
       2>&1 | tee "$OUT/train.log"
     mkdir -p "$OUT/loop"
     timeout 150 "$PY" bench/gpu_profile.py --sections trainer --budget-s 140 --out "$OUT/loop" \
-      --trainer-variants default,no_clip,compiled_optimizer 2>&1 | tee "$OUT/loop.log"
+      --trainer-variants default,no_clip,clip_in_adamw 2>&1 | tee "$OUT/loop.log"
     ;;
   loss)
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \

@@ -35,11 +35,12 @@ kernels, heaviest first, of:
              deeper pipeline, without host-to-device batches, with one AdamW
              parameter group, with the clipping and optimizer step compiled, with
              the compiled F.cross_entropy instead of gpt2.gpu_kernels.cross_entropy
-             (compiled_loss) (--trainer-variants)
+             (compiled_loss), with the clipping as the fused AdamW's grad_scale
+             (clip_in_adamw, CLIP_IN_FUSED_ADAMW) (--trainer-variants)
     loss     the training loss alone at 16 x 1024 (bf16 logits, 50,304 wide, the pad at
              -inf), forward and backward timed apart: the compiled F.cross_entropy
-             against gpt2.gpu_kernels.cross_entropy at each CE_BLOCK x CE_NUM_WARPS
-             of --loss-settings, the loss and gradient compared with the compiled one's
+             against gpt2.gpu_kernels.cross_entropy at each block and warps of
+             --loss-settings, the loss and gradient compared with the compiled one's
 
 Each variant's time is the median of --runs after warm-up; greedy tokens are
 compared with the first variant's. Findings so far: bench/GPU_NOTES.md.
@@ -421,7 +422,8 @@ def section_trainer(a, clock: Clock) -> dict:
     16-18: their kernels and their wall time. Variants: without gradient clipping;
     reading each loss two steps later (PIPELINE_DEPTH 2); the batches made on the GPU
     once (no host-to-device copies); one AdamW parameter group instead of two; the
-    gradient clipping and AdamW step compiled together (torch.compile's optimizer)."""
+    gradient clipping and AdamW step compiled together (torch.compile's optimizer); the
+    compiled F.cross_entropy as the loss; the clipping as the fused AdamW's grad_scale."""
     import warnings
 
     import gpt2.train.trainer as trainer
@@ -473,6 +475,7 @@ def section_trainer(a, clock: Clock) -> dict:
         "one_group": ({}, ((trainer, "param_groups", one_group),)),
         # (its lr tensor does not go into a checkpoint's optimizer.json: no saving)
         "compiled_loss": ({}, ((trainer, "FUSED_LOSS_ON_GPU", False),)),
+        "clip_in_adamw": ({}, ((trainer, "CLIP_IN_FUSED_ADAMW", True),)),
         "compiled_optimizer": ({}, ((trainer, "make_optimizer", compiled_optimizer),
                                     (trainer._Run, "_optimizer_step", compiled_optimizer_step),
                                     (trainer._Run, "_save", lambda run: None))),
@@ -557,8 +560,9 @@ def section_loss(a, clock: Clock) -> dict:
     of 4 x --runs after 3 warm-ups): (16384, 50304) bf16 logits, the last 47 columns at
     -inf as the trainer's full-width head makes them. "compiled": torch.compile of
     F.cross_entropy(logits.float(), targets) (the trainer's before); then
-    gpt2.gpu_kernels.cross_entropy (mean) at each CE_BLOCK x CE_NUM_WARPS in
-    --loss-settings, its loss and gradient compared with the compiled one's."""
+    gpt2.gpu_kernels.cross_entropy (mean) at each setting of --loss-settings, BLOCKxWARPS
+    (CE_BLOCK, and CE_NUM_WARPS = CE_BACKWARD_NUM_WARPS) or BLOCKxWARPSxBACKWARD_WARPS,
+    its loss and gradient compared with the compiled one's."""
     import torch.nn.functional as F
 
     from gpt2 import gpu_kernels
@@ -591,25 +595,30 @@ def section_loss(a, clock: Clock) -> dict:
     compiled = torch.compile(lambda x, t: F.cross_entropy(x.float(), t))
     out["compiled"], want, want_grad = measure(compiled)
     print(f"\nloss {N} x {V + pad} bf16, forward / backward ms")
-    print(f"  compiled F.cross_entropy      {out['compiled']['forward_ms']:6.3f} / "
+    print(f"  compiled F.cross_entropy            {out['compiled']['forward_ms']:6.3f} / "
           f"{out['compiled']['backward_ms']:6.3f}")
-    saved = gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS
+    names = ("CE_BLOCK", "CE_NUM_WARPS", "CE_BACKWARD_NUM_WARPS")
+    saved = [getattr(gpu_kernels, n) for n in names]
     try:
         for setting in a.loss_settings:
             if clock.left() < 10:
                 out[setting] = {"skipped": "time budget"}
                 continue
-            block, warps = (int(v) for v in setting.split("x"))
-            gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS = block, warps
+            values = [int(v) for v in setting.split("x")]
+            block, warps, back_warps = (values + values[-1:])[:3]
+            for n, v in zip(names, (block, warps, back_warps), strict=True):
+                setattr(gpu_kernels, n, v)
             r, loss, grad = measure(lambda x, t: gpu_kernels.cross_entropy(x, t).mean())
             r["loss_diff"] = abs(loss.item() - want.item())
             r["grad_max_abs_diff"] = (grad.float() - want_grad.float()).abs().max().item()
             out[f"fused_{setting}"] = r
-            print(f"  fused, block {block:5d}, {warps:2d} warps  {r['forward_ms']:6.3f} / "
+            print(f"  fused, block {block:5d}, {warps:2d}/{back_warps:2d} warps  "
+                  f"{r['forward_ms']:6.3f} / "
                   f"{r['backward_ms']:6.3f}   loss diff {r['loss_diff']:.1e}, grad "
                   f"{r['grad_max_abs_diff']:.1e}")
     finally:
-        gpu_kernels.CE_BLOCK, gpu_kernels.CE_NUM_WARPS = saved
+        for n, v in zip(names, saved, strict=True):
+            setattr(gpu_kernels, n, v)
     free(torch.device("cuda"))
     return out
 
@@ -632,9 +641,9 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_compiled_layer_fused_tuned,graph_fused")
     p.add_argument("--trainer-variants",
                    default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer,"
-                   "compiled_loss")
-    p.add_argument("--loss-settings", default="1024x4,2048x4,2048x8,4096x8,4096x16,8192x16",
-                   help="CE_BLOCK x CE_NUM_WARPS settings the loss section times")
+                   "compiled_loss,clip_in_adamw")
+    p.add_argument("--loss-settings", default="4096x8x8,4096x8x16,2048x4x16,8192x8x16",
+                   help="the loss section's settings: BLOCKxWARPS[xBACKWARD_WARPS]")
     p.add_argument("--decode-batch", type=int, default=1,
                    help="rows per decode step (the one-row step is used at 1 only)")
     p.add_argument("--budget-s", type=float, default=300.0,

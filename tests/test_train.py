@@ -962,6 +962,32 @@ def test_an_optimizer_with_a_tensor_lr_follows_the_schedule(tmp_path, monkeypatc
         assert group["lr"].item() == pytest.approx(a[-1]["lr"], rel=1e-6)  # float32
 
 
+def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(tmp_path, monkeypatch):
+    """CLIP_IN_FUSED_ADAMW: the clip as the fused AdamW's grad_scale gives the losses of
+    clip_grad_norm_ then the step (fused AdamW on the CPU here), where the clip bites:
+    without it the losses differ."""
+    import gpt2.train.trainer as trainer
+
+    data = synthetic(tmp_path / "d")
+    kw = dict(data=str(data), **TINY, max_steps=6, lr=3e-3, warmup_steps=1, eval_interval=0,
+              save_interval=0, device="cpu")
+
+    def fused(model, *, lr, weight_decay, device):
+        return torch.optim.AdamW(trainer.param_groups(model, weight_decay), lr=lr,
+                                 betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    monkeypatch.setattr(trainer, "make_optimizer", fused)
+    runs = {}
+    for name, clip, folded in (("none", 0.0, False), ("plain", 0.05, False),
+                               ("folded", 0.05, True)):
+        monkeypatch.setattr(trainer, "CLIP_IN_FUSED_ADAMW", folded)
+        train(TrainConfig(out=str(tmp_path / name), grad_clip=clip, **kw))
+        runs[name] = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
+    assert len(runs["folded"]) == 6
+    assert runs["folded"] == pytest.approx(runs["plain"], rel=1e-6)
+    assert abs(runs["none"][-1] - runs["plain"][-1]) > 1e-3  # the clip changed the run
+
+
 @pytest.mark.parametrize("depth, order", [
     (1, [(1, 2), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),
     (2, [(1, 3), (2, 3), (3, 3), (4, 5), (5, 5), (6, 6), (7, 7)]),

@@ -46,18 +46,20 @@ import torch
 
 from gpt2.errors import GPT2Error
 
-__all__ = ["BLOCK_SLOTS", "CE_BLOCK", "CE_NUM_WARPS", "NUM_WARPS", "available",
-           "cross_entropy", "decode_attention", "runs_on"]
+__all__ = ["BLOCK_SLOTS", "CE_BACKWARD_NUM_WARPS", "CE_BLOCK", "CE_NUM_WARPS", "NUM_WARPS",
+           "available", "cross_entropy", "decode_attention", "runs_on"]
 
 # Slots read per iteration of the kernel's loop, and warps per program. Not tuned
 # yet: the kernel is measured against the compiled reductions in bench/gpu_profile.py.
 BLOCK_SLOTS = 64
 NUM_WARPS = 4
-# Logits read per iteration of the cross-entropy kernels' loops, and warps per program:
-# the fastest forward of six settings on an H200 (1024-8192 x 4-16 warps; the backward
-# was within 7% at each, bench/gpu_profile.py --sections loss).
+# Logits read per iteration of the cross-entropy kernels' loops, and warps per program
+# going forward and back: of six settings on an H200 (1024-8192 x 4-16 warps, both
+# kernels timed alone, bench/gpu_profile.py --sections loss) the fastest forward
+# (0.62 ms) and the fastest backward (0.86 ms; 0.92 at 8 warps).
 CE_BLOCK = 4096
 CE_NUM_WARPS = 8
+CE_BACKWARD_NUM_WARPS = 16
 
 
 _triton_found: bool | None = None  # available()'s answer, once asked
@@ -277,7 +279,8 @@ def _cross_entropy_backward(logits: torch.Tensor, targets: torch.Tensor, lse: to
     if N:
         _ce_kernels()[1][(N,)](logits, targets, lse, grad_loss.float().contiguous(),
                                grad_lse.float().contiguous(), grad, logits.stride(0),
-                               grad.stride(0), V, BLOCK=CE_BLOCK, num_warps=CE_NUM_WARPS)
+                               grad.stride(0), V, BLOCK=CE_BLOCK,
+                               num_warps=CE_BACKWARD_NUM_WARPS)
     return grad
 
 
