@@ -183,3 +183,9 @@ def test_cross_entropy_bad_shapes_are_a_one_line_error():
     assert "\n" not in str(err.value)
     with pytest.raises(GPT2Error, match="do not fit"):
         gpu_kernels.cross_entropy(torch.zeros(2, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(GPT2Error, match="do not fit"):  # float targets (probabilities)
+        gpu_kernels.cross_entropy(torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(GPT2Error, match="targets on meta"):  # (the operator's own check:
+        # a meta tensor would take the operator to its shape-only implementation)
+        gpu_kernels._check_rows(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long,
+                                                               device="meta"))

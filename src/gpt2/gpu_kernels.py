@@ -237,6 +237,9 @@ def _check_rows(logits: torch.Tensor, targets: torch.Tensor) -> None:
         raise GPT2Error(f"cross_entropy: logits {tuple(logits.shape)} {logits.dtype} and "
                         f"targets {tuple(targets.shape)} {targets.dtype} do not fit (N, V) "
                         "float32/bf16/fp16 and (N,) integer")
+    if targets.device != logits.device:
+        raise GPT2Error(f"cross_entropy: logits on {logits.device} but targets on "
+                        f"{targets.device}; move both to one device")
     if not available():
         raise GPT2Error("cross_entropy needs Triton, which PyTorch's CUDA builds bring; "
                         "install one, or use torch.nn.functional.cross_entropy")
