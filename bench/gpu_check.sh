@@ -40,7 +40,8 @@ case "$1" in
       2>&1 | tee "$OUT/train.log"
     mkdir -p "$OUT/loop"
     timeout 150 "$PY" bench/gpu_profile.py --sections trainer --budget-s 140 --out "$OUT/loop" \
-      --trainer-variants default,no_clip,clip_in_adamw 2>&1 | tee "$OUT/loop.log"
+      --trainer-variants default,no_clip,clip_in_adamw --trainer-profile default,no_clip \
+      2>&1 | tee "$OUT/loop.log"
     ;;
   loss)
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \

@@ -418,8 +418,9 @@ def section_trainer(a, clock: Clock) -> dict:
     random tokens), 30 steps per variant. Each step's Python (the time _launch_step
     takes to queue it) is timed: a loop whose Python takes longer than the GPU's step
     leaves the GPU waiting. "default" also lists the synchronising CUDA calls made
-    while steps 20-22 are queued (torch.cuda.set_sync_debug_mode) and profiles steps
-    16-18: their kernels and their wall time. Variants: without gradient clipping;
+    while steps 20-22 are queued (torch.cuda.set_sync_debug_mode) and the layout of
+    the gradients the optimizer step gets; the variants in --trainer-profile have
+    steps 16-18 profiled: their kernels and their wall time. Variants: without gradient clipping;
     reading each loss two steps later (PIPELINE_DEPTH 2); the batches made on the GPU
     once (no host-to-device copies); one AdamW parameter group instead of two; the
     gradient clipping and AdamW step compiled together (torch.compile's optimizer); the
@@ -491,7 +492,7 @@ def section_trainer(a, clock: Clock) -> dict:
         queued, prof, syncs = [], {}, {}
 
         def timed_launch(run, after, name=name, queued=queued, prof=prof, syncs=syncs):
-            if name == "default" and run.step in (15, 18):  # around steps 16..18
+            if name in a.trainer_profile and run.step in (15, 18):  # around steps 16..18
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if run.step == 15:
@@ -522,6 +523,21 @@ def section_trainer(a, clock: Clock) -> dict:
             queued.append(time.perf_counter() - t0)
             return launched
 
+        grads: dict = {}  # the gradients' layouts, as the optimizer step gets them
+
+        def looked_at(run, real=trainer._Run._optimizer_step, grads=grads):
+            if not grads:
+                got = [p.grad for p in run.model.parameters() if p.grad is not None]
+                odd = [f"{tuple(g.shape)} stride {g.stride()} for {p.stride()}"
+                       for p, g in ((p, p.grad) for p in run.model.parameters()
+                                    if p.grad is not None) if g.stride() != p.stride()
+                       or not g.is_contiguous()]
+                grads.update(count=len(got), dtypes=sorted({str(g.dtype) for g in got}),
+                             not_laid_out_as_their_parameter=odd)
+            real(run)
+
+        if name == "default":
+            patches = (*patches, (trainer._Run, "_optimizer_step", looked_at))
         saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
         trainer._Run._launch_step = timed_launch
         for obj, attr, value in patches:
@@ -536,6 +552,10 @@ def section_trainer(a, clock: Clock) -> dict:
             if name == "default":
                 r["synchronising_calls_in_3_steps"] = syncs
                 print(f"  synchronising CUDA calls while steps 20-22 were queued: {syncs}")
+                r["gradients"] = grads
+                odd = grads.get("not_laid_out_as_their_parameter", [])
+                print(f"  gradients: {grads.get('count')} {grads.get('dtypes')}, {len(odd)} "
+                      f"not laid out as their parameter: {odd[:4]}")
             if "wall_s" in prof:
                 r["profiled_wall_ms_per_step"] = 1e3 * prof["wall_s"]
                 print(f"  steps 16-18 profiled: {1e3 * prof['wall_s']:.1f} ms/step of wall time")
@@ -642,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer-variants",
                    default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer,"
                    "compiled_loss,clip_in_adamw")
+    p.add_argument("--trainer-profile", default="default",
+                   help="trainer variants whose steps 16-18 are profiled (kernel tables)")
     p.add_argument("--loss-settings", default="4096x8x8,4096x8x16,2048x4x16,8192x8x16",
                    help="the loss section's settings: BLOCKxWARPS[xBACKWARD_WARPS]")
     p.add_argument("--decode-batch", type=int, default=1,
@@ -652,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     a.train_variants = set(a.train_variants.split(","))
     a.trainer_variants = set(a.trainer_variants.split(","))
     a.loss_settings = a.loss_settings.split(",")
+    a.trainer_profile = set(a.trainer_profile.split(","))
     a.decode_variants = a.decode_variants.split(",")  # in this order
     if not torch.cuda.is_available():
         print("gpu_profile: no CUDA device; nothing to profile")
