@@ -8,7 +8,7 @@
 #                                   # beside ours; then the `gpt2 train` loop itself),
 #                                   # then the loop's variants (gpu_profile.py trainer:
 #                                   # default, no clipping, clipping inside AdamW)
-#   bash bench/gpu_check.sh loss    # ~200 s: the fused cross-entropy's tests on the GPU,
+#   bash bench/gpu_check.sh loss    # ~160 s: the fused cross-entropy's tests on the GPU,
 #                                   # the loss alone (compiled F.cross_entropy against the
 #                                   # kernel's settings), then the loop with each loss
 #   bash bench/gpu_check.sh fused   # ~480 s: the fused decode-attention kernel's
