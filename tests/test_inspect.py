@@ -314,6 +314,26 @@ def test_cli_tokens_agree_with_transformers_tokenizer(run_cli, vocab_ckpt, hf_to
     assert table.code == 0 and "31373" in table.out and "␣world" in table.out
 
 
+def test_cli_tokens_json_with_merges_traces_each_word(run_cli, vocab_ckpt, hf_tokenizer):
+    text = "Machine learning isn't magic"
+    r = run_cli("inspect", "tokens", text, "--model", vocab_ckpt.folder, "--json", "--merges")
+    assert r.code == 0, r.err
+    data = json.loads(r.out)
+    ids = hf_tokenizer.encode(text)
+    assert [row["id"] for row in data["tokens"]] == ids
+    assert [i for w in data["words"] for i in w["ids"]] == ids
+    assert "".join(w["text"] for w in data["words"]) == text
+    # each word ends in transformers' tokens, and every merge is the rank its line in
+    # merges.txt gives (line 0 is the "#version" header)
+    assert [p for w in data["words"] for p in w["pieces"]] == \
+        hf_tokenizer.convert_ids_to_tokens(ids)
+    lines = (vocab_ckpt.folder / "merges.txt").read_text("utf-8").splitlines()[1:]
+    rank = {tuple(line.split()): k for k, line in enumerate(lines)}
+    steps = [s for w in data["words"] for s in w["steps"]]
+    assert steps and all(rank[s["left"], s["right"]] == s["rank"] for s in steps)
+    assert all(w["steps"][-1]["pieces"] == w["pieces"] for w in data["words"] if w["steps"])
+
+
 def test_cli_next_and_logit_lens_json_match_transformers(run_cli, vocab_ckpt, hf_tokenizer):
     ids = torch.tensor([hf_tokenizer.encode(TEXT)])
     out = hf_run(vocab_ckpt.model, ids)

@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = _add(sub, "tokens", "the BPE pieces and ids of a text (--merges: how each word merged)")
     p.add_argument("--merges", action="store_true", help="also show every merge of every word")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of a table: a list of tokens (with --merges: '
+                        '{"tokens": [...], "words": [...]}, each word with its merges)')
 
     p = _add(sub, "next", "the most likely next tokens and their probabilities")
     p.add_argument("--top", type=int, default=10, help="how many tokens (default: %(default)s)")
@@ -127,10 +129,17 @@ def _tokens(args) -> int:
     tok = _tokenizer(args)
     pieces = token_pieces(tok, text)
     if args.json:
-        _print_json([{"position": k, "id": p.id, "token": p.label, "bytes": p.raw.hex()}
-                     for k, p in enumerate(pieces)])
+        rows = [{"position": k, "id": p.id, "token": p.label, "bytes": p.raw.hex()}
+                for k, p in enumerate(pieces)]
+        if args.merges:  # the rows, and each word's merges as `gpt2 tokenize --show --json`
+            import dataclasses
+
+            words = dataclasses.asdict(tok.explain(text))["words"]
+            _print_json({"tokens": rows, "words": words})
+        else:
+            _print_json(rows)
         return 0
-    if args.merges and hasattr(tok, "explain"):
+    if args.merges:
         print(tok.explain(text))
         return 0
     print(f"{len(pieces)} tokens (␣ is a space, ↵ a newline)")
