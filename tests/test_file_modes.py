@@ -48,6 +48,25 @@ def test_atomic_writes_take_the_umask_mode(tmp_path, umask_022):
     assert wrong_modes(tmp_path / "f") == {}
 
 
+def test_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_mode(tmp_path,
+                                                                              umask_022):
+    target = tmp_path / "real" / "out.txt"
+    target.parent.mkdir()
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new" and oct(stat.S_IMODE(target.stat().st_mode)) == oct(0o640)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]  # no temporary left
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "real" / "new.txt")
+    atomic_write_text(dangling, "made")
+    assert dangling.is_symlink() and (tmp_path / "real" / "new.txt").read_text() == "made"
+    assert oct(stat.S_IMODE((tmp_path / "real" / "new.txt").stat().st_mode)) == oct(0o644)
+
+
 def test_convert_quantize_prepare_and_train_outputs_are_readable(tmp_path, umask_022, run_cli,
                                                                  hf_checkpoint):
     folder = hf_checkpoint().folder

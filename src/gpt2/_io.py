@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import IO
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception the temporary file is removed and `path` is left untouched. A `path`
+    that is a symbolic link keeps being one: the file it points to is replaced (as an
+    editor saving through a link does), and a file that exists keeps its mode.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
+    try:
+        bits = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # (a new file)
+        bits = default_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, default_mode())  # mkstemp creates 0600
+    os.fchmod(fd, bits)  # mkstemp creates 0600
     try:
         with os.fdopen(fd, mode) as f:
             yield f
