@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -74,6 +75,33 @@ def test_loading_built_kernels_imports_no_build_tools():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600, check=True)
     assert done.stdout.split() == ["True", "False", "False"]
+
+
+def test_a_new_build_deletes_builds_unused_for_30_days(tmp_path, monkeypatch):
+    """Each PyTorch, compiler and source has its own build; a new one deletes those not
+    loaded for STALE_DAYS and killed builds' temporary files, and loading one marks it used.
+    (The compiler is stood in for by a command that writes the file.)"""
+    monkeypatch.setenv("GPT2_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: sys.executable)  # `--version` works
+    monkeypatch.setattr(cpu_kernels, "_command", lambda cxx, out: [
+        sys.executable, "-c", f"open({str(out)!r}, 'wb').write(b'so')"])
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    day = 86400
+    now = time.time()
+    ages = {"gpt2_cpu_kernels-0000000000000000.so": 31 * day,  # stale
+            "gpt2_cpu_kernels-1111111111111111.so": 29 * day,  # used this month
+            ".build-killed.so": 2 * day, ".build-running.so": 60, "notes.txt": 99 * day}
+    for name, age in ages.items():
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (now - age, now - age))
+    library = cpu_kernels._build()
+    assert library.read_bytes() == b"so"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        library.name, "gpt2_cpu_kernels-1111111111111111.so", ".build-running.so", "notes.txt"])
+    os.utime(library, (now - 3 * day, now - 3 * day))
+    assert cpu_kernels._build() == library  # loaded again, not rebuilt: marked as used
+    assert now - library.stat().st_mtime < day
 
 
 # -- bf16 ----------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ matrix-matrix products.
 
 The source is compiled once per machine, PyTorch version and compiler, with the
 system's C++ compiler (`$CXX`, else `c++`) against PyTorch's stable C ABI, into
-`$GPT2_HOME/kernels` (default `~/.cache/gpt2/kernels`); that takes ~10 s. Where
+`$GPT2_HOME/kernels` (default `~/.cache/gpt2/kernels`); that takes ~10 s, and a new
+build deletes the builds no process has loaded for 30 days (`STALE_DAYS`). Where
 anything is missing -- not an x86 CPU with those instructions, a PyTorch before
 2.10, no compiler, a failed build -- the layers run PyTorch's kernels, as they did
 before, with one warning saying why if a build was attempted and failed (for bf16
@@ -48,6 +49,7 @@ and int8 layers; fp32 falls back quietly). Set `GPT2_CPU_KERNELS=0` to turn them
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -55,6 +57,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -460,6 +463,7 @@ def _build() -> Path:
     folder = cache_dir() / "kernels"
     library = folder / f"gpt2_cpu_kernels-{key}.so"
     if library.exists():
+        _mark_used(library)
         return library
     folder.mkdir(parents=True, exist_ok=True)
     print("gpt2: building its CPU kernels (once per machine, ~10 s)...", file=sys.stderr)
@@ -477,7 +481,31 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune(folder, keep=library)
     return library
+
+
+# A build not loaded for this long belongs to a PyTorch, compiler or gpt2 no longer in use
+# (each has its own key); a build's modification time is refreshed, at most once a day,
+# when it is loaded, so another environment sharing the cache keeps the build it uses.
+STALE_DAYS = 30
+
+
+def _mark_used(library: Path) -> None:
+    with contextlib.suppress(OSError):  # (a read-only cache still works)
+        if time.time() - library.stat().st_mtime > 86400:
+            os.utime(library)
+
+
+def _prune(folder: Path, *, keep: Path) -> None:
+    """Delete builds unused for STALE_DAYS, and temporary files of builds that were killed
+    over a day ago. A process that has a deleted build loaded keeps its mapping."""
+    now = time.time()
+    for path in [*folder.glob("gpt2_cpu_kernels-*.so"), *folder.glob(".build-*.so")]:
+        age = STALE_DAYS * 86400 if path.name.startswith("gpt2") else 86400
+        with contextlib.suppress(OSError):
+            if path != keep and now - path.stat().st_mtime > age:
+                path.unlink()
 
 
 def _first_line(e: BaseException) -> str:
