@@ -67,6 +67,17 @@ def test_atomic_write_through_a_symlink_replaces_its_target_and_keeps_the_mode(t
     assert oct(stat.S_IMODE((tmp_path / "real" / "new.txt").stat().st_mode)) == oct(0o644)
 
 
+def test_atomic_folder_through_a_symlink_replaces_its_target(tmp_path, umask_022):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with atomic_folder(tmp_path / "link", overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing left over
+
+
 def test_convert_quantize_prepare_and_train_outputs_are_readable(tmp_path, umask_022, run_cli,
                                                                  hf_checkpoint):
     folder = hf_checkpoint().folder

@@ -61,8 +61,9 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     from gpt2.errors import GPT2Error
 
     shown = folder
-    # "." or "out/..": a parent to make the temporary folder in (Path(".").parent is ".")
-    folder = Path(os.path.abspath(folder))
+    # "." or "out/..": a parent to make the temporary folder in (Path(".").parent is ".");
+    # a symbolic link to a folder stays one: the folder it points to is replaced
+    folder = Path(os.path.realpath(folder))
     if folder.exists() and not folder.is_dir():
         raise GPT2Error(f"{shown}: exists and is not a folder")
     try:
@@ -91,7 +92,11 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
                 os.fsync(fh.fileno())
         if folder.exists():  # moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old)
+            try:
+                os.replace(folder, old)
+            except BaseException:
+                os.rmdir(old)
+                raise
             try:
                 os.replace(tmp, folder)
             except BaseException:
