@@ -337,6 +337,26 @@ def test_special_tokens(tok, oracle):
     assert tok.decode([50256]) == "<|endoftext|>"
 
 
+def test_a_special_token_beyond_latin1_matches_tiktoken(oracle):
+    """A custom vocabulary's special token is plain text, not byte symbols: "<|日本|>" in
+    encoder.json (its characters are not Latin-1) once stopped the tokenizer loading."""
+    import tiktoken
+
+    special = {"<|endoftext|>": 50256, "<|日本|>": 50257}
+    expected = tiktoken.Encoding("gpt2-plus", pat_str=oracle._pat_str,
+                                 mergeable_ranks=oracle._mergeable_ranks, special_tokens=special)
+    encoder = json.loads((DATA / "encoder.json").read_text("utf-8")) | {"<|日本|>": 50257}
+    merges = [tuple(line.split(" ")) for line in
+              (DATA / "vocab.bpe").read_text("utf-8").splitlines()[1:]]
+    ours = Tokenizer(encoder, merges, special_tokens=special)
+    text = "東京<|日本|> is<|endoftext|>日本"
+    ids = ours.encode(text, allowed_special="all")
+    assert ids == expected.encode(text, allowed_special="all") and 50257 in ids
+    assert ours.encode(text) == expected.encode_ordinary(text)
+    assert ours.decode(ids) == expected.decode(ids) == text
+    assert ours.n_vocab == 50258
+
+
 def test_bad_special_token_requests(tok):
     with pytest.raises(GPT2Error, match="not a special token"):
         tok.encode("x", allowed_special={"<|startoftext|>"})
@@ -488,6 +508,27 @@ def test_malformed_vocab_bpe_names_file_and_line(tmp_path, line, message):
     replace_line(folder / "vocab.bpe", 5, line)
     with pytest.raises(GPT2Error, match=message):
         Tokenizer.from_pretrained(folder)
+
+
+def test_merges_whose_faults_cancel_out_still_name_the_line(tmp_path):
+    """Two spaces on one line and none on the next: as many words as two a line overall."""
+    folder = copy_vocab(tmp_path)
+    replace_line(folder / "vocab.bpe", 5, "Ġ t x")
+    replace_line(folder / "vocab.bpe", 6, "Ġt")
+    with pytest.raises(GPT2Error, match="vocab.bpe:5: malformed merge"):
+        Tokenizer.from_pretrained(folder)
+    replace_line(folder / "vocab.bpe", 5, "Ġ t ")  # a trailing space: an empty token
+    replace_line(folder / "vocab.bpe", 6, "Ġt")
+    with pytest.raises(GPT2Error, match="vocab.bpe:5: malformed merge"):
+        Tokenizer.from_pretrained(folder)
+
+
+def test_merges_with_windows_line_ends_read_as_the_standard(tmp_path, oracle):
+    folder = copy_vocab(tmp_path)
+    bpe = folder / "vocab.bpe"
+    bpe.write_bytes(bpe.read_bytes().replace(b"\n", b"\r\n"))
+    text = "Hello world, ain't it\r\n grand? 1234"
+    assert Tokenizer.from_pretrained(folder).encode(text) == oracle.encode_ordinary(text)
 
 
 def test_malformed_merges_txt_in_hf_layout(tok, tmp_path):

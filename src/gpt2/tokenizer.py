@@ -255,9 +255,10 @@ class Tokenizer:
         self._to_symbols = {b: ord(c) for b, c in table.items() if b != ord(c)}
         from_symbols = {ord(c): b for b, c in table.items() if b != ord(c)}
         self._symbols_of = {i: t for t, i in self._encoder.items()}  # id -> symbols
-        # id -> bytes, for decode; a special token decodes to its text
+        # id -> bytes, for decode; a special token decodes to its text (which need not be
+        # written in symbols: "<|日本|>" is a special token's text, not Latin-1)
         self._bytes = {i: t.translate(from_symbols).encode("latin-1")
-                       for t, i in self._encoder.items()}
+                       for t, i in self._encoder.items() if t not in self._special}
         for t, i in self._special.items():
             self._bytes[i] = t.encode("utf-8")
         self._n_vocab = max(self._bytes) + 1
@@ -270,8 +271,12 @@ class Tokenizer:
         # (id(left), id(right)) -> rank, and rank -> id(left + right).
         enc = self._encoder
         self._byte_ids = [enc[table[b]] for b in range(256)]  # byte value -> its token id
-        self._pair_ranks = {(enc[a], enc[b]): rank for (a, b), rank in ranks.items()}
-        self._merged_ids = [enc[a + b] for a, b in self._merges]
+        try:  # (a merge whose pieces are not all tokens fails here: say which)
+            self._pair_ranks = {(enc[a], enc[b]): rank for (a, b), rank in ranks.items()}
+            self._merged_ids = [enc[a + b] for a, b in self._merges]
+        except KeyError:
+            _check_merge_pieces(enc, self._merges, _where)
+            raise
         self._never = len(self._merges)  # the "rank" of a pair that is not a merge
         # the bytes of every ordinary token: a word that is one token skips BPE
         special_ids = set(self._special.values())
@@ -754,7 +759,14 @@ def _read_merges(path: Path) -> tuple[list[tuple[str, str]], int]:
         lines, first = lines[1:], 2
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
-    merges = []
+    # The usual file, quickly: when every line has a space, as many spaces as lines in all
+    # (so one each), no empty token and no "\r", its words in pairs are the merges
+    text = "\n".join(lines)
+    words = text.replace("\n", " ").split(" ")
+    if (len(words) == 2 * len(lines) and all(words) and "\r" not in text
+            and all(" " in line for line in lines)):
+        return list(zip(words[::2], words[1::2], strict=True)), first
+    merges = []  # any other: line by line, to name the first that is wrong
     for n, line in enumerate(lines, first):
         parts = line.removesuffix("\r").split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
@@ -771,7 +783,9 @@ def _check_vocabulary(
     special: dict[str, int],
     where: tuple[str, Callable[[int], str]],
 ) -> None:
-    """Fail loudly on a vocabulary that could not encode or decode every text."""
+    """Fail loudly on a vocabulary that could not encode or decode every text. (That every
+    merge joins two tokens into a token is checked as the merges become ids, in
+    `Tokenizer.__init__`; `_check_merge_pieces` names the first that does not.)"""
     where_encoder, where_merge = where
     symbols = bytes_to_unicode()
     alphabet = set(symbols.values())
@@ -779,10 +793,11 @@ def _check_vocabulary(
         if s not in encoder:
             raise GPT2Error(f"{where_encoder} has no token for byte 0x{b:02x} ({s!r}): "
                             "every one of the 256 bytes needs a token")
-    for token in encoder:
-        if token not in special and not alphabet.issuperset(token):
-            raise GPT2Error(f"{where_encoder}: token {token!r} is not written in GPT-2's "
-                            "byte alphabet (see bytes_to_unicode)")
+    if not alphabet.issuperset("".join(encoder)):  # (all in one C call; then find which)
+        for token in encoder:
+            if token not in special and not alphabet.issuperset(token):
+                raise GPT2Error(f"{where_encoder}: token {token!r} is not written in GPT-2's "
+                                "byte alphabet (see bytes_to_unicode)")
     if len(set(encoder.values())) != len(encoder):
         seen: dict[int, str] = {}
         for token, i in encoder.items():
@@ -799,6 +814,15 @@ def _check_vocabulary(
             if ranks[pair] != k:  # `ranks` kept the last of the repeats
                 raise GPT2Error(f"{where_merge(ranks[pair])}: merge {' '.join(pair)!r} repeats "
                                 f"{where_merge(k)}")
+
+
+def _check_merge_pieces(
+    encoder: dict[str, int],
+    merges: Sequence[tuple[str, str]],
+    where: tuple[str, Callable[[int], str]],
+) -> None:
+    """GPT2Error naming the first merge whose pieces, or whose result, are not tokens."""
+    where_encoder, where_merge = where
     for k, (left, right) in enumerate(merges):
         for piece in (left, right, left + right):
             if piece not in encoder:
