@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2._io import atomic_folder, atomic_write_text
+from gpt2._io import atomic_folder, atomic_write_bytes, atomic_write_text
+from gpt2.errors import GPT2Error
 
 
 @pytest.fixture
@@ -76,6 +77,43 @@ def test_atomic_folder_through_a_symlink_replaces_its_target(tmp_path, umask_022
     assert (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing left over
+
+
+def test_atomic_write_to_a_pipe_writes_into_it_and_keeps_it(tmp_path):
+    """A FIFO (or /dev/stdout) is written in place: renaming a file over it would take it
+    away from its reader, who would get nothing."""
+    import threading
+
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    atomic_write_bytes(fifo, b"picture" * 10000)
+    reader.join(timeout=30)
+    assert got == [b"picture" * 10000] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="making a device node needs root")
+def test_atomic_write_to_a_full_device_fails_in_one_line_and_keeps_it(tmp_path):
+    full = tmp_path / "full"
+    os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # a private /dev/full
+    link = tmp_path / "report.html"
+    link.symlink_to(full)
+    for target in (full, link):
+        with pytest.raises(GPT2Error, match=rf"{target.name}: writing failed \(No space"):
+            atomic_write_bytes(target, b"x" * 100000)
+    assert stat.S_ISCHR(full.stat().st_mode) and link.is_symlink()
+
+
+def test_atomic_write_to_a_folder_or_nowhere_is_a_one_line_error(tmp_path):
+    with pytest.raises(GPT2Error, match="is a folder; give the name of a file"):
+        atomic_write_text(tmp_path, "x")
+    with pytest.raises(GPT2Error, match="cannot write here"):
+        atomic_write_text(tmp_path / "missing" / "x.txt", "x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_convert_quantize_prepare_and_train_outputs_are_readable(tmp_path, umask_022, run_cli,

@@ -11,6 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from gpt2.errors import GPT2Error
+
+
+class WriteFailed(GPT2Error, OSError):
+    """Writing a file failed: a one-line GPT2Error that names the file, and still an
+    OSError, whose `strerror` a caller may put in its own words ("saving the checkpoint
+    failed (No space left on device)")."""
+
+    def __init__(self, message: str, cause: OSError) -> None:
+        super().__init__(message)
+        self.errno, self.strerror = cause.errno, cause.strerror or str(cause)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -18,21 +33,47 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     On an exception the temporary file is removed and `path` is left untouched. A `path`
     that is a symbolic link keeps being one: the file it points to is replaced (as an
-    editor saving through a link does), and a file that exists keeps its mode.
+    editor saving through a link does), and a file that exists keeps its mode. A device
+    or a pipe (/dev/stdout, a FIFO) is written in place: there is no file to replace.
+    Failing to create, write or rename the file raises `WriteFailed`, naming `path`
+    (errors of the caller's own code inside the block pass through as they are).
     """
+    shown = path
     path = Path(os.path.realpath(path))
     try:
-        bits = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
     except OSError:  # (a new file)
-        bits = default_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, bits)  # mkstemp creates 0600
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise GPT2Error(f"{shown}: is a folder; give the name of a file to write")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            f = open(path, mode)  # noqa: SIM115 -- closed below
+        except OSError as e:
+            raise WriteFailed(f"{shown}: cannot write ({e.strerror or e})", e) from None
+        with f:
+            yield f
+            try:
+                f.flush()
+            except OSError as e:
+                raise WriteFailed(f"{shown}: writing failed ({e.strerror or e})", e) from None
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, default_mode() if st is None else stat.S_IMODE(st.st_mode))
+    except OSError as e:  # (mkstemp creates 0600: the mode a new file would have, or the old)
+        raise WriteFailed(f"{shown}: cannot write here ({e.strerror or e})", e) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, path)
+            except OSError as e:
+                raise WriteFailed(f"{shown}: writing failed ({e.strerror or e}); nothing was "
+                                  "changed", e) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -41,13 +82,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
+    _write_all(path, data, "wb")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
+    _write_all(path, text, "w")
+
+
+def _write_all(path: str | os.PathLike, data: bytes | str, mode: str) -> None:
+    with atomic_open(path, mode) as f:
+        try:
+            f.write(data)
+        except OSError as e:  # (a full device written in place)
+            raise WriteFailed(f"{path}: writing failed ({e.strerror or e})", e) from None
 
 
 @contextlib.contextmanager
@@ -58,8 +105,6 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     On any error the temporary folder is removed and `folder` is left as it was; an
     OSError becomes a one-line GPT2Error.
     """
-    from gpt2.errors import GPT2Error
-
     shown = folder
     # "." or "out/..": a parent to make the temporary folder in (Path(".").parent is ".");
     # a symbolic link to a folder stays one: the folder it points to is replaced
@@ -118,8 +163,6 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
 def decode_utf8(data: bytes, where: object, *, offset: int = 0) -> str:
     """bytes -> str, or a one-line GPT2Error naming `where` and the first bad byte
     (`offset`: where `data` starts in the file, for text read in chunks)."""
-    from gpt2.errors import GPT2Error
-
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
