@@ -678,6 +678,34 @@ def test_existing_run_is_left_untouched(tmp_path, run_cli):
         train(TrainConfig(data=str(data), out=str(out), device="cpu", progress=False))
 
 
+def test_a_full_disk_at_the_first_checkpoint_says_so_and_what_to_do(tmp_path, monkeypatch):
+    """best/ was saved, the first checkpoint was not: the message claims no earlier
+    checkpoint, and the folder, which --resume cannot continue, is explained."""
+    import errno
+
+    import gpt2.weights.huggingface as hf
+
+    data, out = synthetic(tmp_path / "d"), tmp_path / "o"
+    kw = dict(data=str(data), out=str(out), device="cpu", **TINY, max_steps=2,
+              eval_interval=1, eval_steps=1, save_interval=1)
+    real = hf.write_safetensors
+
+    def full_disk(path, *args, **kwargs):
+        if "optimizer" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "write_safetensors", full_disk)
+    with pytest.raises(GPT2Error, match=r"saving the checkpoint failed \(No space left on "
+                                        r"device\); the run has none to resume from"):
+        train(TrainConfig(**kw))
+    assert (out / "best").is_dir() and not list(out.glob("*ckpt*"))
+    monkeypatch.setattr(hf, "write_safetensors", real)
+    with pytest.raises(GPT2Error, match="holds the best model of a run that saved no "
+                                        "checkpoint, so --resume cannot continue it"):
+        train(TrainConfig(**kw))
+
+
 def test_a_model_folder_is_never_used_as_out(tmp_path, run_cli, hf_checkpoint):
     """A folder holding a model that is not a training run (a download, a conversion,
     the model --init loads) is refused as --out: the run's model would replace it."""

@@ -107,8 +107,11 @@ def save_checkpoint(
         atomic_write_text(out / LATEST, name + "\n")
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
+        kept = latest_checkpoint(out)
+        kept = (f"{kept.name} is intact" if kept is not None else
+                "the run has none to resume from")
         raise GPT2Error(f"{out}: saving the checkpoint failed ({e.strerror or e}); "
-                        "the previous checkpoint is intact") from None
+                        f"{kept}") from None
     except BaseException:  # Ctrl-C: the half-written checkpoint goes too (model + optimizer)
         shutil.rmtree(partial, ignore_errors=True)
         raise

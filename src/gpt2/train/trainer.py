@@ -362,6 +362,10 @@ class _Run:
         if found is None and out.is_dir():
             # a run writes its model into OUT: never over weights it did not make
             held = [n for n in _MODEL_FILES if (out / n).exists()]
+            if held == ["best"] and (out / "log.jsonl").is_file():
+                raise GPT2Error(f"--out {out} holds the best model of a run that saved no "
+                                "checkpoint, so --resume cannot continue it; move its best/ "
+                                "away (it loads with --model) or choose a new --out folder")
             if held:
                 what = ("is the model --init loads" if cfg.init != "scratch"
                         and _same_place(out, cfg.init) else "holds a model")
