@@ -681,6 +681,23 @@ def test_int8_linear_extremes(kernel):
     assert torch.equal(kernel(x[:1], q, wsum, scale, b), b[None])
 
 
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("n_in", [100, 768])  # a NaN in the vector body and in the tail
+def test_int8_linear_rows_with_nan_or_inf_come_out_nan(kernel, n_in):
+    """As a float product's would be non-finite: the model's NaN check must see them. (The
+    quantizer's min and max drop a NaN, and an inf row once came out finite garbage.)"""
+    gen = torch.Generator().manual_seed(n_in)
+    q, wsum, scale, b = int8_case(6, 40, n_in, gen)
+    x = torch.randn(6, n_in, generator=gen)
+    x[1, 3], x[3, n_in - 1], x[4, n_in // 2] = float("nan"), float("inf"), float("-inf")
+    y = kernel(x, q, wsum, scale, b)
+    bad = [1, 3, 4]
+    assert torch.isnan(y[bad]).all()
+    good = [0, 2, 5]
+    assert torch.equal(y[good], kernel(x[good], q, wsum, scale, b))
+    assert torch.isfinite(y[good]).all()
+
+
 @needs_amx
 @pytest.mark.parametrize("rows", [1, 16, 20, 64, 300])
 def test_amx_and_vnni_int8_agree_exactly(rows):

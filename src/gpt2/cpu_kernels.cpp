@@ -480,23 +480,39 @@ Tensor fp32_linear(Tensor x, Tensor weight, std::optional<Tensor> bias) {
 
 // ---- int8 ----------------------------------------------------------------------------
 
+// A row holding NaN or inf: its 8-bit values are zeros and its scale NaN, so the
+// product's row is NaN, as a float product's would be (and the model's NaN check sees
+// it), not finite garbage. (min/max drop a NaN, so the quantizers also sum x * 0: NaN
+// from a NaN or an inf, else exactly 0.)
+inline bool not_finite_row(float zeros_sum, int64_t in, uint8_t* q, float* scale, int32_t* zero) {
+  if (zeros_sum == 0.0f) return false;
+  std::memset(q, 0, (size_t)in);
+  *scale = NAN;
+  *zero = 0;
+  return true;
+}
+
 // One row to 8 bits over its own range [lo, hi] (which includes 0): q = round(x / s) + z,
 // clamped to [0, 255], so x ~= s * (q - z). An all-zero row gets s = 1, z = 0.
 GPT2_VNNI void quantize_row(const float* x, int64_t in, uint8_t* q, float* scale, int32_t* zero) {
-  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps(), zeros = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= in; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     lo = _mm512_min_ps(lo, v);
     hi = _mm512_max_ps(hi, v);
+    zeros = _mm512_add_ps(zeros, _mm512_mul_ps(v, _mm512_setzero_ps()));
   }
   float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
+  float zeros_sum = _mm512_reduce_add_ps(zeros);
   for (; i < in; i++) {
     l = std::min(l, x[i]);
     h = std::max(h, x[i]);
+    zeros_sum += x[i] * 0.0f;
   }
+  if (not_finite_row(zeros_sum, in, q, scale, zero)) return;
   float s = (h - l) / 255.0f;
-  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;  // all zeros (or not finite: garbage in)
+  if (!(s > 0.0f)) s = 1.0f;  // all zeros
   const int32_t z = (int32_t)std::nearbyint(std::min(255.0f, std::max(0.0f, -l / s)));
   const float inv = 1.0f / s;
   const __m512 vinv = _mm512_set1_ps(inv);
@@ -743,27 +759,32 @@ void int8_rescale(Tensor acc, Tensor scale, Tensor zero, Tensor weight_sum, Tens
 #define GPT2_AVX2 __attribute__((target("avx2,fma")))
 
 GPT2_AVX2 void quantize_row7(const float* x, int64_t in, uint8_t* q, float* scale, int32_t* zero) {
-  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps(), zeros = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     lo = _mm256_min_ps(lo, v);
     hi = _mm256_max_ps(hi, v);
+    zeros = _mm256_add_ps(zeros, _mm256_mul_ps(v, _mm256_setzero_ps()));
   }
-  alignas(32) float lv[8], hv[8];
+  alignas(32) float lv[8], hv[8], zv[8];
   _mm256_store_ps(lv, lo);
   _mm256_store_ps(hv, hi);
-  float l = 0.0f, h = 0.0f;
+  _mm256_store_ps(zv, zeros);
+  float l = 0.0f, h = 0.0f, zeros_sum = 0.0f;
   for (int j = 0; j < 8; j++) {
     l = std::min(l, lv[j]);
     h = std::max(h, hv[j]);
+    zeros_sum += zv[j];
   }
   for (; i < in; i++) {
     l = std::min(l, x[i]);
     h = std::max(h, x[i]);
+    zeros_sum += x[i] * 0.0f;
   }
+  if (not_finite_row(zeros_sum, in, q, scale, zero)) return;  // (see quantize_row)
   float s = (h - l) / 127.0f;
-  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;
+  if (!(s > 0.0f)) s = 1.0f;  // all zeros
   const int32_t z = (int32_t)std::nearbyint(std::min(127.0f, std::max(0.0f, -l / s)));
   const float inv = 1.0f / s;
   const __m256 vinv = _mm256_set1_ps(inv);
