@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import time
 import unicodedata
@@ -554,6 +555,19 @@ def test_bad_encoder_json(tmp_path):
     (folder / "encoder.json").write_bytes(b"\xff\xfe")
     with pytest.raises(GPT2Error, match="not UTF-8"):
         Tokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(("token_id", "shown"), [(10**30, "1e+30"), (1 << 24, "16,777,216")])
+def test_a_token_id_past_the_limit_is_refused_before_memory_runs_out(tmp_path, token_id,
+                                                                     shown):
+    folder = copy_vocab(tmp_path)
+    encoder = json.loads((folder / "encoder.json").read_text("utf-8")) | {"zzz": token_id}
+    (folder / "encoder.json").write_text(json.dumps(encoder), "utf-8")
+    message = f"encoder.json: token 'zzz' has id {shown}; ids must be below 16,777,216"
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        Tokenizer.from_pretrained(folder)
+    encoder["zzz"] = (1 << 24) - 1  # the largest allowed: a table of 16.8M entries
+    assert Tokenizer(encoder, []).n_vocab == 1 << 24
 
 
 def test_missing_vocabulary_files(tmp_path):

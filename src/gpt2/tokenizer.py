@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 ENDOFTEXT = "<|endoftext|>"
+# Token ids run below this: decoding keeps a table with an entry per id up to the largest,
+# so an id of 10**30 in a damaged encoder.json would ask for all the memory there is.
+MAX_TOKEN_ID = 1 << 24
 
 # GPT-2's pre-tokenizer. Alternatives are tried left to right at each position:
 #   's 't 're 've 'm 'll 'd  English contractions, lower case only (so "DON'T"
@@ -798,6 +801,11 @@ def _check_vocabulary(
             if token not in special and not alphabet.issuperset(token):
                 raise GPT2Error(f"{where_encoder}: token {token!r} is not written in GPT-2's "
                                 "byte alphabet (see bytes_to_unicode)")
+    if max([*encoder.values(), *special.values()]) >= MAX_TOKEN_ID:
+        token, i = max([*encoder.items(), *special.items()], key=lambda item: item[1])
+        shown = f"{i:,}" if i < 10**15 else f"{i:.3g}"
+        raise GPT2Error(f"{where_encoder}: token {token!r} has id {shown}; ids must be below "
+                        f"{MAX_TOKEN_ID:,} (GPT-2's run from 0 to 50,256)")
     if len(set(encoder.values())) != len(encoder):
         seen: dict[int, str] = {}
         for token, i in encoder.items():
