@@ -168,6 +168,32 @@ def test_a_failed_prepare_leaves_no_folder_behind(tmp_path, run_cli, case):
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
+# 1 file of 80 KB of ids: its scratch file fails; 2 files of 40 KB: train.bin fails
+@pytest.mark.parametrize(("limit_kb", "files"), [(8, 1), (60, 2)])
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, limit_kb, files):
+    """Files may not grow past `limit_kb` (RLIMIT_FSIZE: writes fail as on a full disk,
+    with EFBIG). A short write to the scratch file once went unseen and ended in a
+    traceback (mmap length is greater than file size)."""
+    import resource
+
+    paths = []
+    for k in range(files):
+        paths.append(tmp_path / f"text{k}.txt")
+        paths[-1].write_text("The quick brown fox jumps over the lazy dog. " * (4000 // files))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, resource.RLIM_INFINITY))
+
+    out = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "gpt2", "prepare", *map(str, paths), "--out",
+                        str(out), "--val-fraction", "0", "-q"], capture_output=True, text=True,
+                       preexec_fn=limit, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (f"gpt2 prepare: error: {out}: writing the token files failed "
+                                "(File too large); free some space or choose another --out")
+    assert not out.exists()
+
+
 def test_reader_rejects_incomplete_folders(tmp_path, two_docs):
     with pytest.raises(GPT2Error, match="no such data folder"):
         open_tokens(tmp_path / "none")

@@ -127,12 +127,14 @@ def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, app
             n = 0
             for piece, nbytes in _text_pieces(path, chunk_bytes=chunk_bytes):
                 ids = np.asarray(tok.encode(piece), dtype=DTYPE)
-                ids.tofile(scratch)
+                with _writing(out):  # (not ndarray.tofile: it missed a short write)
+                    scratch.write(ids.tobytes())
                 n += ids.size
                 done += nbytes
                 rate = done / 1e6 / max(time.monotonic() - started, 1e-9)
                 bar.show(f"{path.name} {done / 1e6:,.1f}/{total / 1e6:,.1f} MB, {rate:.2f} MB/s")
-            scratch.flush()
+            with _writing(out):
+                scratch.flush()
             n_val = _val_count(n, val_fraction)
             counts = _split_document(scratch, n, n_val, writers, tok.eot_token,
                                      append_eot=append_eot)
@@ -235,6 +237,16 @@ def _last_safe_cut(text: str, start: int) -> int:
 
 
 @contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """An OSError while writing the token files (a full disk) as a one-line GPT2Error."""
+    try:
+        yield
+    except OSError as e:
+        raise GPT2Error(f"{out}: writing the token files failed ({e.strerror or e}); free "
+                        "some space or choose another --out") from None
+
+
+@contextlib.contextmanager
 def _scratch_file(folder: Path):
     with tempfile.TemporaryFile(dir=folder, prefix=".doc-") as f:
         yield f
@@ -274,7 +286,8 @@ class _TokenWriter:
         return self
 
     def write(self, ids: np.ndarray) -> None:
-        self.f.write(ids.astype(DTYPE, copy=False).tobytes())
+        with _writing(self.path.parent):
+            self.f.write(ids.astype(DTYPE, copy=False).tobytes())
         self.count += ids.size
 
     def __exit__(self, *exc) -> bool | None:
