@@ -489,6 +489,27 @@ def test_cli_text_for_a_model_without_its_vocabulary(run_cli, hf_checkpoint, tmp
         assert "has no vocabulary files of its own" in r.err and r.err.count("\n") == 1
 
 
+def test_cli_text_for_a_model_whose_vocabulary_files_are_not_its_own(run_cli, hf_checkpoint,
+                                                                        tmp_path):
+    """GPT-2's 50,257-token vocabulary beside a 128-token model: the message blames the
+    files that are there, not missing ones, and validate, which passes the model alone
+    (ids 0..n where a folder has no vocabulary), refuses the pair."""
+    import shutil
+
+    from gpt2 import Tokenizer
+
+    folder = tmp_path / "m"
+    shutil.copytree(hf_checkpoint().folder, folder)
+    Tokenizer.from_pretrained().save_pretrained(folder)
+    r = run_cli("generate", "hello", "--model", folder)
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert "the vocabulary files in its folder are not the model's" in r.err
+    r = run_cli("validate", folder)
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert "have 50257 tokens but the model 128: they are not its vocabulary" in r.err
+    assert run_cli("validate", hf_checkpoint().folder).code == 0  # no vocabulary: ids 0..n
+
+
 def test_cli_missing_model(run_cli, tmp_path):
     r = run_cli("generate", "Hello", "--model", tmp_path / "nowhere")
     assert r.code == 1 and r.err.count("\n") == 1 and "nowhere" in r.err

@@ -71,22 +71,35 @@ def check_ids_fit(ids: list[int], model, what: str) -> None:
     from gpt2.errors import GPT2Error
 
     if ids and max(ids) >= model.config.n_vocab:
-        raise GPT2Error(f"{what} holds token id {max(ids)}, but {model.source.path} has "
-                        f"{model.config.n_vocab} tokens: it was encoded with GPT-2's "
-                        "vocabulary, as that folder has no vocabulary files of its own; put "
-                        "the model's (encoder.json + vocab.bpe, or vocab.json + merges.txt) "
-                        "beside it")
+        where = f"{what} holds token id {max(ids)}, but {model.source.path} has " \
+                f"{model.config.n_vocab} tokens"
+        if has_vocab_files(model.source.path):
+            raise GPT2Error(f"{where}: the vocabulary files in its folder are not the "
+                            "model's (they have more tokens); put the model's own there")
+        raise GPT2Error(f"{where}: it was encoded with GPT-2's vocabulary, as that folder has "
+                        "no vocabulary files of its own; put the model's (encoder.json + "
+                        "vocab.bpe, or vocab.json + merges.txt) beside it")
 
 
 def load_tokenizer_for(path):
-    from pathlib import Path
-
     from gpt2.tokenizer import Tokenizer
 
-    folder = Path(path)
-    folder = folder if folder.is_dir() else folder.parent
-    has_vocab = (folder / "encoder.json").is_file() or (folder / "vocab.json").is_file()
-    return Tokenizer.from_pretrained(folder) if has_vocab else Tokenizer.from_pretrained()
+    if has_vocab_files(path):
+        return Tokenizer.from_pretrained(_folder_of(path))
+    return Tokenizer.from_pretrained()
+
+
+def has_vocab_files(path) -> bool:
+    """Whether a checkpoint's folder (or the folder of a checkpoint file) has its own
+    vocabulary files."""
+    folder = _folder_of(path)
+    return (folder / "encoder.json").is_file() or (folder / "vocab.json").is_file()
+
+
+def _folder_of(path):
+    from pathlib import Path
+
+    return Path(path) if Path(path).is_dir() else Path(path).parent
 
 
 def read_text_arg(value: str, what: str = "text") -> str:

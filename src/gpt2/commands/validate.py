@@ -101,11 +101,16 @@ def sample_loss(model, text: str, device) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from gpt2.commands._common import load_tokenizer_for
+    from gpt2.commands._common import has_vocab_files, load_tokenizer_for
     from gpt2.errors import GPT2Error
 
     n_vocab, n_ctx = model.config.n_vocab, model.config.n_ctx
     tokenizer = load_tokenizer_for(model.source.path)
+    if tokenizer.n_vocab > n_vocab and has_vocab_files(model.source.path):
+        raise GPT2Error(f"{model.source.path}: the vocabulary files beside the model have "
+                        f"{tokenizer.n_vocab} tokens but the model {n_vocab}: they are not "
+                        "its vocabulary, and every command would refuse its text; put the "
+                        "model's own there")
     if tokenizer.n_vocab <= n_vocab:
         ids, what = tokenizer.encode(text), "text"
     else:
