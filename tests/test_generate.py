@@ -510,6 +510,31 @@ def test_cli_text_for_a_model_whose_vocabulary_files_are_not_its_own(run_cli, hf
     assert run_cli("validate", hf_checkpoint().folder).code == 0  # no vocabulary: ids 0..n
 
 
+@pytest.mark.parametrize(("args", "where"), [
+    (["convert", "M", ""], "DST"), (["convert", "", "x"], "SRC"),
+    (["generate", "hi", "--model", ""], "--model"), (["score", "", "--model", "M"], "FILE"),
+    (["prepare", "t.txt", "", "--out", "d"], "FILE"),
+    (["tokenize", "--vocab", "", "hi"], "--vocab"),
+    (["demo", "--out", "", "--steps", "1"], "--out"), (["eval", "-m", "M", "--data", ""], "--data"),
+    (["inspect", "report", "hi", "-m", "M", "--out", ""], "--out"),
+    (["download", "124M", "--dir", ""], "--dir"),
+])
+def test_cli_an_empty_path_is_refused_not_taken_for_here(run_cli, tmp_path, hf_checkpoint,
+                                                         monkeypatch, args, where):
+    """"" meant "." to the path functions: `convert M ""` wrote into the folder you are in."""
+    monkeypatch.chdir(tmp_path)
+    model = hf_checkpoint().folder
+    r = run_cli(*[str(model) if a == "M" else a for a in args])
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert r.err.split("error: ")[1].startswith(f"{where} is empty; give ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_validate_refuses_an_empty_sample_text(run_cli, hf_checkpoint):
+    r = run_cli("validate", hf_checkpoint().folder, "--text", "")
+    assert r.code == 1 and "--text is empty" in r.err, r.err
+
+
 def test_cli_missing_model(run_cli, tmp_path):
     r = run_cli("generate", "Hello", "--model", tmp_path / "nowhere")
     assert r.code == 1 and r.err.count("\n") == 1 and "nowhere" in r.err

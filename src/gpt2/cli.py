@@ -98,6 +98,20 @@ def _check_utf8(args: argparse.Namespace) -> None:
                                 "convert it with iconv -f latin1 -t utf-8)")
 
 
+# The arguments that name a file or folder: an empty one would quietly mean "."
+_PATH_ARGUMENTS = ("model", "src", "dst", "out", "data", "vocab", "dir", "init", "file", "files")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    positionals = getattr(args, "_positionals", {})
+    for name in _PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if "" in (value if isinstance(value, list) else [value]):
+            where = positionals.get(name) or "--" + name
+            what = "a size (124M) or a path" if name == "model" else "a path"
+            raise GPT2Error(f"{where} is empty; give {what} (. for the current folder)")
+
+
 _OUT_OF_MEMORY = ("out of memory; ask for less at once (fewer samples, a smaller batch, "
                   "shorter texts, a smaller model) or use a machine with more memory")
 
@@ -140,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     try:
         _check_utf8(args)
+        _check_paths(args)
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             code = int(args._run(args) or 0)

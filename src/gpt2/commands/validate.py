@@ -42,14 +42,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2.commands._common import resolve_device
+    from gpt2.errors import GPT2Error
     from gpt2.model import GPT2
 
+    if args.text == "":
+        raise GPT2Error("--text is empty; give a sample of at least 2 tokens (or leave it "
+                        "out for the built-in one)")
     device = resolve_device(args.device)
     model = GPT2._load(args.model, size=args.size, dtype=args.dtype, device=device,
                        quantize=None, fp32_where_emulated=False)  # the tensors as stored
     report = describe(model)
     with torch.no_grad():
-        report["sample"] = sample_loss(model, args.text or SAMPLE_TEXT, device)
+        report["sample"] = sample_loss(model, SAMPLE_TEXT if args.text is None else args.text,
+                                       device)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
