@@ -340,6 +340,7 @@ def test_cli_asking_for_more_memory_than_there_is_is_one_line(run_cli, vocab_mod
 
 
 @pytest.mark.parametrize("shell", ["gpt2 generate hi --model M -n 2 -t 0 > /dev/full",
+                                   "gpt2 validate M > /dev/full",
                                    "gpt2 generate hi --model M -n 2 -t 0 >&-",
                                    "gpt2 generate -i --model M -n 2 <&-",
                                    "gpt2 tokenize hi >&-", "gpt2 tokenize - <&-",
@@ -356,9 +357,10 @@ def test_cli_with_stdout_full_or_closed_is_one_line(vocab_model, tmp_path, shell
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "GPT2_HOME": str(tmp_path)})
     assert "Traceback" not in done.stderr, done.stderr
-    if "/dev/full" in shell:
+    if "/dev/full" in shell:  # (the line before may say the CPU kernels are being built)
         assert done.returncode == 1
-        assert done.stderr.strip().endswith("error: No space left on device")
+        assert done.stderr.strip().splitlines()[-1].endswith(
+            "error: No space left on device (writing the output)")
     else:
         assert done.returncode == 0, done.stderr
     if "2>&-" in shell:  # a closed stderr: its lines go nowhere, not into the output
@@ -528,6 +530,26 @@ def test_cli_an_empty_path_is_refused_not_taken_for_here(run_cli, tmp_path, hf_c
     assert r.code == 1 and r.err.count("\n") == 1, r.err
     assert r.err.split("error: ")[1].startswith(f"{where} is empty; give ")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "hi", "-n", "abc"],
+     "gpt2 generate: error: argument --max-new-tokens/-n: invalid int value: 'abc' "
+     "(see gpt2 generate --help)"),
+    (["eval", "-m", "124M"], "gpt2 eval: error: the following arguments are required: --data "
+                             "(see gpt2 eval --help)"),
+    (["inspect", "attention", "hi", "--layer", "x", "--out", "a.png"],
+     "gpt2 inspect attention: error: argument --layer: invalid int value: 'x' "
+     "(see gpt2 inspect attention --help)"),
+])
+def test_cli_argument_errors_are_one_line(capsys, args, message):
+    """argparse printed the whole usage block before its error."""
+    from gpt2.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
 
 
 def test_cli_validate_refuses_an_empty_sample_text(run_cli, hf_checkpoint):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import pkgutil
@@ -33,8 +34,16 @@ def _command_modules() -> list:
     return [importlib.import_module(f"gpt2.commands.{n}") for n in names]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with its errors on one line (argparse prints the whole usage
+    first); subcommands' parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpt2",
         description="GPT-2 from scratch: tokenize, generate, score, convert and train.",
     )
@@ -116,6 +125,9 @@ _OUT_OF_MEMORY = ("out of memory; ask for less at once (fewer samples, a smaller
                   "shorter texts, a smaller model) or use a machine with more memory")
 
 
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 class Terminated(BaseException):
     """SIGTERM (`kill`, `timeout`, `docker stop`) raised as an exception, so that a stopped
     command removes what it was writing, as it does for Ctrl-C."""
@@ -182,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as e:  # writing the output (a full disk, /dev/full), reading input
-        _error(f"{name}: error: {e.strerror or e}"
-               + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+        if getattr(e, "filename", None):
+            where = f" ({e.filename})"
+        else:  # (these arise only from writes: stdout or a file, it does not say which)
+            where = " (writing the output)" if e.errno in _FULL else ""
+        _error(f"{name}: error: {e.strerror or e}{where}")
         with contextlib.suppress(OSError, ValueError):  # what stdout still holds goes
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
