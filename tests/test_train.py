@@ -349,6 +349,26 @@ def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
 # --- fine-tuning ----------------------------------------------------------------------
 
 
+def test_init_weights_holding_nan_are_named_not_blamed_on_the_learning_rate(
+        tmp_path, hf_checkpoint, topics_data):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(hf_checkpoint(n_layer=2, n_embd=32, n_head=2, n_vocab=50257,
+                                  n_ctx=64).folder, folder)
+    state = load_file(folder / "model.safetensors")
+    state["transformer.h.1.mlp.c_fc.bias"][3] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GPT2Error, match=r"nan: h\.1\.mlp\.c_fc\.bias holds NaN or infinite "
+                                        r"values: the weights are damaged"):
+        train(TrainConfig(data=str(topics_data), out=str(tmp_path / "o"), init=str(folder),
+                          block_size=32, batch_size=2, max_steps=2, device="cpu",
+                          progress=False))
+    assert not (tmp_path / "o").exists()
+
+
 def test_finetune_hf_checkpoint_then_generate(tmp_path, hf_checkpoint, topics_data, run_cli):
     ckpt = hf_checkpoint(n_layer=2, n_embd=32, n_head=2, n_vocab=50257, n_ctx=64)
     out = tmp_path / "ft"

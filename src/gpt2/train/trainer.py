@@ -717,6 +717,11 @@ def build_model(cfg: TrainConfig, data: TokenData, *, init: str, device: torch.d
         model.load_state_dict(loaded.state_dict(), assign=True)
         model.source = loaded.source
         model = model.float()  # train in fp32 weights; --dtype is the autocast precision
+        # (else the first step's loss is NaN, and its message blames the learning rate)
+        damaged = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if damaged:
+            raise GPT2Error(f"{init}: {damaged[0]} holds NaN or infinite values: the weights "
+                            f"are damaged (gpt2 validate {init} checks every tensor)")
         if cfg.block_size > config.n_ctx:
             raise GPT2Error(f"--block-size {cfg.block_size} is longer than the context of "
                             f"{init} ({config.n_ctx} positions); use --block-size "
