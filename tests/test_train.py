@@ -726,6 +726,17 @@ def test_a_full_disk_at_the_first_checkpoint_says_so_and_what_to_do(tmp_path, mo
         train(TrainConfig(**kw))
 
 
+def test_the_closing_hint_is_a_command_a_shell_runs(tmp_path, run_cli):
+    """A folder with a space in its name is quoted in the `gpt2 generate` the run prints."""
+    import shlex
+
+    out = tmp_path / "run é x"
+    r = run_cli(*_args(synthetic(tmp_path / "d"), out))
+    assert r.code == 0, r.err
+    command = r.out.strip().split("`")[1]
+    assert shlex.split(command) == ["gpt2", "generate", "--model", str(out)]
+
+
 def test_a_model_folder_is_never_used_as_out(tmp_path, run_cli, hf_checkpoint):
     """A folder holding a model that is not a training run (a download, a conversion,
     the model --init loads) is refused as --out: the run's model would replace it."""

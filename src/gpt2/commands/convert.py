@@ -12,6 +12,7 @@ renamed into place at the end, so a failure never leaves half a model behind.
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 NAME = "convert"
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {dst} (Hugging Face layout, {n_params:,} parameters, {stored}) from the "
         f"{ckpt.layout} checkpoint {ckpt.path}; {vocab_note}"
     )
-    print(f"load it with GPT2LMHeadModel.from_pretrained({str(dst)!r}) or --model {dst}")
+    print(f"load it with GPT2LMHeadModel.from_pretrained({str(dst)!r}) or "
+          f"--model {shlex.quote(str(dst))}")
     return 0
 
 
@@ -85,7 +87,7 @@ def _convert_quantized(ckpt, dst: Path, tokenizer, args: argparse.Namespace) -> 
     model = quantize_model(model.float().eval(), args.quantize)
     save_quantized(model, dst, tokenizer=tokenizer, overwrite=args.force)
     print(f"wrote {dst} (int8 weight-only, {ckpt.config.n_layer} layers) from the "
-          f"{ckpt.layout} checkpoint {ckpt.path}; load it with --model {dst}")
+          f"{ckpt.layout} checkpoint {ckpt.path}; load it with --model {shlex.quote(str(dst))}")
     return 0
 
 

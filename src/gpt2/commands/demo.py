@@ -11,6 +11,7 @@ held-out last 5%.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 NAME = "demo"
 MARKER = ".gpt2-demo"  # in --out: the demo made this folder and may replace what it holds
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     ids = model.generate(idx, max_new_tokens=80, temperature=0.8, top_k=40, seed=args.seed)
     print(f"\nval loss {summary.best_val_loss:.3f} (best); a sample:\n")
     print(tok.decode(ids[0].tolist()))
-    print(f"\nthe model is in {run_dir}: gpt2 generate --model {run_dir} \"{args.prompt}\"")
+    print(f"\nthe model is in {run_dir}: gpt2 generate --model {shlex.quote(str(run_dir))} "
+          f"{shlex.quote(args.prompt)}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 NAME = "download"
 HELP = "fetch a GPT-2 size from OpenAI's release, the Hugging Face hub or Kaggle, verified"
@@ -46,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
         kaggle_handle=args.kaggle_handle, force=args.force,
     )
     model = str(path) if args.dir else path.name.removesuffix("-hf")
-    print(f"{path.name} is in {path}; use it with --model {model}")
+    print(f"{path.name} is in {path}; use it with --model {shlex.quote(str(model))}")
     return 0

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 NAME = "train"
 HELP = "train GPT-2 from scratch or fine-tune it (torchrun -m gpt2 train for several GPUs)"
@@ -125,5 +126,5 @@ def run(args: argparse.Namespace) -> int:
         val = f", val loss {summary.val_loss:.4f}" if summary.val_loss is not None else ""
         loss = f", loss {summary.last_loss:.4f}" if summary.last_loss is not None else ""
         print(f"{summary.out}: step {summary.step}{loss}{val}; "
-              f"generate with `gpt2 generate --model {summary.out}`")
+              f"generate with `gpt2 generate --model {shlex.quote(str(summary.out))}`")
     return 0

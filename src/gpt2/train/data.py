@@ -12,9 +12,10 @@ documents are separated by <|endoftext|>; with `append_eot` every document also
 ends with one (so the last one does too), which is how GPT-2's WebText was laid out.
 
 The validation split is deterministic: the last ceil(val_fraction * n) tokens of
-each document of n tokens (at least one token, at most n - 1) go to val.bin, the
-rest to train.bin. Every document is thus represented in both splits, and the
-same files always give the same split.
+each document of n tokens (at least one token, at most n - 1; none when
+val_fraction is 0 or n < 2) go to val.bin, the rest to train.bin. Every document
+of two tokens or more is thus represented in both splits, and the same files
+always give the same split.
 
 Streaming. A file is read in chunks of a few MB; each chunk is cut just after a
 newline that has a non-space on both sides, where GPT-2's pre-tokenizer can
@@ -164,7 +165,8 @@ def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, app
         "vocab_sha256": tok.sha256(),
         "val_fraction": val_fraction,
         "append_eot": append_eot,
-        "split_rule": "the last ceil(val_fraction * n) tokens of each document go to val.bin",
+        "split_rule": "the last ceil(val_fraction * n) tokens of each document of n tokens "
+                      "go to val.bin (at most n - 1; none when val_fraction is 0 or n < 2)",
         "sources": sources,
     }
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
