@@ -532,6 +532,17 @@ def test_merges_with_windows_line_ends_read_as_the_standard(tmp_path, oracle):
     assert Tokenizer.from_pretrained(folder).encode(text) == oracle.encode_ordinary(text)
 
 
+def test_explain_gives_encodes_ids_even_where_the_merges_cannot_make_a_token(tmp_path):
+    """encoder.json has "hello", but there are no merges: encode (as tiktoken) takes the
+    word's own token; explain showed five byte tokens instead."""
+    folder = copy_vocab(tmp_path)
+    (folder / "vocab.bpe").write_text("#version: 0.2\n", "utf-8")
+    tok = Tokenizer.from_pretrained(folder)
+    for text in ("hello", "hello world"):
+        assert tok.explain(text).ids == tok.encode(text)
+    assert tok.encode("hello") == [31373] and tok.explain("hello").words[0].steps == ()
+
+
 def test_malformed_merges_txt_in_hf_layout(tok, tmp_path):
     tok.save_pretrained(tmp_path, layout="hf")
     replace_line(tmp_path / "merges.txt", 7, "three parts here")

@@ -695,7 +695,10 @@ class Tokenizer:
             for word in self._pattern.findall(chunk):
                 raw = _utf8(word)
                 steps: list[MergeStep] = []
-                ids = tuple(self._bpe(raw, steps))
+                self._bpe(raw, steps)
+                # the ids encode gives: a word that is a token is that token (as in
+                # tiktoken), even in a vocabulary whose merges would not make it
+                ids = self._encode_word(word)
                 symbols = raw.decode("latin-1").translate(self._to_symbols)
                 pieces = tuple(self._symbols_of[i] for i in ids)
                 words.append(WordTrace(word, symbols, tuple(steps), pieces, ids))
