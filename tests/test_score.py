@@ -244,3 +244,27 @@ def test_cli_bad_input_is_one_line_and_exit_1(run_cli, vocab_model, tmp_path, co
     assert r.code == 1 and r.out == ""
     assert r.err.count("\n") == 1 and r.err.startswith("gpt2 score: error:")
     assert message in r.err and "Traceback" not in r.err
+
+
+def test_a_mean_loss_past_float_range_gives_infinite_perplexity(run_cli, tmp_path):
+    """exp(nll) overflows a float past ~709.8 nats: score raised OverflowError."""
+    from gpt2 import GPT2Config
+    from gpt2.score import ScoreResult
+    from gpt2.weights.huggingface import save_huggingface
+
+    assert ScoreResult.from_total(800.0 * 3, 3).ppl == math.inf
+    assert ScoreResult.from_total(700.0 * 3, 3).ppl == pytest.approx(math.exp(700.0))
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_ctx=16))
+    with torch.no_grad():
+        model.ln_f.weight.mul_(20000.0)  # logits in the tens of thousands
+    ids = [31373, 995, 31373, 995, 31373]  # "hello world hello world hello"
+    result = score(model, ids)
+    assert result.nll > 709.8 and result.ppl == math.inf
+    save_huggingface(model.state_dict(), model.config, tmp_path / "m")
+    (tmp_path / "t.txt").write_text("hello world hello world hello")
+    r = run_cli("score", tmp_path / "t.txt", "--model", tmp_path / "m", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["ppl"] is None
+    r = run_cli("score", tmp_path / "t.txt", "--model", tmp_path / "m")
+    assert r.code == 0 and "perplexity      overflow" in r.out, r.err

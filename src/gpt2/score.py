@@ -42,7 +42,8 @@ from gpt2.model import check_model, eval_mode
 @dataclass(frozen=True)
 class ScoreResult:
     """tokens: how many tokens were scored; total_nll: their summed negative
-    log-likelihood in nats; nll: its mean per token; ppl: exp(nll)."""
+    log-likelihood in nats; nll: its mean per token; ppl: exp(nll) (inf past a mean of
+    ~709.8 nats, where a float overflows: a model that has not learned, or is broken)."""
 
     tokens: int
     total_nll: float
@@ -52,7 +53,8 @@ class ScoreResult:
     @classmethod
     def from_total(cls, total_nll: float, tokens: int) -> ScoreResult:
         nll = total_nll / tokens
-        return cls(tokens=tokens, total_nll=total_nll, nll=nll, ppl=math.exp(nll))
+        return cls(tokens=tokens, total_nll=total_nll, nll=nll,
+                   ppl=math.exp(nll) if nll < 709.78 else math.inf)
 
 
 def score(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from gpt2.commands._common import add_model_arguments
 
@@ -43,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     result = score(model, tokens, stride=args.stride, max_length=args.max_length)
     if args.json:
         print(json.dumps({"split": args.split, "tokens": result.tokens, "loss": result.nll,
-                          "total_nll": result.total_nll, "ppl": result.ppl}))
+                          "total_nll": result.total_nll,  # (null: overflow)
+                          "ppl": result.ppl if math.isfinite(result.ppl) else None}))
     else:
+        ppl = f"{result.ppl:.3f}" if math.isfinite(result.ppl) else "overflow"
         print(f"{args.split}: {result.tokens:,} tokens, loss {result.nll:.4f} nats/token, "
-              f"perplexity {result.ppl:.3f}")
+              f"perplexity {ppl}")
     return 0

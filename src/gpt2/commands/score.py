@@ -69,11 +69,13 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.decode_bytes(ids[1:]))
     bits_per_byte = result.total_nll / math.log(2) / scored_bytes
     if args.json:
-        print(json.dumps({"tokens": result.tokens, "nll": result.nll, "ppl": result.ppl,
+        print(json.dumps({"tokens": result.tokens, "nll": result.nll,  # (null: overflow)
+                          "ppl": result.ppl if math.isfinite(result.ppl) else None,
                           "bits_per_byte": bits_per_byte}))
     else:
         print(f"tokens scored   {result.tokens}")
         print(f"mean NLL        {result.nll:.4f} nats/token")
-        print(f"perplexity      {result.ppl:.4f}")
+        print(f"perplexity      {result.ppl:.4f}" if math.isfinite(result.ppl)
+              else "perplexity      overflow (more than 1.8e308)")
         print(f"bits per byte   {bits_per_byte:.4f}")
     return 0
