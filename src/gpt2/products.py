@@ -79,7 +79,7 @@ def matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return y.t().reshape(*x.shape[:-1], weight.size(0))  # (..., out)
 
 
-# id(weight) -> (weak reference to the weight, its _version when packed, the packed copy);
+# id(weight) -> (weak reference to the weight, its stamp when packed, the packed copy);
 # an entry goes when its weight is garbage-collected.
 _CPU_PACKED: dict[int, tuple] = {}
 
@@ -88,17 +88,16 @@ def _cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
     """A oneDNN-blocked copy of an fp32 weight (out, in), made on first use and kept
     while the weight lives; None where oneDNN cannot make one.
 
-    The copy is remade whenever the weight changes in place (an optimizer step,
-    load_state_dict): PyTorch counts such writes in `weight._version`.
+    The copy is remade whenever the weight changes (see `_stamp`).
     """
     try:
-        version = weight._version
+        stamp = _stamp(weight)
     except RuntimeError:  # an inference-mode tensor counts no writes: a copy could go stale
         return None
     key = id(weight)
     kept = _CPU_PACKED.get(key)
     alive = kept is not None and kept[0]() is weight
-    if alive and kept[1] == version:
+    if alive and _same_stamp(kept[1], stamp):
         return kept[2]
     if not torch.backends.mkldnn.is_available():
         return None
@@ -108,5 +107,19 @@ def _cpu_packed(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     if not alive:
         weakref.finalize(weight, _CPU_PACKED.pop, key, None)
-    _CPU_PACKED[key] = (weakref.ref(weight), version, packed)
+    _CPU_PACKED[key] = (weakref.ref(weight), (*stamp[:2], stamp[2].clone()), packed)
     return packed
+
+
+def _stamp(weight: torch.Tensor) -> tuple:
+    """What tells that a weight changed: PyTorch's count of in-place writes (an optimizer
+    step, load_state_dict, an edit under torch.no_grad()), its memory (`p.data = t`), and
+    16 of its values spread over it, for writes through `p.data`, which PyTorch does not
+    count (`p.data.mul_(2)`; a write through `.data` to a few values only can go unseen,
+    as it does for autograd: edit weights under torch.no_grad() instead)."""
+    flat = weight.detach().reshape(-1)
+    return weight._version, weight.data_ptr(), flat[:: max(1, flat.numel() // 16)][:16]
+
+
+def _same_stamp(kept: tuple, now: tuple) -> bool:
+    return kept[:2] == now[:2] and torch.equal(kept[2], now[2])
