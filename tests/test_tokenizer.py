@@ -601,6 +601,30 @@ def test_error_messages_are_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_wrong_argument_types_are_one_line_errors(tok, tmp_path):
+    """Each raised a TypeError or another error from deep inside (or was accepted)."""
+    (tmp_path / "a.txt").write_text("x")
+    cases = [
+        (lambda: tok.explain(None), "explain takes a str, got NoneType"),
+        (lambda: tok.explain(b"hi"), "explain takes a str, got bytes; decode bytes first"),
+        (lambda: tok.encode("a", allowed_special=True), "allowed_special takes a set"),
+        (lambda: tok.encode("a", allowed_special=[["<|endoftext|>"]]), "allowed_special takes"),
+        (lambda: tok.encode_batch(None), "encode_batch takes a list of texts, got NoneType"),
+        (lambda: Tokenizer.from_pretrained(5), "path must be a folder's path"),
+        (lambda: Tokenizer.from_pretrained(cache_size=None), "cache_size must be an integer"),
+        (lambda: Tokenizer.from_pretrained(cache_size=1.5), "cache_size must be an integer"),
+        (lambda: tok.save_pretrained(tmp_path / "a.txt"), "a.txt: is a file, not a folder"),
+        (lambda: tok.save_pretrained(tmp_path / "a.txt" / "sub"), "cannot make the folder"),
+        (lambda: tok.save_pretrained(None), "folder must be a path"),
+        (lambda: tok.save_pretrained(tmp_path / "v", model_max_length="x"),
+         "model_max_length must be an integer >= 1, not 'x'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(GPT2Error, match=re.escape(message)):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 def test_encode_batch_takes_a_list_of_texts(tok):
     """A str is iterable: it was encoded letter by letter."""
     with pytest.raises(GPT2Error, match="encode_batch takes a list of texts, got str"):

@@ -240,8 +240,8 @@ class Tokenizer:
         cache_size: int = 1 << 16,
         _where: tuple[str, Callable[[int], str]] = ("encoder", "merge #{}".format),
     ) -> None:
-        if cache_size < 1:
-            raise GPT2Error(f"cache_size must be at least 1, not {cache_size}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise GPT2Error(f"cache_size must be an integer >= 1, not {cache_size!r}")
         self._encoder = dict(encoder)
         self._merges = tuple((left, right) for left, right in merges)
         if special_tokens is None:
@@ -318,6 +318,9 @@ class Tokenizer:
                     )
             return cls._from_files(folder / "encoder.json", folder / "vocab.bpe", cache_size)
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise GPT2Error(f"path must be a folder's path (str or Path), not "
+                            f"{type(path).__name__}")
         folder = Path(path)
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
@@ -362,8 +365,20 @@ class Tokenizer:
         """
         if layout not in ("both", "openai", "hf"):
             raise GPT2Error(f"layout must be 'both', 'openai' or 'hf', not {layout!r}")
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) \
+                or model_max_length < 1:
+            raise GPT2Error(f"model_max_length must be an integer >= 1, not "
+                            f"{model_max_length!r}")
+        if not isinstance(folder, (str, os.PathLike)):
+            raise GPT2Error(f"folder must be a path (str or Path), not {type(folder).__name__}")
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise GPT2Error(f"{folder}: is a file, not a folder; give a folder to write into")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GPT2Error(f"{folder}: cannot make the folder here ({e.strerror or e})") \
+                from None
         merges_text = self._merges_text().encode("utf-8")
         files: dict[str, bytes] = {}
         if layout in ("both", "openai"):
@@ -475,10 +490,7 @@ class Tokenizer:
             >>> Tokenizer.from_pretrained().encode(" DON'T")
             [23917, 6, 51]
         """
-        if not isinstance(text, str):
-            raise GPT2Error(f"encode takes a str, got {type(text).__name__}"
-                            + ("; decode bytes first (bytes.decode('utf-8'))"
-                               if isinstance(text, (bytes, bytearray)) else ""))
+        _check_text(text, "encode")
         if not allowed_special:
             return self._encode_ordinary(text)
         out: list[int] = []
@@ -500,6 +512,8 @@ class Tokenizer:
         if isinstance(texts, (str, bytes)):  # (a str would be encoded letter by letter)
             raise GPT2Error(f"encode_batch takes a list of texts, got {type(texts).__name__}; "
                             "use encode for one text")
+        if not isinstance(texts, Iterable):
+            raise GPT2Error(f"encode_batch takes a list of texts, got {type(texts).__name__}")
         return [self.encode(t, allowed_special=allowed_special) for t in texts]
 
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -616,7 +630,13 @@ class Tokenizer:
         if isinstance(allowed, str) and allowed != "all":
             raise GPT2Error(f"allowed_special takes a set of special tokens or 'all', "
                             f"not the string {allowed!r}")
-        names = frozenset(self._special if allowed == "all" else allowed)
+        try:
+            names = frozenset(self._special if allowed == "all" else allowed)
+        except TypeError:  # (not iterable, or holding lists)
+            names = None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise GPT2Error(f"allowed_special takes a set of special tokens (str) or 'all', "
+                            f"not {allowed!r:.60}")
         pattern = self._special_patterns.get(names)
         if pattern is None:
             unknown = sorted(names - self._special.keys())
@@ -680,6 +700,7 @@ class Tokenizer:
             >>> e.words[1].steps[0]
             MergeStep(left='i', right='n', rank=3, pieces=('Ġ', 'l', 'e', 'a', 'r', 'n', 'in', 'g'))
         """
+        _check_text(text, "explain")
         words: list[WordTrace] = []
         start = 0
         chunks: list[tuple[str, bool]] = []
@@ -755,6 +776,13 @@ def _read_encoder(path: Path) -> dict[str, int]:
         if type(i) is not int or i < 0:
             raise GPT2Error(f"{path}: token {token!r} has id {i!r}; ids must be integers >= 0")
     return encoder
+
+
+def _check_text(text: object, method: str) -> None:
+    if not isinstance(text, str):
+        raise GPT2Error(f"{method} takes a str, got {type(text).__name__}"
+                        + ("; decode bytes first (bytes.decode('utf-8'))"
+                           if isinstance(text, (bytes, bytearray)) else ""))
 
 
 def _read_merges(path: Path) -> tuple[list[tuple[str, str]], int]:
