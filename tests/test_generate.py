@@ -866,3 +866,22 @@ def test_cli_interactive_goes_on_after_a_line_that_fails(run_cli, vocab_model, m
     assert len(errors) == 2
     assert errors[0].startswith("gpt2 generate: error: stdin line 2: prompt (80 tokens)")
     assert "stdin line 3: not UTF-8 text" in errors[1]
+
+
+def test_text_stream_takes_lists_not_one_string():
+    """A str of stop strings was taken letter by letter: "\\n\\n" stopped at one newline."""
+    from gpt2 import Tokenizer
+    from gpt2.generate import TextStream
+
+    tok = Tokenizer.from_pretrained()
+    for kwargs, message in [({"stop_strings": "\n\n"}, "wrap one in a list"),
+                            ({"stop_strings": None}, "stop_strings takes a list of strings"),
+                            ({"stop_strings": [1]}, "stop_strings takes a list of strings"),
+                            ({"stop_tokens": 5}, "stop_tokens takes a list of token ids")]:
+        with pytest.raises(GPT2Error, match=message):
+            TextStream(tok, **kwargs)
+    stream = TextStream(tok, stop_strings=(s for s in ["\n\n"]))  # any iterable
+    for i in tok.encode("Hi\nthere\n\nbye"):
+        stream.push(i)
+    stream.finish()
+    assert stream.text == "Hi\nthere"

@@ -1132,3 +1132,9 @@ def test_config_takes_paths(tmp_path):
     s = train(TrainConfig(data=data, out=tmp_path / "o", **{**TINY, "max_steps": 1},
                           device="cpu"))
     assert s.step == 1 and (tmp_path / "o" / "log.jsonl").is_file()
+
+
+def test_train_takes_a_train_config():
+    with pytest.raises(GPT2Error, match="train takes a TrainConfig, not dict; use "
+                                        r"TrainConfig\(\*\*settings\)"):
+        train({"data": "d", "out": "o"})

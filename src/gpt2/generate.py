@@ -797,8 +797,17 @@ class TextStream:
     ) -> None:
         import codecs
 
+        one = isinstance(stop_strings, str)
+        if not one and isinstance(stop_strings, Iterable):
+            stop_strings = tuple(stop_strings)
+        if one or not isinstance(stop_strings, tuple) \
+                or not all(isinstance(s, str) for s in stop_strings):
+            raise GPT2Error(f"stop_strings takes a list of strings, not {stop_strings!r:.60}"
+                            + ("; wrap one in a list" if one else ""))
         if any(s == "" for s in stop_strings):
             raise GPT2Error("a stop string must not be empty")
+        if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+            raise GPT2Error(f"stop_tokens takes a list of token ids, not {stop_tokens!r:.60}")
         self._tokenizer = tokenizer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop_strings = tuple(stop_strings)

@@ -785,6 +785,9 @@ def _typed(cfg: TrainConfig) -> TrainConfig:
     """cfg with paths as str, or a GPT2Error naming the first flag whose value is not of its
     type: an int that is 2.5 or "16", a float that is NaN or infinite (it would pass every
     range check below and poison the run silently), None where a value is needed."""
+    if not isinstance(cfg, TrainConfig):
+        raise GPT2Error(f"train takes a TrainConfig, not {type(cfg).__name__}"
+                        + ("; use TrainConfig(**settings)" if isinstance(cfg, dict) else ""))
     paths = {n: os.fspath(getattr(cfg, n)) for n in ("data", "out", "init")
              if isinstance(getattr(cfg, n), os.PathLike)}
     cfg = dataclasses.replace(cfg, **paths)
