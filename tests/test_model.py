@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 
 import pytest
 import torch
@@ -81,6 +82,33 @@ def tiny(hf_checkpoint):
 def test_tiny_matches_transformers(tiny):
     model, hf = tiny
     assert_parity(model, hf, random_ids(128, (3, 12)), new_tokens=12)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"position_ids": torch.tensor([[0, 1, 500]])}, "position 500 is out of range"),
+    ({"position_ids": torch.tensor([[0, -1, 2]])}, "position -1 is out of range"),
+    ({"position_ids": torch.tensor([0, 1])}, "position_ids must be an integer tensor (2 or 1, 3)"),
+    ({"position_ids": torch.tensor([[0.0, 1.0, 2.0]])}, "position_ids must be an integer"),
+    ({"attention_mask": [[1, 1, 1], [1, 1, 1]]}, "attention_mask must be a tensor (2, positions)"),
+    ({"attention_mask": torch.tensor([[0.5, 1, 1], [1, 1, 1]])}, "must hold only 1 (a token)"),
+    ({"attention_mask": torch.tensor([[2, 1, 1], [1, 1, 1]])}, "must hold only 1 (a token)"),
+    ({"cache": 5}, "cache must be a KVCache (model.new_cache(batch, ...)), not int"),
+])
+def test_forward_arguments_are_checked(tiny, kwargs, message):
+    """Each was an IndexError, RuntimeError or AttributeError from inside torch, or (a mask
+    of 0.5 or 2) was read as 1 without a word."""
+    model, _ = tiny
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        model(random_ids(128, (2, 3)), **kwargs)
+
+
+def test_ids_of_any_integer_type_give_the_same_logits(tiny):
+    model, _ = tiny
+    idx = random_ids(128, (2, 5))
+    with torch.no_grad():
+        expected = model(idx)
+        for dtype in (torch.uint8, torch.int16, torch.int32):
+            assert torch.equal(model(idx.to(dtype)), expected)
 
 
 # The width and heads of each released size, with fewer layers to keep the test fast;

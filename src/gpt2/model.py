@@ -287,7 +287,12 @@ class GPT2(nn.Module):
         if keep_last is not None and (isinstance(keep_last, bool)
                                       or not isinstance(keep_last, int) or keep_last < 1):
             raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")
+        if idx.dtype not in (torch.int64, torch.int32):  # what the embedding takes
+            idx = idx.long()
         B, T = idx.shape
+        if cache is not None and not isinstance(cache, KVCache):
+            raise GPT2Error(f"cache must be a KVCache (model.new_cache(batch, ...)), not "
+                            f"{type(cache).__name__}")
         if cache is not None and cache.k.size(1) != B:
             raise GPT2Error(f"the KV cache holds {cache.k.size(1)} rows but idx has {B}; make "
                             f"it with model.new_cache({B}, ...)")
@@ -299,8 +304,11 @@ class GPT2(nn.Module):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device).unsqueeze(0)
+        else:
+            self._check_position_ids(position_ids, B, T)
         mask = None
         if attention_mask is not None:
+            _check_attention_mask(attention_mask, B)
             mask = _padded_causal_mask(attention_mask.bool(), T, past)  # (B, 1, T, S)
 
         taps = self._taps
@@ -317,6 +325,22 @@ class GPT2(nn.Module):
         elif keep_last is not None:
             x = x[:, -keep_last:, :]
         return tap("ln_final", self.ln_f(x))
+
+    def _check_position_ids(self, position_ids, B: int, T: int) -> None:
+        """An integer tensor (B or 1, T) of positions in [0, n_ctx), or GPT2Error."""
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype == torch.bool \
+                or position_ids.is_floating_point() or position_ids.is_complex() \
+                or position_ids.dim() != 2 or position_ids.size(0) not in (1, B) \
+                or position_ids.size(1) != T:
+            got = (f"{position_ids.dtype} of shape {tuple(position_ids.shape)}"
+                   if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__)
+            rows = "1" if B == 1 else f"{B} or 1"
+            raise GPT2Error(f"position_ids must be an integer tensor ({rows}, {T}), got {got}")
+        if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(position_ids))
+            if low < 0 or high >= self.config.n_ctx:
+                raise GPT2Error(f"position {low if low < 0 else high} is out of range: this "
+                                f"model has positions 0 to {self.config.n_ctx - 1}")
 
     def _logits_from_block(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (B, T, n_vocab) for a residual stream x (B, T, C) entering block `start`:
@@ -654,6 +678,17 @@ def _causal_mask(T: int, S: int, device) -> torch.Tensor:
     """(T, S) booleans: query i (at absolute position S - T + i) may see keys j <= it."""
     past = S - T
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def _check_attention_mask(mask, B: int) -> None:
+    """A tensor (B, S) of 1 (a token) and 0 (padding), or GPT2Error (0.5 or 2 read as 1)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.size(0) != B:
+        got = (f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+               else type(mask).__name__)
+        raise GPT2Error(f"attention_mask must be a tensor ({B}, positions) of 1 and 0, got {got}")
+    if mask.dtype != torch.bool and mask.device.type == "cpu" \
+            and not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise GPT2Error("attention_mask must hold only 1 (a token) and 0 (padding)")
 
 
 def _padded_causal_mask(key_valid: torch.Tensor, T: int, past: int) -> torch.Tensor:
