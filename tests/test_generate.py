@@ -885,3 +885,21 @@ def test_text_stream_takes_lists_not_one_string():
         stream.push(i)
     stream.finish()
     assert stream.text == "Hi\nthere"
+
+
+def test_stop_tokens_take_numpy_and_tensor_ids_as_a_list():
+    """numpy ids were refused as "not a token id" (top_k, seed and others take them)."""
+    import numpy as np
+
+    from gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_ctx=32, n_vocab=16)).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    free = model.generate(idx, max_new_tokens=8, temperature=0.0)[0, 3:].tolist()
+    stop = free[2]
+    expected = model.generate(idx, max_new_tokens=8, temperature=0.0, stop_tokens=[stop])
+    assert expected.size(1) == 3 + free.index(stop) + 1  # it does stop early
+    for ids in (np.array([stop]), np.int64(stop), torch.tensor([[stop]]), [np.int32(stop)]):
+        assert torch.equal(model.generate(idx, max_new_tokens=8, temperature=0.0,
+                                          stop_tokens=ids), expected)

@@ -751,19 +751,28 @@ def _stop_set(stop_tokens: Sequence[int] | None, n_vocab: int) -> frozenset[int]
     """stop_tokens (ids, or one id) as a set, each checked to be a token id of the model."""
     if stop_tokens is None:
         return frozenset()
-    if isinstance(stop_tokens, torch.Tensor):
-        stop_tokens = stop_tokens.reshape(-1).tolist()
-    elif isinstance(stop_tokens, int) and not isinstance(stop_tokens, bool):
+    if hasattr(stop_tokens, "tolist") and not isinstance(stop_tokens, (str, bytes)):
+        stop_tokens = stop_tokens.tolist()  # a tensor or numpy array (or numpy integer)
+    if isinstance(stop_tokens, numbers.Integral) and not isinstance(stop_tokens, bool):
         stop_tokens = [stop_tokens]
     elif isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
         raise GPT2Error(f"stop_tokens must be token ids (a list of ints), got {stop_tokens!r}")
-    ids = list(stop_tokens)
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+    ids = list(_flat(stop_tokens))
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)
            or not 0 <= t < n_vocab]
     if bad:
         raise GPT2Error(f"stop_tokens: {bad[0]!r} is not a token id of this model (integers "
                         f"in [0, {n_vocab}))")
-    return frozenset(ids)
+    return frozenset(int(t) for t in ids)
+
+
+def _flat(items):
+    """Nested lists (a 2-D tensor's tolist()) as one sequence."""
+    for item in items:
+        if isinstance(item, list):
+            yield from _flat(item)
+        else:
+            yield item
 
 
 def _pad_id(model) -> int:
