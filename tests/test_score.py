@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from gpt2.config import GPT2Config
 from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
 from gpt2.score import score
@@ -268,3 +270,21 @@ def test_a_mean_loss_past_float_range_gives_infinite_perplexity(run_cli, tmp_pat
     assert json.loads(r.out)["ppl"] is None
     r = run_cli("score", tmp_path / "t.txt", "--model", tmp_path / "m")
     assert r.code == 0 and "perplexity      overflow" in r.out, r.err
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    ([[1, 2], [3]], "ids must be one sequence of token ids (1-D)"),
+    (torch.tensor([True, False, True]), "got dtype torch.bool"),
+    ((i for i in [1, 2, 3]), "not generator"),
+    ({1, 2, 3}, "not set"),
+    ([1, 2**70], "integers below 2**63"),
+    (np.array([1, 2**64 - 1], dtype=np.uint64), "got dtype uint64"),
+])
+def test_ids_that_are_not_one_sequence_of_ints_are_named(ids, message):
+    """A ValueError from numpy, bools scored as 0 and 1, a generator called a 0-d shape, or
+    an id of 2**64 - 1 shown as -1."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_ctx=16, n_vocab=100)).eval()
+    with pytest.raises(GPT2Error, match=re.escape(message)):
+        score(model, ids)
+    assert score(model, range(1, 5)).tokens == 3  # any sequence of ints

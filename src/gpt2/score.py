@@ -176,13 +176,22 @@ class _Tokens:
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu()
         elif not isinstance(ids, np.ndarray):
-            ids = np.asarray(ids)
+            if not isinstance(ids, Sequence):  # (a set has no order; a generator, no length)
+                raise GPT2Error(f"score takes a sequence of token ids (a list, array or "
+                                f"tensor), not {type(ids).__name__}")
+            try:
+                ids = np.asarray(ids)
+            except ValueError:  # rows of different lengths
+                raise GPT2Error("ids must be one sequence of token ids (1-D)") from None
+            if ids.dtype == object:  # ints too large for any integer dtype, or mixed items
+                raise GPT2Error("ids must be token ids: integers below 2**63")
         if ids.ndim != 1:
             raise GPT2Error(f"ids must be one sequence (1-D), got shape {tuple(ids.shape)}")
-        integer = (not ids.is_floating_point() and not ids.is_complex()
-                   if isinstance(ids, torch.Tensor) else ids.size == 0 or ids.dtype.kind in "iu")
+        integer = (ids.dtype not in (torch.bool, torch.uint64) and not ids.is_floating_point()
+                   and not ids.is_complex() if isinstance(ids, torch.Tensor)
+                   else ids.size == 0 or ids.dtype.kind in "iu" and ids.dtype != np.uint64)
         if not integer:
-            raise GPT2Error(f"ids must be integers, got dtype {ids.dtype}")
+            raise GPT2Error(f"ids must be integers (int64 or narrower), got dtype {ids.dtype}")
         if bos and n_vocab <= EOT:
             raise GPT2Error(f"bos needs <|endoftext|> (id {EOT}) but this model's vocabulary "
                             f"has {n_vocab} tokens")
