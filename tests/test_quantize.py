@@ -627,3 +627,20 @@ def test_a_layer_pickled_before_tiles_only_existed_still_loads():
     x = torch.randn(3, 64)
     assert not old._buffers["weight"].is_meta
     assert torch.equal(old(x), layer(x))
+
+
+@pytest.mark.parametrize(("load", "cast"), [({"quantize": "int8"}, "half"),
+                                            ({"quantize": "int8"}, "bfloat16"),
+                                            ({"dtype": "bf16"}, "half")])
+def test_a_cast_of_a_model_with_kernel_copies_is_refused_in_one_line(hf_checkpoint, load, cast):
+    """.half() of an int8 model raised "mixed dtype (CPU)" at its first forward, and of a
+    bf16 one on a CPU without AVX512-FP16 a oneDNN error; moves still work."""
+    from gpt2 import GPT2, cpu_kernels
+
+    if load.get("dtype") == "bf16" and not cpu_kernels.bf16_available():
+        pytest.skip("bf16 runs without kernel copies on this CPU")
+    model = GPT2.from_pretrained(hf_checkpoint().folder, **load)
+    with pytest.raises(GPT2Error, match="so its dtype is fixed when it loads; load it again"):
+        getattr(model, cast)()
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model.to("cpu")(idx)).all()  # (a move is fine, and nothing broke)

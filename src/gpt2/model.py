@@ -452,6 +452,22 @@ class GPT2(nn.Module):
             else:
                 nn.init.zeros_(p)
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts (`.to`, `.half()`, ...), except a cast of a model whose
+        projections hold a kernel's copy made for its dtype (int8, or bf16 on a CPU): their
+        layers and kernels are chosen when it loads, and a cast half-way broke them."""
+        from gpt2.quantize import _KernelCopy
+
+        dtype = self.ln_f.weight.dtype
+        if fn(torch.empty(0, dtype=dtype)).dtype != dtype and any(
+                isinstance(m, _KernelCopy) for m in self.modules()):
+            what = ("is quantized" if getattr(self, "quantization", None)
+                    else f"runs {str(dtype).removeprefix('torch.')} CPU kernels")
+            raise GPT2Error(f"this model {what}, so its dtype is fixed when it loads; load it "
+                            "again with GPT2.from_pretrained(path, dtype=...) instead of "
+                            "casting it")
+        return super()._apply(fn, recurse)
+
     def num_parameters(self) -> int:
         """Parameter count: every weight and bias once (the LM head is tied to wte). In a
         quantized model the int8 weights are buffers; they count, their scales do not."""
