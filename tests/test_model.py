@@ -93,6 +93,7 @@ def test_tiny_matches_transformers(tiny):
     ({"attention_mask": torch.tensor([[0.5, 1, 1], [1, 1, 1]])}, "must hold only 1 (a token)"),
     ({"attention_mask": torch.tensor([[2, 1, 1], [1, 1, 1]])}, "must hold only 1 (a token)"),
     ({"cache": 5}, "cache must be a KVCache (model.new_cache(batch, ...)), not int"),
+    ({"last_only": "no"}, "last_only must be True or False, got 'no'"),
 ])
 def test_forward_arguments_are_checked(tiny, kwargs, message):
     """Each was an IndexError, RuntimeError or AttributeError from inside torch, or (a mask

@@ -373,6 +373,8 @@ def test_a_device_that_is_not_there_is_refused_before_loading(tiny, device, mess
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(GPT2Error, match=message):
         GPT2.from_pretrained(tiny.folder, device=device)
+    # "auto", TrainConfig's default, is the GPU where there is one: here the CPU
+    assert GPT2.from_pretrained(tiny.folder, device="auto").wte.weight.device.type == "cpu"
 
 
 @pytest.mark.parametrize("shape", [(1, 5), (64, 64), (65, 130), (768, 2304), (3, 1)])

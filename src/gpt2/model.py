@@ -284,6 +284,8 @@ class GPT2(nn.Module):
             if low < 0 or high >= self.config.n_vocab:
                 raise GPT2Error(f"token id {low if low < 0 else high} is out of range: this "
                                 f"model has ids 0 to {self.config.n_vocab - 1}")
+        if not isinstance(last_only, bool):
+            raise GPT2Error(f"last_only must be True or False, got {last_only!r}")
         if keep_last is not None and (isinstance(keep_last, bool)
                                       or not isinstance(keep_last, int) or keep_last < 1):
             raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")

@@ -36,16 +36,18 @@ def resolve_device(name: str):
     from gpt2.errors import GPT2Error
 
     if not isinstance(name, (str, torch.device)):
-        raise GPT2Error(f"device must be a name (cpu, cuda, cuda:N, mps) or a torch.device, "
-                        f"got {name!r}")
+        raise GPT2Error(f"device must be a name (cpu, cuda, cuda:N, mps, auto) or a "
+                        f"torch.device, got {name!r}")
+    if name == "auto":  # the GPU where there is one
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise GPT2Error(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GPT2Error("--device cuda: no CUDA GPU is available here; use --device cpu")
+        raise GPT2Error(f"device {name}: no CUDA GPU is available here; use cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GPT2Error("--device mps: Apple's MPS backend is not available here; use --device cpu")
+        raise GPT2Error(f"device {name}: Apple's MPS backend is not available here; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise GPT2Error(f"unsupported device {name!r}; use cpu, cuda or mps")
     return device

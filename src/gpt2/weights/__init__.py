@@ -54,7 +54,8 @@ def detect_layout(path: Path) -> str:
             return "openai"
         raise GPT2Error(f"{path}: not a GPT-2 weights file (.safetensors, .bin or model.ckpt.*)")
     if not path.is_dir():
-        raise GPT2Error(f"{path}: no such file or folder")
+        raise GPT2Error(f"{path}: no such file or folder" if not path.exists() else
+                        f"{path}: not a file or folder of weights (a device or pipe?)")
     if (path / "model.ckpt.index").is_file() or (path / "hparams.json").is_file():
         return "openai"
     if is_hf_folder(path):
