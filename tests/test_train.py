@@ -1138,3 +1138,11 @@ def test_train_takes_a_train_config():
     with pytest.raises(GPT2Error, match="train takes a TrainConfig, not dict; use "
                                         r"TrainConfig\(\*\*settings\)"):
         train({"data": "d", "out": "o"})
+
+
+def test_out_may_not_be_the_data_folder(tmp_path):
+    data = synthetic(tmp_path / "d")
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(GPT2Error, match="is the --data folder; the run would write"):
+        train(TrainConfig(data=str(data), out=str(data), device="cpu", **TINY, max_steps=1))
+    assert sorted(p.name for p in data.iterdir()) == before

@@ -303,6 +303,9 @@ class _Run:
                                 f"{flag} {last}; to train on, give --max-steps above "
                                 f"{self.state.step}")
         self.data = self._open_data(cfg, given=data_given)
+        if self.out.resolve() == self.data.folder.resolve():
+            raise GPT2Error(f"--out {cfg.out} is the --data folder; the run would write its "
+                            "checkpoints beside train.bin: choose another --out")
         # the run records where its data is, wherever it is resumed from
         self.cfg = cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
         self.amp_dtype = AMP_DTYPES[cfg.dtype]
