@@ -108,6 +108,22 @@ def test_atomic_write_to_a_full_device_fails_in_one_line_and_keeps_it(tmp_path):
     assert stat.S_ISCHR(full.stat().st_mode) and link.is_symlink()
 
 
+def test_write_failed_is_a_gpt2_error_and_an_oserror_and_pickles():
+    """Callers that catch OSError keep putting its strerror in their own words; the CLI
+    prints the message, which names the file; an error crossing processes survives."""
+    import errno
+    import pickle
+
+    from gpt2._io import WriteFailed
+
+    e = WriteFailed("out.bin: writing failed (No space left on device)",
+                    OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(e, GPT2Error) and isinstance(e, OSError)
+    assert (e.errno, e.strerror) == (errno.ENOSPC, "No space left on device")
+    assert str(e) == str(pickle.loads(pickle.dumps(e))) == \
+        "out.bin: writing failed (No space left on device)"
+
+
 def test_atomic_write_to_a_folder_or_nowhere_is_a_one_line_error(tmp_path):
     with pytest.raises(GPT2Error, match="is a folder; give the name of a file"):
         atomic_write_text(tmp_path, "x")

@@ -19,9 +19,10 @@ class WriteFailed(GPT2Error, OSError):
     OSError, whose `strerror` a caller may put in its own words ("saving the checkpoint
     failed (No space left on device)")."""
 
-    def __init__(self, message: str, cause: OSError) -> None:
-        super().__init__(message)
-        self.errno, self.strerror = cause.errno, cause.strerror or str(cause)
+    def __init__(self, message: str, cause: OSError | None = None) -> None:
+        super().__init__(message)  # (args: the message alone, so that it pickles)
+        if cause is not None:
+            self.errno, self.strerror = cause.errno, cause.strerror or str(cause)
 
     def __str__(self) -> str:
         return self.args[0]
