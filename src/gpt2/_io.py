@@ -52,12 +52,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f = open(path, mode)  # noqa: SIM115 -- closed below
         except OSError as e:
             raise WriteFailed(f"{shown}: cannot write ({e.strerror or e})", e) from None
-        with f:
+        try:
             yield f
             try:
-                f.flush()
+                f.close()  # (flushes: a full device fails here)
             except OSError as e:
                 raise WriteFailed(f"{shown}: writing failed ({e.strerror or e})", e) from None
+        finally:
+            with contextlib.suppress(OSError):  # (what the caller's error left unwritten)
+                f.close()
         return
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
