@@ -272,18 +272,13 @@ class GPT2(nn.Module):
         """What `forward` feeds the LM head: the final layer norm's output (B, T, n_embd).
         The arguments are forward's. The trainer takes its loss from these (see
         `gpt2.train.trainer.ModelLoss`)."""
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype == torch.bool \
-                or idx.is_floating_point() or idx.is_complex():
-            raise GPT2Error("idx must be token ids: an integer tensor (batch, tokens), got "
-                            + (f"{idx.dtype} of shape {tuple(idx.shape)}"
-                               if isinstance(idx, torch.Tensor) else type(idx).__name__))
-        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
-            # (on a GPU the check would wait for the device; an id out of range stops
-            # the embedding's kernel with a device-side assert there)
-            low, high = (int(v) for v in torch.aminmax(idx))
-            if low < 0 or high >= self.config.n_vocab:
-                raise GPT2Error(f"token id {low if low < 0 else high} is out of range: this "
-                                f"model has ids 0 to {self.config.n_vocab - 1}")
+        if not _integer_matrix(idx):
+            raise GPT2Error(f"idx must be token ids: an integer tensor (batch, tokens), got "
+                            f"{_described(idx)}")
+        bad = _outside(idx, self.config.n_vocab)
+        if bad is not None:
+            raise GPT2Error(f"token id {bad} is out of range: this model has ids 0 to "
+                            f"{self.config.n_vocab - 1}")
         if not isinstance(last_only, bool):
             raise GPT2Error(f"last_only must be True or False, got {last_only!r}")
         if keep_last is not None and (isinstance(keep_last, bool)
@@ -330,19 +325,15 @@ class GPT2(nn.Module):
 
     def _check_position_ids(self, position_ids, B: int, T: int) -> None:
         """An integer tensor (B or 1, T) of positions in [0, n_ctx), or GPT2Error."""
-        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype == torch.bool \
-                or position_ids.is_floating_point() or position_ids.is_complex() \
-                or position_ids.dim() != 2 or position_ids.size(0) not in (1, B) \
+        if not _integer_matrix(position_ids) or position_ids.size(0) not in (1, B) \
                 or position_ids.size(1) != T:
-            got = (f"{position_ids.dtype} of shape {tuple(position_ids.shape)}"
-                   if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__)
             rows = "1" if B == 1 else f"{B} or 1"
-            raise GPT2Error(f"position_ids must be an integer tensor ({rows}, {T}), got {got}")
-        if position_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-            low, high = (int(v) for v in torch.aminmax(position_ids))
-            if low < 0 or high >= self.config.n_ctx:
-                raise GPT2Error(f"position {low if low < 0 else high} is out of range: this "
-                                f"model has positions 0 to {self.config.n_ctx - 1}")
+            raise GPT2Error(f"position_ids must be an integer tensor ({rows}, {T}), got "
+                            f"{_described(position_ids)}")
+        bad = _outside(position_ids, self.config.n_ctx)
+        if bad is not None:
+            raise GPT2Error(f"position {bad} is out of range: this model has positions 0 to "
+                            f"{self.config.n_ctx - 1}")
 
     def _logits_from_block(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (B, T, n_vocab) for a residual stream x (B, T, C) entering block `start`:
@@ -696,6 +687,25 @@ def _causal_mask(T: int, S: int, device) -> torch.Tensor:
     """(T, S) booleans: query i (at absolute position S - T + i) may see keys j <= it."""
     past = S - T
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def _integer_matrix(t) -> bool:
+    return (isinstance(t, torch.Tensor) and t.dim() == 2 and t.dtype != torch.bool
+            and not t.is_floating_point() and not t.is_complex())
+
+
+def _described(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) \
+        else type(t).__name__
+
+
+def _outside(t: torch.Tensor, n: int) -> int | None:
+    """A value of t outside [0, n), or None. Checked on a CPU only: on a GPU the check
+    would wait for the device (and an index out of range stops its kernel there)."""
+    if t.device.type != "cpu" or not t.numel() or torch.compiler.is_compiling():
+        return None
+    low, high = (int(v) for v in torch.aminmax(t))
+    return low if low < 0 else high if high >= n else None
 
 
 def _check_attention_mask(mask, B: int) -> None:
