@@ -7,7 +7,7 @@
 #                                   # timed alone and 5 back to back, transformers
 #                                   # beside ours; then the `gpt2 train` loop itself),
 #                                   # then the loop's variants (gpu_profile.py trainer:
-#                                   # default, no clipping, clipping inside AdamW)
+#                                   # default, no clipping, clip_grad_norm_ first)
 #   bash bench/gpu_check.sh loss    # ~160 s: the fused cross-entropy's tests on the GPU,
 #                                   # the loss alone (compiled F.cross_entropy against the
 #                                   # kernel's settings), then the loop with each loss
@@ -40,7 +40,7 @@ case "$1" in
       2>&1 | tee "$OUT/train.log"
     mkdir -p "$OUT/loop"
     timeout 150 "$PY" bench/gpu_profile.py --sections trainer --budget-s 140 --out "$OUT/loop" \
-      --trainer-variants default,no_clip,clip_in_adamw --trainer-profile default,no_clip \
+      --trainer-variants default,no_clip,clip_grad_norm --trainer-profile default,no_clip \
       2>&1 | tee "$OUT/loop.log"
     ;;
   loss)

@@ -35,8 +35,9 @@ kernels, heaviest first, of:
              deeper pipeline, without host-to-device batches, with one AdamW
              parameter group, with the clipping and optimizer step compiled, with
              the compiled F.cross_entropy instead of gpt2.gpu_kernels.cross_entropy
-             (compiled_loss), with the clipping as the fused AdamW's grad_scale
-             (clip_in_adamw, CLIP_IN_FUSED_ADAMW) (--trainer-variants)
+             (compiled_loss), with clip_grad_norm_ before the optimizer instead of the
+             clipping as the fused AdamW's grad_scale (clip_grad_norm,
+             CLIP_IN_FUSED_ADAMW off) (--trainer-variants)
     loss     the training loss alone at 16 x 1024 (bf16 logits, 50,304 wide, the pad at
              -inf), forward and backward timed apart: the compiled F.cross_entropy
              against gpt2.gpu_kernels.cross_entropy at each block and warps of
@@ -424,7 +425,8 @@ def section_trainer(a, clock: Clock) -> dict:
     reading each loss two steps later (PIPELINE_DEPTH 2); the batches made on the GPU
     once (no host-to-device copies); one AdamW parameter group instead of two; the
     gradient clipping and AdamW step compiled together (torch.compile's optimizer); the
-    compiled F.cross_entropy as the loss; the clipping as the fused AdamW's grad_scale."""
+    compiled F.cross_entropy as the loss; clip_grad_norm_ instead of the clipping as the
+    fused AdamW's grad_scale."""
     import warnings
 
     import gpt2.train.trainer as trainer
@@ -476,7 +478,7 @@ def section_trainer(a, clock: Clock) -> dict:
         "one_group": ({}, ((trainer, "param_groups", one_group),)),
         # (its lr tensor does not go into a checkpoint's optimizer.json: no saving)
         "compiled_loss": ({}, ((trainer, "FUSED_LOSS_ON_GPU", False),)),
-        "clip_in_adamw": ({}, ((trainer, "CLIP_IN_FUSED_ADAMW", True),)),
+        "clip_grad_norm": ({}, ((trainer, "CLIP_IN_FUSED_ADAMW", False),)),
         "compiled_optimizer": ({}, ((trainer, "make_optimizer", compiled_optimizer),
                                     (trainer._Run, "_optimizer_step", compiled_optimizer_step),
                                     (trainer._Run, "_save", lambda run: None))),
@@ -661,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                    "graph_compiled_layer_fused_tuned,graph_fused")
     p.add_argument("--trainer-variants",
                    default="default,no_clip,depth2,gpu_batches,one_group,compiled_optimizer,"
-                   "compiled_loss,clip_in_adamw")
+                   "compiled_loss,clip_grad_norm")
     p.add_argument("--trainer-profile", default="default",
                    help="trainer variants whose steps 16-18 are profiled (kernel tables)")
     p.add_argument("--loss-settings", default="4096x8x8,4096x8x16,2048x4x16,8192x8x16",

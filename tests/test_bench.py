@@ -55,6 +55,19 @@ def test_gpu_bench_dry_run_writes_every_section(tmp_path):
         assert same["identical"], same
 
 
+def test_clip_ab_dry_run_runs_each_variant(tmp_path):
+    """bench/clip_ab.py on the CPU: five runs of the loop, each logging every step."""
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "clip_ab.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    runs = json.loads((tmp_path / "clip_ab.json").read_text())
+    assert [r["variant"] for r in runs] == ["clip_grad_norm", "clip_in_adamw",
+                                             "clip_grad_norm", "clip_in_adamw", "no_clip"]
+    for r in runs:
+        assert len(r["per_step"]) == r["steps"] == 8 and r["tokens_per_s"] > 0
+
+
 def test_gpu_bench_says_how_close_a_call_a_greedy_divergence_was(hf_checkpoint, monkeypatch):
     """gpu.py's `divergence`: where two greedy runs part, and the gap between the two
     tokens' logits there (oracle: transformers' logits on the same weights)."""

@@ -110,12 +110,22 @@ def test_compiled_block_step_is_one_graph_for_every_layer(hf_checkpoint, step, r
 def use_attention(attention: str, monkeypatch, request) -> None:
     """Make block_step_one_row attend with `attention`, and block_step too where it
     is "fused" (the Triton kernel, run where the triton_device fixture says: on a
-    CPU, Triton's interpreter)."""
+    CPU, Triton's interpreter, which block_step leaves to the tests)."""
+    fd = gpt2.fast_decode
     if attention == "fused":
         request.getfixturevalue("triton_device")
-    monkeypatch.setattr(gpt2.fast_decode, "ONE_ROW_ATTENTION", attention)
-    monkeypatch.setattr(gpt2.fast_decode, "BATCHED_ATTENTION",
-                        "fused" if attention == "fused" else "sdpa")
+        monkeypatch.setattr(fd, "_batched_attention", lambda x: fd._fused)
+    monkeypatch.setattr(fd, "ONE_ROW_ATTENTION", attention)
+    monkeypatch.setattr(fd, "BATCHED_ATTENTION", "fused" if attention == "fused" else "sdpa")
+
+
+def count_kernel_calls(monkeypatch) -> list:
+    """Count the calls of the fused attention kernel (one per layer and step)."""
+    calls = []
+    real = gpt2.gpu_kernels.decode_attention
+    monkeypatch.setattr(gpt2.gpu_kernels, "decode_attention",
+                        lambda *a: calls.append(1) or real(*a))
+    return calls
 
 
 @torch.no_grad()
@@ -171,11 +181,26 @@ def test_fused_attention_greedy_matches_transformers(tiny, monkeypatch, request)
     """Several rows through block_step with the Triton kernel's cache writes and
     attention, up to the last slot of the cache."""
     use_attention("fused", monkeypatch, request)
+    calls = count_kernel_calls(monkeypatch)
     model, hf = tiny
     idx = random_ids((3, 4), seed=5)
     ours = StaticDecoder(model, batch_size=3, max_len=32).generate(
         idx, max_new_tokens=28, temperature=0.0)
     assert torch.equal(ours, hf_greedy(hf, idx, 28))
+    assert len(calls) >= 27 * model.config.n_layer  # the kernel ran at each step
+
+
+def test_batched_step_on_a_cpu_uses_sdpa_not_the_triton_kernel(tiny, monkeypatch):
+    """The default BATCHED_ATTENTION, "fused", is a GPU kernel: a CPU decodes with SDPA
+    (Triton's interpreter would run the kernel there, slowly), with the same tokens."""
+    assert gpt2.fast_decode.BATCHED_ATTENTION == "fused"
+    calls = count_kernel_calls(monkeypatch)
+    model, hf = tiny
+    idx = random_ids((3, 4), seed=5)
+    ours = StaticDecoder(model, batch_size=3, max_len=16).generate(
+        idx, max_new_tokens=12, temperature=0.0)
+    assert torch.equal(ours, hf_greedy(hf, idx, 12))
+    assert calls == []
 
 
 def test_reuse_with_another_prompt_length(tiny):

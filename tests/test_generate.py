@@ -466,8 +466,9 @@ def test_cli_refuses_text_that_is_not_utf8(run_cli, vocab_model, monkeypatch):
     (["--num-samples", str(10**20)], "--num-samples must be from 1 to 4,096"),
     (["--num-samples", "0"], "--num-samples must be from 1"),
     (["--stop", ""], "stop"),
-    (["--cuda-graph"], "CUDA"),  # the model is on the CPU here
-    (["--cuda-graph", "--repetition-penalty", "1.2"], "--cuda-graph does not support"),
+    (["--cuda-graph", "--device", "cpu"], "CUDA"),  # (a GPU machine would take it)
+    (["--cuda-graph", "--device", "cpu", "--repetition-penalty", "1.2"],
+     "--cuda-graph does not support"),
     (["--compile"], "add --cuda-graph"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
     (["--seed", str(2**64)], "seed must be an integer in [0, 2**64)"),  # torch: an overflow

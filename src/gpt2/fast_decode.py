@@ -85,12 +85,13 @@ _TINY = torch.finfo(torch.float32).tiny
 # The attention (with the two cache writes) in each: "reduce" (as reductions),
 # "sdpa" (PyTorch's scaled_dot_product_attention) or "fused" (one Triton kernel,
 # `gpt2.gpu_kernels.decode_attention`: at one row on an H200 2,303 tokens/s
-# against 2,006 with "reduce"; more rows keep SDPA, the kernel untimed there).
+# against 2,006 with "reduce"; at 32 rows, compiled, 50,503 against 41,419 with
+# "sdpa"; a CPU, or a GPU without Triton, takes SDPA instead).
 # What a decoder compiles is compiled with inductor's coordinate-descent tuning
 # (a few seconds more at the first call). Measured choices: bench/GPU_NOTES.md.
 ONE_ROW_REDUCTIONS = True
 ONE_ROW_ATTENTION = "fused"
-BATCHED_ATTENTION = "sdpa"
+BATCHED_ATTENTION = "fused"
 TUNE_COMPILED_KERNELS = True
 
 
@@ -119,7 +120,15 @@ def block_step(
     compiled version serves every block of the model.
     """
     return _block(block, x, k_cache, v_cache, pos, visible, project=project,
-                  attention=_ATTENTION[BATCHED_ATTENTION])
+                  attention=_batched_attention(x))
+
+
+def _batched_attention(x: torch.Tensor) -> Callable:
+    """BATCHED_ATTENTION's function; SDPA where the Triton kernel cannot run fast: on a
+    CPU (only Triton's interpreter runs it there) or a GPU without Triton."""
+    if BATCHED_ATTENTION == "fused" and not (x.is_cuda and gpu_kernels.available()):
+        return _sdpa
+    return _ATTENTION[BATCHED_ATTENTION]
 
 
 def block_step_one_row(
