@@ -378,6 +378,17 @@ def test_greedy_argmax_takes_any_logits():
         assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
 
 
+def test_greedy_argmax_builds_nothing_for_logits_it_leaves_to_torch(monkeypatch):
+    """fp64, bf16 or 1-d logits (or a GPU's) never reach the kernel, so they do not
+    build it (a first build takes seconds)."""
+    monkeypatch.setattr(cpu_kernels, "_argmax", None)
+    monkeypatch.setattr(cpu_kernels, "_avx512_or_avx2", lambda name: pytest.fail("built"))
+    x = torch.randn(3, 50)
+    for logits in (x.double(), x.bfloat16(), x[0]):
+        assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(dim=-1))
+    assert cpu_kernels._argmax is None
+
+
 def test_greedy_argmax_runs_the_best_kernel_this_cpu_runs(monkeypatch):
     if not CAN_BUILD:
         pytest.skip("cannot build here")

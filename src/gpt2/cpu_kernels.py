@@ -156,12 +156,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     `argmax_rows_avx2`: PyTorch's reads a 50,257-wide row at ~0.8 GB/s (AVX-512) or
     ~0.4 (AVX2), 4% of an int8 step at batch 8."""
     global _argmax
-    if compiling():
-        return logits.argmax(dim=-1)
+    if compiling() or not (logits.dim() == 2 and logits.dtype == torch.float32
+                           and logits.device.type == "cpu" and logits.size(1) > 0):
+        return logits.argmax(dim=-1)  # (checked first: only these rows build the kernels)
     if _argmax is None:  # asked once per token: remembered
         _argmax = _avx512_or_avx2("argmax_rows")
-    if (_argmax and logits.dim() == 2 and logits.dtype == torch.float32
-            and logits.device.type == "cpu" and logits.size(1) > 0):  # fmt: skip
+    if _argmax:
         return _argmax(logits.contiguous())
     return logits.argmax(dim=-1)
 
