@@ -305,6 +305,28 @@ def test_connection_refused_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / SIZE).exists()
 
 
+def test_a_second_download_of_a_size_stops_while_the_first_runs(tmp_path, server):
+    """Two downloads of one size into one folder wrote the same .part files (one ended
+    with a data file longer than the real one, and said it was done). A second one
+    started while the first is fetching stops at once; the first ends as if alone."""
+    seen = []
+
+    def second_download(path):
+        if not seen:
+            try:
+                hub.download(SIZE, progress=False)
+                seen.append("ran")
+            except GPT2Error as e:
+                seen.append(str(e))
+
+    server.on_request = second_download
+    assert hub.download(SIZE, progress=False) == tmp_path / SIZE
+    assert seen == [f"another `gpt2 download` of {SIZE} into {tmp_path} is running; "
+                    "wait for it to end"]
+    _assert_exact(tmp_path / SIZE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SIZE]  # no lock, no partial left
+
+
 def test_complete_model_is_not_fetched_again_unless_forced(tmp_path, server):
     hub.download(SIZE, progress=False)
     (tmp_path / SIZE / "checkpoint").write_bytes(b"stale")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2._io import atomic_folder, atomic_write_bytes, atomic_write_text
+from gpt2._io import Busy, atomic_folder, atomic_write_bytes, atomic_write_text, exclusive
 from gpt2.errors import GPT2Error
 
 
@@ -149,3 +149,59 @@ def test_convert_quantize_prepare_and_train_outputs_are_readable(tmp_path, umask
     assert (run / "best").is_dir() and list(run.glob("ckpt-*"))  # both kinds were written
     for name in ("hf", "q", "data", "run"):
         assert wrong_modes(tmp_path / name) == {}, name
+
+
+# --- two writers of one output ---------------------------------------------------------------
+
+
+def test_atomic_folder_does_not_replace_a_folder_filled_while_it_ran(tmp_path):
+    """Without overwrite (no --force), a folder another process filled after the check at
+    the start is not replaced at the end: a one-line error, the other's files kept."""
+    dst = tmp_path / "dst"
+    with pytest.raises(GPT2Error, match="not empty \\(written while this ran\\)"), \
+            atomic_folder(dst) as tmp:
+        (tmp / "ours.txt").write_text("ours")
+        dst.mkdir()  # the other `convert`, finishing first
+        (dst / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in dst.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no temporary left
+    # an empty folder made meanwhile is not anyone's output: it is replaced
+    empty = tmp_path / "empty"
+    with atomic_folder(empty) as tmp:
+        (tmp / "ours.txt").write_text("ours")
+        empty.mkdir()
+    assert (empty / "ours.txt").read_text() == "ours"
+
+
+def test_exclusive_refuses_a_second_holder_and_removes_its_lock(tmp_path):
+    lock = tmp_path / ".lock"
+    with exclusive(lock, "busy: the other one"):
+        assert lock.exists()
+        with pytest.raises(Busy, match="^busy: the other one$"), \
+                exclusive(lock, "busy: the other one"):
+            pass
+        assert lock.exists()  # the refused one took nothing away
+    assert not lock.exists()
+    with exclusive(lock, "busy"):  # free again
+        pass
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(GPT2Error, match=f"^{nowhere}: cannot write here"), \
+            exclusive(nowhere / ".lock", "busy", where=str(nowhere)):
+        pass
+
+
+def test_exclusive_holds_across_processes(tmp_path):
+    """flock's lock is seen from another process (what two commands are)."""
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".lock"
+    code = ("import sys; from gpt2._io import exclusive, Busy\n"
+            "try:\n    with exclusive(sys.argv[1], 'busy'): print('got it')\n"
+            "except Busy as e: print(e)")
+    with exclusive(lock, "busy"):
+        held = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True,
+                              text=True, timeout=60)
+    free = subprocess.run([sys.executable, "-c", code, str(lock)], capture_output=True,
+                          text=True, timeout=60)
+    assert (held.stdout, free.stdout) == ("busy\n", "got it\n"), (held.stderr, free.stderr)

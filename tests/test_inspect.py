@@ -680,3 +680,19 @@ def test_plot_logit_lens_checks_its_labels(inputs, tops, message):
     lens = logit_lens(small(), [1, 2, 3, 4])
     with pytest.raises(GPT2Error, match=re.escape(message)):
         plot_logit_lens(lens, inputs, tops)
+
+
+@pytest.mark.parametrize("read_only, why", [(True, "a read-only file system"),
+                                            (False, "permission denied")])
+def test_an_unwritable_out_folder_says_why(tmp_path, monkeypatch, read_only, why):
+    """(Tests run as root here, where os.access always allows: its answer is set.)"""
+    import os
+    import types
+
+    from gpt2.commands.inspect import _check_out
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    flag = os.ST_RDONLY if read_only else 0
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=flag))
+    with pytest.raises(GPT2Error, match=f"cannot write in {tmp_path} \\({why}\\)$"):
+        _check_out(str(tmp_path / "r.html"), (".html",))

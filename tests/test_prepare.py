@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -270,3 +271,54 @@ def test_bad_arguments_are_gpt2_errors(tmp_path, two_docs, kwargs, message):
     with pytest.raises(GPT2Error, match=re.escape(message)):
         prepare(progress=False, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fail_at", ["meta", "vocab", "second_bin"])
+def test_an_interrupted_replacement_puts_the_old_set_back(tmp_path, two_docs, monkeypatch,
+                                                          gpt2_vocab_dir, fail_at):
+    """Ctrl-C (or a full disk) while a new set replaces an old one, after the old
+    meta.json and .bin files have gone from their places: the old set comes back, byte
+    for byte, with nothing hidden left over."""
+    import gpt2.train.data as data_module
+
+    a, b = two_docs
+    prepare([a], out=tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if fail_at == "meta":
+        def fail(path, text):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(data_module, "atomic_write_text", fail)
+    elif fail_at == "vocab":
+        def fail(self, folder, **kw):
+            raise KeyboardInterrupt
+        monkeypatch.setattr("gpt2.tokenizer.Tokenizer.save_pretrained", fail)
+    else:
+        real, renamed = os.replace, []
+
+        def fail(src, dst):  # the first new .bin goes in, then the second fails
+            if str(dst).endswith(".bin"):
+                renamed.append(dst)
+                if len(renamed) == 2:
+                    raise OSError(28, "No space left on device")
+            return real(src, dst)
+        monkeypatch.setattr(os, "replace", fail)
+    vocab = gpt2_vocab_dir if fail_at == "vocab" else None
+    with pytest.raises((KeyboardInterrupt, GPT2Error)):
+        prepare([a, b], out=tmp_path, progress=False, vocab=vocab)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == sorted(before)
+    assert after == before
+    assert open_tokens(tmp_path).meta["sources"][0]["path"] == str(a.resolve())
+
+
+def test_a_second_prepare_into_the_same_folder_stops(tmp_path, two_docs, run_cli):
+    from gpt2._io import exclusive
+
+    a, _ = two_docs
+    prepare([a], out=tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with exclusive(tmp_path / ".lock", "busy"):
+        r = run_cli("prepare", str(a), "--out", str(tmp_path), "-q")
+        assert r.code == 1 and r.err.count("\n") == 1, r.err
+        assert "another `gpt2 prepare` is writing there now" in r.err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -1146,3 +1146,30 @@ def test_out_may_not_be_the_data_folder(tmp_path):
     with pytest.raises(GPT2Error, match="is the --data folder; the run would write"):
         train(TrainConfig(data=str(data), out=str(data), device="cpu", **TINY, max_steps=1))
     assert sorted(p.name for p in data.iterdir()) == before
+
+
+def test_a_second_run_on_the_same_out_stops_and_touches_nothing(tmp_path, run_cli):
+    """Two `gpt2 train` on one --out would mix their logs and checkpoints (and one's
+    save removed the other's half-saved checkpoint). While a run holds OUT/.lock (here
+    this test holds it, as the first run does), a second one stops at once in one line,
+    and the first run's files stay; after it, the folder is free again."""
+    from gpt2._io import exclusive
+
+    data = synthetic(tmp_path / "d")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 4.0}\n')  # the first run's
+    args = ["train", "--data", str(data), "--out", str(out), "--n-layer", "1", "--n-head",
+            "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "2", "--max-steps",
+            "2", "--eval-interval", "0", "--device", "cpu", "-q"]
+    with exclusive(out / ".lock", "busy"):
+        r = run_cli(*args)
+        assert r.code == 1 and r.err.count("\n") == 1, r.err
+        assert "another `gpt2 train` is writing a run there now" in r.err
+        assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 4.0}\n'
+        with pytest.raises(GPT2Error, match="another `gpt2 train`"):
+            train(TrainConfig(data=str(data), out=str(out), resume=True, device="cpu"))
+    r = run_cli(*args)
+    assert r.code == 0, r.err
+    assert [rec["step"] for rec in read_log(out) if "loss" in rec] == [1, 2]
+    assert not (out / ".lock").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -26,6 +27,50 @@ class WriteFailed(GPT2Error, OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class Busy(GPT2Error):
+    """Another process is writing the same output now (`exclusive`): the command stops
+    before it writes anything, and tidies nothing (what is there is the other's)."""
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, busy: str, *, where: str | None = None) -> Iterator[None]:
+    """Hold the lock file `lock` (created, and removed at the end) while the block runs;
+    where another process holds it, raise Busy(busy) at once. Advisory (flock): it keeps
+    two of our commands from writing one output together, not other programs. Where
+    there is no flock (Windows) or the file system has no locks, the block runs
+    unlocked. `where`: what a failure to create the lock names (default: the lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_mode())
+        except OSError as e:
+            raise GPT2Error(f"{where or lock}: cannot write here ({e.strerror}); choose "
+                            "another folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(busy) from None
+        except OSError:  # (ENOLCK, EOPNOTSUPP: a file system without locks)
+            break
+        try:  # its holder may have removed it between our open and our lock: lock anew
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # (before the lock is let go: no one can take a removed file)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -139,7 +184,16 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
             os.chmod(f, default_mode())  # writers such as safetensors create 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if folder.exists():  # moved aside, not deleted, until the new one is in place
+        if not overwrite:
+            try:  # (onto an empty folder at most: one filled meanwhile makes it fail)
+                os.rename(tmp, folder)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise GPT2Error(f"{folder}: folder exists and is not empty (written while "
+                                "this ran); nothing was changed: choose another or "
+                                "--force") from None
+        elif folder.exists():  # moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             try:
                 os.replace(folder, old)

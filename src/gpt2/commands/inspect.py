@@ -96,7 +96,9 @@ def _check_out(path: str | None, suffixes: tuple[str, ...]) -> None:
     if not os.path.isdir(parent):
         raise GPT2Error(f"--out {path}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise GPT2Error(f"--out {path}: cannot write in {parent} (permission denied)")
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        why = "a read-only file system" if read_only else "permission denied"
+        raise GPT2Error(f"--out {path}: cannot write in {parent} ({why})")
 
 
 def _load(args, text: str, *, min_tokens: int = 1):

@@ -6,7 +6,8 @@ that cannot be built, Ctrl-C), the folder would be left holding an empty shell, 
 vocabulary copy or the log of a run that never saved anything. Only what the failed
 command added is removed, and only under the names it writes: a file someone else
 put into the folder meanwhile stays (and so does the folder that holds it), and
-nothing that was there before is touched.
+nothing that was there before is touched. A command refused because another one is
+writing the same folder (gpt2._io.Busy) removes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import shutil
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+
+from gpt2._io import Busy
 
 
 @contextlib.contextmanager
@@ -41,6 +44,8 @@ def undone_on_error(folder: Path, *, names: Collection[str],
     before = set(os.listdir(folder)) if folder.is_dir() else set()
     try:
         yield folder
+    except Busy:  # another process is writing the folder: what is new there is its
+        raise
     except BaseException:
         if enabled and not _kept(keep):
             with contextlib.suppress(OSError):  # tidying must never hide the error itself

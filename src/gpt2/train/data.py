@@ -24,10 +24,13 @@ tokenizing the whole file (a file with no such newline is held in memory until
 one comes). A document's ids go to a scratch file, then are copied into the two
 splits, so memory stays flat for files of any size.
 
-Writing is atomic: meta.json is removed first, train.bin/val.bin are renamed
-into place, and meta.json (with the byte counts a reader checks) comes last, so
-an interrupted `prepare` leaves either the old set, the new set, or no meta.json
-(which readers report), never a mixture that looks valid.
+Writing is atomic: the new files are written under temporary names; then the old
+set is moved to hidden names (meta.json first), train.bin/val.bin are renamed
+into place, and meta.json (with the byte counts a reader checks) comes last. An
+error or a signal Python sees (Ctrl-C, SIGTERM, a full disk) puts the old set
+back; only SIGKILL at that moment can leave a folder without meta.json (which
+readers report), never a mixture that looks valid. Two `prepare`s into one
+folder at once: the second stops (gpt2._io.exclusive).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -46,7 +50,7 @@ import numpy as np
 import regex
 import torch
 
-from gpt2._io import atomic_open, atomic_write_text, decode_utf8
+from gpt2._io import atomic_open, atomic_write_text, decode_utf8, exclusive
 from gpt2.errors import GPT2Error
 from gpt2.train._tidy import undone_on_error
 
@@ -108,8 +112,11 @@ def prepare(
     # added: a folder it made is removed again, one that was there keeps what it held
     with undone_on_error(out, names=[*(f"{s}.bin" for s in SPLITS), "meta.json", "vocab"]):
         _make_out_dir(out)
-        return _write_splits(paths, out, tok, val_fraction=val_fraction, append_eot=append_eot,
-                             vocab=vocab, progress=progress, chunk_bytes=chunk_bytes)
+        with exclusive(out / ".lock", f"--out {out}: another `gpt2 prepare` is writing there "
+                       "now; wait for it to end, or choose another --out", where=f"--out {out}"):
+            return _write_splits(paths, out, tok, val_fraction=val_fraction,
+                                 append_eot=append_eot, vocab=vocab, progress=progress,
+                                 chunk_bytes=chunk_bytes)
 
 
 def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, append_eot: bool,
@@ -145,14 +152,10 @@ def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, app
             raise GPT2Error(
                 f"no text to train on in {', '.join(str(p) for p in paths)}: the files are empty"
             )
-        with contextlib.suppress(FileNotFoundError):
-            (out / "meta.json").unlink()  # before the writers put the new .bin files in place
+        written = stack.pop_all()  # the new .bin files, whole, not yet in their place
     bar.close()
 
-    vocab_entry = "standard"
-    if vocab is not None:
-        tok.save_pretrained(out / "vocab", layout="openai")
-        vocab_entry = "vocab"
+    vocab_entry = "standard" if vocab is None else "vocab"
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -169,8 +172,39 @@ def _write_splits(paths: list[Path], out: Path, tok, *, val_fraction: float, app
                       "go to val.bin (at most n - 1; none when val_fraction is 0 or n < 2)",
         "sources": sources,
     }
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    with written, _old_set_aside(out, ["meta.json", *(f"{s}.bin" for s in SPLITS), "vocab"]):
+        written.close()  # the .bin files renamed into place
+        if vocab is not None:
+            tok.save_pretrained(out / "vocab", layout="openai")
+        atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+@contextlib.contextmanager
+def _old_set_aside(out: Path, names: list[str]) -> Iterator[None]:
+    """Move the entries `names` of `out` (a set written before) to hidden names while
+    the block puts the new ones in place; delete them after it, or put them back if it
+    fails (Ctrl-C, a full disk), the first one last."""
+    aside: dict[Path, Path] = {}
+    try:
+        for name in names:
+            entry = out / name
+            if entry.exists() or entry.is_symlink():
+                hidden = out / f".{name}.old-{os.getpid()}"
+                os.replace(entry, hidden)
+                aside[entry] = hidden
+        yield
+    except BaseException:
+        for entry, hidden in reversed(aside.items()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # (a new vocab/)
+            os.replace(hidden, entry)
+        raise
+    for hidden in aside.values():
+        if hidden.is_dir() and not hidden.is_symlink():
+            shutil.rmtree(hidden, ignore_errors=True)
+        else:
+            hidden.unlink(missing_ok=True)
 
 
 def _check_input(path: Path) -> Path:

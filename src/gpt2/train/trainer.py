@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import gpt2.model
 from gpt2 import gpu_kernels
+from gpt2._io import exclusive
 from gpt2.errors import GPT2Error
 from gpt2.train import distributed, flops
 from gpt2.train._tidy import undone_on_error
@@ -223,7 +224,8 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> Train
         return latest_checkpoint(out) is not None or (not had_best and (out / "best").is_dir())
 
     try:
-        with undone_on_error(out, names=RUN_FILES, keep=saved_a_model, enabled=info.is_main):
+        with undone_on_error(out, names=RUN_FILES, keep=saved_a_model, enabled=info.is_main), \
+                _one_run_in(out, enabled=info.is_main):
             result = _Run(cfg, info, explicit=explicit).run()
         # Every rank leaves together: a rank that tore its process group down while
         # rank 0 was still writing the last checkpoint aborted in gloo (3 runs in 20 on CPU).
@@ -231,6 +233,27 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> Train
         return result
     finally:
         distributed.teardown(info)
+
+
+@contextlib.contextmanager
+def _one_run_in(out: Path, *, enabled: bool) -> Iterator[None]:
+    """Hold OUT/.lock while the run goes on: a second `gpt2 train` on the same --out
+    (a fresh run or a --resume) stops at once, before it reads or writes anything
+    there; two runs saving into one folder would mix their logs and checkpoints."""
+    if not enabled:
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise GPT2Error(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2Error(f"--out {out}: cannot write here ({e.strerror}); "
+                        "choose another folder") from None
+    with exclusive(out / ".lock", f"--out {out}: another `gpt2 train` is writing a run "
+                   "there now; wait for it to end, or choose another --out",
+                   where=f"--out {out}"):
+        yield
 
 
 class _StepTimer:

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2._io import fsync_dir
+from gpt2._io import exclusive, fsync_dir
 from gpt2.config import ALIASES, PRESETS, GPT2Config, check_size, resolve_size
 from gpt2.errors import GPT2Error
 
@@ -153,10 +153,31 @@ def download(
         _say(f"{key} is already downloaded in {final} (use --force to fetch it again)")
         return final
     partial = root / f".{final.name}.partial"
+    where = "choose another --dir" if dest is not None else \
+        "give --dir, or set GPT2_HOME to a folder you can write"  # (the cache is the problem)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GPT2Error(f"cannot create {root}: {e.strerror}; {where}") from None
+    # two downloads of one size into one folder would write the same .part files
+    with exclusive(root / f".{final.name}.lock", f"another `gpt2 download` of {key} into "
+                   f"{root} is running; wait for it to end", where=str(root)):
+        # (a folder that cannot be written fails here: "ROOT: cannot write here (...)")
+        if not force and _is_complete(final, source):  # (that other one just finished it)
+            _say(f"{key} is already downloaded in {final}")
+            return final
+        return _download_into(partial, final, key, source, kaggle_handle=kaggle_handle,
+                              force=force, progress=progress)
+
+
+def _download_into(partial: Path, final: Path, key: str, source: str, *,
+                   kaggle_handle: str | None, force: bool, progress: bool) -> Path:
+    """Fetch into `partial` (resuming what an earlier try left there), verify, then
+    move it to `final`."""
     if force and partial.exists():
         shutil.rmtree(partial)
     try:
-        partial.mkdir(parents=True, exist_ok=True)
+        partial.mkdir(exist_ok=True)
     except OSError as e:
         raise GPT2Error(f"cannot create {partial}: {e.strerror}; choose another --dir") from None
 
