@@ -182,6 +182,24 @@ def test_full_width_loss_gives_the_loss_and_gradients_of_the_plain_head(request,
         torch.testing.assert_close(full_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_model_loss_of_a_float64_model_is_taken_in_float64():
+    """A float64 model's loss (plain or full-width head) is computed in float64, as
+    F.cross_entropy gives it on the float64 logits (it was rounded to float32, and the
+    full-width head raised a dtype error)."""
+    from gpt2.train.trainer import ModelLoss
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_vocab=100, n_ctx=16)).double()
+    x = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1),
+                                                 x[:, 1:].flatten())
+    for full in (False, True):
+        loss = ModelLoss(model, full_width=full)(x[:, :-1], x[:, 1:])
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss.detach(), want, atol=1e-12, rtol=0)
+
+
 def test_model_loss_takes_the_plain_head_on_a_cpu():
     """The full-width loss is for GPU training only: on a CPU the loss is over model(x)."""
     from gpt2.train.trainer import ModelLoss

@@ -647,7 +647,8 @@ def full_width_head(x: torch.Tensor, wte: torch.Tensor, multiple: int = 64) -> t
     pad = -V % multiple
     if pad == 0:
         return F.linear(x, wte)
-    bias = F.pad(torch.zeros(V, device=wte.device), (0, pad), value=float("-inf"))
+    bias = F.pad(torch.zeros(V, dtype=wte.dtype, device=wte.device), (0, pad),
+                 value=float("-inf"))
     return F.linear(x, F.pad(wte, (0, 0, 0, pad)), bias)  # (..., V + pad)
 
 

@@ -152,7 +152,12 @@ CLIP_IN_FUSED_ADAMW = True
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits (B, T, V), targets (B, T)."""
     V = logits.size(-1)
-    return F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))
+    return F.cross_entropy(_at_least_fp32(logits).reshape(-1, V), targets.reshape(-1))
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits in float32 for the softmax; float64 ones as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 class ModelLoss(torch.nn.Module):
@@ -181,9 +186,9 @@ class ModelLoss(torch.nn.Module):
         if not full:
             return lm_loss(model(x), y)
         logits = gpt2.model.full_width_head(model.features(x), model.wte.weight)
-        if FUSED_LOSS_ON_GPU and gpu_kernels.runs_on(logits):
+        if FUSED_LOSS_ON_GPU and gpu_kernels.runs_on(logits) and logits.dtype != torch.float64:
             return gpu_kernels.cross_entropy(logits.flatten(0, 1), y.flatten()).mean()
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), y.flatten())
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
