@@ -904,3 +904,30 @@ def test_stop_tokens_take_numpy_and_tensor_ids_as_a_list():
     for ids in (np.array([stop]), np.int64(stop), torch.tensor([[stop]]), [np.int32(stop)]):
         assert torch.equal(model.generate(idx, max_new_tokens=8, temperature=0.0,
                                           stop_tokens=ids), expected)
+
+
+def test_stream_leaves_the_callers_modes_alone_between_tokens(small):
+    """The caller's code between two tokens of `stream` runs in its own modes: grad on,
+    no inference mode, a training model in training mode (stream held them on across
+    its yields: tensors made there were inference tensors, and two streams advanced in
+    turn failed). Two streams in turn give the tokens each gives alone (oracle:
+    transformers' greedy tokens)."""
+    model, hf = small
+    model.train()
+    try:
+        a = stream(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, temperature=0.0)
+        b = stream(model, torch.tensor([[4, 5]]), max_new_tokens=7, temperature=0.0)
+        got: dict = {"a": [], "b": []}
+        for i in range(7):
+            for name, it in (("a", a), ("b", b)):
+                if name == "a" and i >= 3:
+                    continue
+                got[name].append(next(it).item())
+                assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+                assert model.training and not torch.zeros(1).is_inference()
+        for it in (a, b):
+            with pytest.raises(StopIteration):
+                next(it)
+    finally:
+        model.eval()
+    assert got == {"a": hf_greedy(hf, [1, 2, 3], 3), "b": hf_greedy(hf, [4, 5], 7)}

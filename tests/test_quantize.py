@@ -647,3 +647,30 @@ def test_a_cast_of_a_model_with_kernel_copies_is_refused_in_one_line(hf_checkpoi
     with pytest.raises(GPT2Error, match="so its dtype is fixed when it loads; load it again"):
         getattr(model, cast)()
     assert torch.isfinite(model.to("cpu")(idx)).all()  # (a move is fine, and nothing broke)
+
+
+@pytest.mark.parametrize("load", [{"quantize": "int8"}, {"quantize": "int8-weight-only"},
+                                  {"dtype": "bf16"}])
+def test_training_a_model_packed_for_inference_is_refused(hf_checkpoint, load):
+    """A packed model's projection weights are buffers and its kernels pass no gradient:
+    training it ran, changing nothing (0 of the projections got a gradient). In training
+    mode with grad on, its forward refuses in one line; in evaluation mode, or under
+    no_grad, it runs."""
+    from gpt2 import GPT2
+
+    model = GPT2.from_pretrained(hf_checkpoint().folder, **load)
+    idx = torch.tensor([[1, 2, 3]])
+    if not model._packed_for_inference():
+        # bf16 on a CPU without native bf16 runs plain fp32 layers, which train
+        assert load.get("dtype") == "bf16"
+        model.train()
+        model(idx).sum().backward()
+        assert model.h[0].mlp.c_fc.weight.grad is not None
+        return
+    model.train()
+    with pytest.raises(GPT2Error, match="packed for inference .* cannot be trained"):
+        model(idx)
+    with torch.no_grad():
+        assert torch.isfinite(model(idx)).all()
+    model.eval()
+    assert torch.isfinite(model(idx)).all()

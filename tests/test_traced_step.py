@@ -123,6 +123,37 @@ def test_not_used_with_hooks_or_padding(pair):
     assert padded == alone
 
 
+@pytest.mark.parametrize("where", ["module", "pre", "global"])
+def test_not_used_with_pytorchs_own_hooks(pair, monkeypatch, where):
+    """A hook of PyTorch's own (register_forward_hook, ...) runs at every step, also once
+    the model has been recorded: the recording would skip it (it did, and generate's
+    tokens then depended on earlier calls)."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = pair[0]
+    monkeypatch.setattr(traced_step, "RECORD_AFTER_STEPS", 0)  # recorded at once
+    idx = ids((1, 3), seed=2)
+    model.generate(idx, max_new_tokens=4, temperature=0.0)
+    assert recording(model, 1) is not None
+    mlp, calls = model.h[0].mlp, []
+    if where == "module":
+        handle = mlp.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0)
+    elif where == "pre":
+        handle = mlp.register_forward_pre_hook(lambda m, i: calls.append(1))
+    else:
+        handle = register_module_forward_hook(
+            lambda m, i, o: calls.append(1) if m is mlp else None)
+    try:
+        assert traced_step.cpu_step(model, model.new_cache(1, max_len=8)) is None
+        hooked = model.generate(idx, max_new_tokens=6, temperature=0.0)
+        assert len(calls) == 6  # the prompt, then every new token but the last
+        if where == "module":  # block 0's MLP zeroed at every step: the plain forward's
+            assert torch.equal(hooked, plain_generate(model, idx, max_new_tokens=6,
+                                                      temperature=0.0))
+    finally:
+        handle.remove()
+
+
 def test_a_failed_trace_falls_back_to_the_plain_step(hf_checkpoint, monkeypatch):
     ckpt = hf_checkpoint(n_layer=2, n_embd=64, n_head=4, n_vocab=128, n_ctx=64, seed=13)
     model = GPT2.from_pretrained(ckpt.folder).eval()

@@ -37,7 +37,7 @@ import torch
 
 from gpt2 import cpu_kernels
 from gpt2.errors import GPT2Error
-from gpt2.model import check_model, eval_mode
+from gpt2.model import check_model
 
 EOT = 50256  # <|endoftext|>: unconditional samples start from it, finished rows are padded with it
 
@@ -588,18 +588,27 @@ def _decode(
     history = _History(idx, mask, max_new_tokens) if T + max_new_tokens > n_ctx else None
     window = _Window(model, idx[:, -n_ctx:], None if mask is None else mask[:, -n_ctx:],
                      capacity=min(T + max_new_tokens, n_ctx))
-    with eval_mode(model), torch.inference_mode():
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        token = choose_next(logits, options, seen=seen, generator=generator)  # (B,)
+        if stop_ids is not None:
+            token = torch.where(finished, pad, token)  # finished rows emit padding
+            finished.logical_or_(torch.isin(token, stop_ids))
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
+        return token
+
+    # The model runs in evaluation mode and inference mode step by step, not around the
+    # yields: the caller's code between two tokens runs in its own modes (and another
+    # stream may run there).
+    decoding = _Decoding(model)
+    with decoding:
         logits = window.prefill()  # (B, V)
         check_finite(logits)
         watch = _FiniteWatch(device)  # and every step's after the prompt's
-        for step in range(max_new_tokens):
-            token = choose_next(logits, options, seen=seen, generator=generator)  # (B,)
-            if stop_ids is not None:
-                token = torch.where(finished, pad, token)  # finished rows emit padding
-                finished |= torch.isin(token, stop_ids)
-            if seen is not None:
-                seen.scatter_(1, token.unsqueeze(1), True)
-            yield token
+        token = pick(logits)
+    for step in range(max_new_tokens):
+        yield token
+        with decoding:
             if step == max_new_tokens - 1 or (stop_ids is not None and bool(finished.all())):
                 watch.check()  # (where steps since the last read were not read yet)
                 return
@@ -615,6 +624,31 @@ def _decode(
             else:
                 logits = window.step(token)
             watch.add(logits)
+            token = pick(logits)
+
+
+class _Decoding:
+    """`with` it around each step of a decode: the model in evaluation mode (no dropout)
+    and torch.inference_mode, both as they were again after the step. (model.eval() walks
+    every module, ~0.3 ms for 124M: a model already in evaluation mode is left alone.)"""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.training = model.training
+        self.inference = torch.inference_mode()
+
+    def __enter__(self) -> None:
+        if self.training:
+            self.model.eval()
+        self.inference = torch.inference_mode()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.inference.__exit__(*exc)
+        finally:
+            if self.training:
+                self.model.train()
 
 
 class _History:

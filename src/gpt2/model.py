@@ -286,6 +286,12 @@ class GPT2(nn.Module):
             raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if idx.dtype not in (torch.int64, torch.int32):  # what the embedding takes
             idx = idx.long()
+        if self.training and torch.is_grad_enabled() and self._packed_for_inference():
+            raise GPT2Error(
+                "this model's projections are packed for inference (int8, or bf16 CPU "
+                "kernels): their weights are buffers and gradients do not pass through "
+                "them, so it cannot be trained; load it with dtype='fp32' and no quantize "
+                "to train it (or call model.eval() to run it)")
         B, T = idx.shape
         if cache is not None and not isinstance(cache, KVCache):
             raise GPT2Error(f"cache must be a KVCache (model.new_cache(batch, ...)), not "
@@ -449,17 +455,19 @@ class GPT2(nn.Module):
         """Moves and casts (`.to`, `.half()`, ...), except a cast of a model whose
         projections hold a kernel's copy made for its dtype (int8, or bf16 on a CPU): their
         layers and kernels are chosen when it loads, and a cast half-way broke them."""
-        from gpt2.quantize import _KernelCopy
-
         dtype = self.ln_f.weight.dtype
-        if fn(torch.empty(0, dtype=dtype)).dtype != dtype and any(
-                isinstance(m, _KernelCopy) for m in self.modules()):
+        if fn(torch.empty(0, dtype=dtype)).dtype != dtype and self._packed_for_inference():
             what = ("is quantized" if getattr(self, "quantization", None)
                     else f"runs {str(dtype).removeprefix('torch.')} CPU kernels")
             raise GPT2Error(f"this model {what}, so its dtype is fixed when it loads; load it "
                             "again with GPT2.from_pretrained(path, dtype=...) instead of "
                             "casting it")
         return super()._apply(fn, recurse)
+
+    def _packed_for_inference(self) -> bool:
+        from gpt2.quantize import _KernelCopy
+
+        return any(isinstance(m, _KernelCopy) for m in self.modules())
 
     def num_parameters(self) -> int:
         """Parameter count: every weight and bias once (the LM head is tied to wte). In a

@@ -20,9 +20,9 @@ weight changed in place, drops it and starts the count again. It serves every
 cache length: the step reads k and v as views that end at the new token's
 slot, so no shape in the recording depends on the length.
 
-Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set,
-attention is the fused kind, dropout is off and autocast is not on; everything
-else takes the plain path. TorchScript is deprecated in favour of
+Used by `gpt2.generate` on CPUs for unpadded batches, when no hooks are set (ours
+or PyTorch's own forward hooks), attention is the fused kind, dropout is off and
+autocast is not on; everything else takes the plain path. TorchScript is deprecated in favour of
 `torch.compile`, which on a CPU does not help here (it adds a guard check per
 call and cannot trace FBGEMM's packed int8 weights: bench/CPU_NOTES.md); where
 tracing is missing or fails, decoding falls back to the plain step. Set
@@ -130,9 +130,19 @@ def _applies(model: nn.Module, cache: KVCache) -> bool:
         and cache.k.device.type == "cpu"
         and not _cpu_autocast()  # a recording would keep autocast's casts
         and getattr(model, "_taps", None) is None  # hooks read the normal forward's names
+        and not _torch_hooks(model)  # (a recording would run without them)
         and all(getattr(block.attn, "impl", None) == "sdpa" for block in model.h)
         and not (model.training and model.config.dropout > 0)
     )
+
+
+def _torch_hooks(model: nn.Module) -> bool:
+    """Forward hooks of PyTorch's own on the model's modules (register_forward_hook,
+    register_forward_pre_hook) or on every module (register_module_forward_hook)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
 
 
 def _cpu_autocast() -> bool:
