@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from gpt2.errors import GPT2Error
 from gpt2.model import GPT2
 
 TEXTS = [
@@ -274,3 +275,50 @@ def test_quantize_int8_writes_int8_weights_that_load_without_requantizing(
     result = run_cli("convert", dst, tmp_path / "back")
     assert result.code == 1 and result.err.count("\n") == 1, result.err
     assert "an int8 checkpoint" in result.err and not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_model_save_pretrained_loads_in_transformers_and_back(hf_checkpoint, tmp_path,
+                                                               gpt2_vocab_dir, dtype):
+    """GPT2.save_pretrained: a folder transformers loads (its logits, in the dtype
+    asked for) and we load back; the vocabulary files when a tokenizer is given; a
+    non-empty folder only with overwrite."""
+    from transformers import GPT2LMHeadModel
+
+    from gpt2.model import GPT2
+    from gpt2.tokenizer import Tokenizer
+
+    ckpt = hf_checkpoint()
+    model = GPT2.from_pretrained(ckpt.folder)
+    out = model.save_pretrained(tmp_path / "saved", tokenizer=Tokenizer.from_pretrained(
+        gpt2_vocab_dir), dtype=dtype)
+    assert out == tmp_path / "saved"
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {
+        p.name for p in out.iterdir()}
+    idx = torch.tensor([[1, 2, 3, 4]])
+    theirs = GPT2LMHeadModel.from_pretrained(out, torch_dtype="auto").eval()
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert theirs.transformer.wte.weight.dtype == want
+    with torch.no_grad():
+        expected = ckpt.model(idx).logits
+        atol = 0.05 if dtype else 1e-5
+        torch.testing.assert_close(theirs.float()(idx).logits, expected, atol=atol, rtol=0)
+        back = GPT2.from_pretrained(out, dtype="fp32")
+        torch.testing.assert_close(back(idx), expected, atol=atol, rtol=0)
+    with pytest.raises(GPT2Error, match="not empty"):
+        model.save_pretrained(out)
+    model.save_pretrained(out, overwrite=True)
+
+
+def test_quantized_model_save_pretrained_writes_its_int8_checkpoint(hf_checkpoint, tmp_path):
+    from gpt2.model import GPT2
+
+    model = GPT2.from_pretrained(hf_checkpoint().folder, quantize="int8")
+    out = model.save_pretrained(tmp_path / "q8")
+    back = GPT2.from_pretrained(out)
+    assert back.quantization is not None
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), model(idx), atol=1e-5, rtol=0)
+    with pytest.raises(GPT2Error, match="own precision"):
+        model.save_pretrained(tmp_path / "q8b", dtype="bf16")

@@ -172,6 +172,34 @@ def test_kv_cache_equals_full_recompute(tiny):
     assert (full - hf_logits(hf, idx)).abs().max() <= LOGITS_ATOL
 
 
+def test_gradients_flow_through_the_kv_cache(tiny):
+    """A loss over logits made in three cached calls (with autograd on) backpropagates,
+    to the gradients transformers gives for the same loss over one full forward (the
+    cache's in-place writes had broken the first calls' graphs: "modified by an inplace
+    operation"). A call without autograd afterwards still sees every position."""
+    model, hf = tiny
+    idx = random_ids(128, (2, 12), seed=8)
+    cache = model.new_cache(2, 13)
+    logits = torch.cat([model(idx[:, :5], cache=cache), model(idx[:, 5:6], cache=cache),
+                        model(idx[:, 6:], cache=cache)], dim=1)  # (2, 12, V)
+    model.zero_grad()
+    (logits.float() ** 2).mean().backward()
+    hf.zero_grad()
+    (hf(idx).logits ** 2).mean().backward()
+    ours = {"wte": model.wte.weight.grad, "ln_f": model.ln_f.weight.grad,
+            "h.0.ln_1": model.h[0].ln_1.weight.grad}
+    theirs = {"wte": hf.transformer.wte.weight.grad, "ln_f": hf.transformer.ln_f.weight.grad,
+              "h.0.ln_1": hf.transformer.h[0].ln_1.weight.grad}
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        last = model(random_ids(128, (2, 1), seed=9), cache=cache)[:, -1]
+        full = model(torch.cat([idx, random_ids(128, (2, 1), seed=9)], 1))[:, -1]
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=0)
+    model.zero_grad()
+    hf.zero_grad()
+
+
 def test_parameter_count_of_every_size():
     from transformers import GPT2LMHeadModel
 

@@ -593,6 +593,20 @@ def test_missing_vocabulary_files(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "encoder.json")
 
 
+def test_a_size_name_loads_the_standard_vocabulary(tmp_path, monkeypatch, tiktoken_gpt2):
+    """Every GPT-2 size has the same vocabulary, so its name (as GPT2.from_pretrained
+    takes it) gives the standard one -- unless a folder of that name is there."""
+    monkeypatch.chdir(tmp_path)
+    text = "Hello world, it's 2024!"
+    for name in ("gpt2", "124M", "gpt2-xl", "355m"):
+        assert Tokenizer.from_pretrained(name).encode(text) == tiktoken_gpt2.encode(text)
+    (tmp_path / "gpt2").mkdir()
+    with pytest.raises(GPT2Error, match="no vocabulary in gpt2"):
+        Tokenizer.from_pretrained("gpt2")
+    with pytest.raises(GPT2Error, match="does not exist"):
+        Tokenizer.from_pretrained("gpt5")
+
+
 def test_error_messages_are_one_line(tmp_path):
     folder = copy_vocab(tmp_path)
     replace_line(folder / "vocab.bpe", 9, "a b c")

@@ -399,7 +399,9 @@ def stream(
     Arguments are those of `generate`. A row that has produced one of
     `stop_tokens` is finished: from the next step on it yields the padding id
     (<|endoftext|>, or 0 for vocabularies without it), and the loop ends early
-    once every row is finished. Nothing is computed until the first `next()`.
+    once every row is finished. Nothing is computed until the first `next()`. Each
+    step runs in evaluation mode and torch.inference_mode; between steps the model
+    and the caller's code are in their own modes again.
 
     >>> from gpt2 import GPT2, GPT2Config
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -371,7 +373,11 @@ class GPT2(nn.Module):
 
         Each function gets the tensor and returns a replacement of the same shape,
         or None to leave it as it is. The hooks are removed on exit, also after an
-        exception.
+        exception. They belong to the model object, not to the thread: while the block
+        runs, a forward of this model in another thread runs them too (as
+        `run_with_cache` keeps activations of any forward during its call); threads that
+        inspect and threads that generate should each have their own copy
+        (copy.deepcopy(model)).
 
         >>> model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=10, n_ctx=4))
         >>> def zero_head_0(z):
@@ -585,6 +591,32 @@ class GPT2(nn.Module):
             model = q.prepare_bf16(model)
         mapping.trim_heap()  # what packing and casting freed
         return model
+
+    def save_pretrained(self, folder: str | os.PathLike, *, tokenizer=None,
+                        dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write the model as a folder that `GPT2.from_pretrained` (and, unless it is
+        quantized, transformers' `GPT2LMHeadModel.from_pretrained`) loads: config.json
+        and model.safetensors in Hugging Face's layout, the vocabulary files too when a
+        `tokenizer` is given. dtype: "fp32", "bf16" or "fp16" (default: as the model
+        holds its weights); a quantized model is written as its int8 checkpoint, in its
+        own precision. The folder is written beside `folder` and renamed into place; an
+        existing one that is not empty is replaced only with `overwrite`. -> the folder
+
+        >>> model.save_pretrained("my-gpt2", tokenizer=tok)  # doctest: +SKIP
+        """
+        from gpt2 import quantize as q
+        from gpt2.weights import parse_dtype
+        from gpt2.weights.huggingface import save_huggingface
+
+        if not isinstance(folder, (str, os.PathLike)) or str(folder) == "":
+            raise GPT2Error(f"save_pretrained: folder must be a path, got {folder!r}")
+        if getattr(self, "quantization", None):
+            if parse_dtype(dtype) is not None:
+                raise GPT2Error(f"save_pretrained: this model is quantized and is written in "
+                                f"its own precision; dtype {dtype!r} does not apply")
+            return q.save_quantized(self, folder, tokenizer=tokenizer, overwrite=overwrite)
+        return save_huggingface(self.state_dict(), self.config, folder, tokenizer=tokenizer,
+                                dtype=parse_dtype(dtype), overwrite=overwrite)
 
     # -- generation -----------------------------------------------------------------------
 

