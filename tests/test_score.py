@@ -75,16 +75,22 @@ def guide_loop(hf, ids: list[int], *, window: int, stride: int) -> tuple[float, 
 
 
 @torch.no_grad()
-def per_token(hf, ids: list[int], *, max_length: int, stride: int) -> tuple[float, int]:
-    """Each token's NLL from the context the window rule gives it -> (total NLL, tokens)."""
-    total = 0.0
+def each_token(hf, ids: list[int], *, max_length: int, stride: int) -> list[float]:
+    """Each token's NLL (but the first's) from the context the window rule gives it."""
+    nlls = []
     for i in range(1, len(ids)):
         k = max(0, math.ceil((i - max_length) / stride))
         context = ids[k * stride:i]
         assert 1 <= len(context) <= max_length
         logp = torch.log_softmax(hf(torch.tensor([context])).logits[0, -1].double(), dim=-1)
-        total -= float(logp[ids[i]])
-    return total, len(ids) - 1
+        nlls.append(-float(logp[ids[i]]))
+    return nlls
+
+
+def per_token(hf, ids: list[int], *, max_length: int, stride: int) -> tuple[float, int]:
+    """(total NLL, tokens) by the window rule, token by token."""
+    nlls = each_token(hf, ids, max_length=max_length, stride=stride)
+    return sum(nlls), len(nlls)
 
 
 def assert_same(result, total: float, tokens: int) -> None:
@@ -215,6 +221,48 @@ def test_cli_json_matches_transformers(run_cli, vocab_model, tmp_path, tiktoken_
     assert d["tokens"] == len(ids) and d["nll"] == pytest.approx(total / tokens, rel=1e-5)
     assert d["bits_per_byte"] == pytest.approx(
         total / math.log(2) / len(TEXT.encode("utf-8")), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length, stride, bos, batch_size", [
+    (32, 32, False, 1), (20, 7, False, 3), (16, 5, True, 2)])
+def test_per_token_nll_is_each_tokens_own(small, vocab_model, max_length, stride, bos,
+                                          batch_size):
+    """per_token=True: each scored token's NLL, in order, from the context the window
+    rule gives it (oracle: transformers' log-softmax on that context)."""
+    ours, hf = small
+    ids = random_ids(60, 128, seed=4)
+    if bos:  # (<|endoftext|> needs the real vocabulary)
+        ours, hf = GPT2.from_pretrained(vocab_model.folder), vocab_model.model
+        ids = random_ids(60, 50257, seed=4)
+    want = each_token(hf, [EOT] * bos + ids, max_length=max_length, stride=stride)
+    result = score(ours, ids, max_length=max_length, stride=stride, bos=bos,
+                   batch_size=batch_size, per_token=True)
+    assert result.token_nll.shape == (result.tokens,) == (len(want),)
+    np.testing.assert_allclose(result.token_nll, want, rtol=1e-4, atol=1e-5)
+    assert result.total_nll == pytest.approx(sum(want), rel=1e-6)
+    assert score(ours, ids, max_length=max_length, stride=stride, bos=bos).token_nll is None
+
+
+def test_cli_per_token(run_cli, vocab_model, tmp_path, tiktoken_gpt2):
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    ids = tiktoken_gpt2.encode(TEXT)
+    want = each_token(vocab_model.model, ids, max_length=64, stride=20)
+    r = run_cli("score", f, "--model", vocab_model.folder, "--stride", "20", "--json",
+                "--per-token")
+    assert r.code == 0, r.err
+    rows = json.loads(r.out)["per_token"]
+    assert [row["id"] for row in rows] == ids[1:]
+    assert [row["text"] for row in rows] == [tiktoken_gpt2.decode([i]) for i in ids[1:]]
+    np.testing.assert_allclose([row["nll"] for row in rows], want, rtol=1e-4, atol=1e-5)
+    r = run_cli("score", f, "--model", vocab_model.folder, "--stride", "20", "--per-token")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["position", "id", "NLL", "text"]
+    first = lines[1].split(maxsplit=3)
+    assert first[:2] == ["1", str(ids[1])] and float(first[2]) == pytest.approx(want[0],
+                                                                             abs=1e-4)
+    assert len(lines) == 1 + len(want) + 1 + 4  # header, tokens, a blank line, the summary
 
 
 def test_cli_text_output(run_cli, vocab_model, tmp_path):

@@ -43,18 +43,22 @@ from gpt2.model import check_model, eval_mode
 class ScoreResult:
     """tokens: how many tokens were scored; total_nll: their summed negative
     log-likelihood in nats; nll: its mean per token; ppl: exp(nll) (inf past a mean of
-    ~709.8 nats, where a float overflows: a model that has not learned, or is broken)."""
+    ~709.8 nats, where a float overflows: a model that has not learned, or is broken).
+    token_nll (with per_token=True, else None): each scored token's NLL in nats, in
+    order, float64 (tokens,): without bos entry i is ids[i + 1]'s, with bos ids[i]'s."""
 
     tokens: int
     total_nll: float
     nll: float
     ppl: float
+    token_nll: np.ndarray | None = None
 
     @classmethod
-    def from_total(cls, total_nll: float, tokens: int) -> ScoreResult:
+    def from_total(cls, total_nll: float, tokens: int,
+                   token_nll: np.ndarray | None = None) -> ScoreResult:
         nll = total_nll / tokens
         return cls(tokens=tokens, total_nll=total_nll, nll=nll,
-                   ppl=math.exp(nll) if nll < 709.78 else math.inf)
+                   ppl=math.exp(nll) if nll < 709.78 else math.inf, token_nll=token_nll)
 
 
 def score(
@@ -65,6 +69,7 @@ def score(
     max_length: int | None = None,
     bos: bool = False,
     batch_size: int = 1,
+    per_token: bool = False,
 ) -> ScoreResult:
     """Score a token sequence with a sliding window -> ScoreResult.
 
@@ -75,6 +80,7 @@ def score(
     bos: put <|endoftext|> before the text so its first token is scored too.
     batch_size: windows run through the model together; memory grows with
         batch_size * max_length * n_vocab (the logits), so raise it on GPUs.
+    per_token: also return every scored token's NLL (ScoreResult.token_nll).
 
     >>> from gpt2 import GPT2, GPT2Config
 
@@ -90,8 +96,9 @@ def score(
     _check_window(max_length, stride, n_ctx)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise GPT2Error(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(bos, bool):  # "no" would be true
-        raise GPT2Error(f"bos must be True or False, got {bos!r}")
+    for name, flag in (("bos", bos), ("per_token", per_token)):
+        if not isinstance(flag, bool):  # "no" would be true
+            raise GPT2Error(f"{name} must be True or False, got {flag!r}")
     tokens = _Tokens(ids, bos=bos, n_vocab=model.config.n_vocab)
     if len(tokens) < 2:
         hint = "" if bos else "; with bos=True (--bos) a single token can be scored"
@@ -100,14 +107,15 @@ def score(
 
     device = model.wte.weight.device
     total = 0.0
+    token_nll = np.empty(len(tokens) - 1) if per_token else None
     with eval_mode(model), torch.inference_mode():
         for batch in _batches(_windows(len(tokens), max_length, stride), batch_size):
-            total += _score_batch(model, tokens, batch, device)
+            total += _score_batch(model, tokens, batch, device, token_nll)
     if not math.isfinite(total):
         raise GPT2Error("the model's log-likelihoods are NaN or infinite: its weights hold "
                         "NaN or inf (gpt2 validate MODEL checks a forward pass), or its "
                         "dtype overflows (try fp32)")
-    return ScoreResult.from_total(total, len(tokens) - 1)
+    return ScoreResult.from_total(total, len(tokens) - 1, token_nll)
 
 
 def _check_window(max_length: int, stride: int, n_ctx: int) -> None:
@@ -149,8 +157,10 @@ def _batches(windows: Iterator[_Window], batch_size: int) -> Iterator[list[_Wind
         yield batch
 
 
-def _score_batch(model, tokens: _Tokens, batch: list[_Window], device) -> float:
-    """Summed NLL (nats) of the tokens the windows in `batch` score."""
+def _score_batch(model, tokens: _Tokens, batch: list[_Window], device,
+                 token_nll: np.ndarray | None) -> float:
+    """Summed NLL (nats) of the tokens the windows in `batch` score; each token's into
+    token_nll[position - 1] where that is given."""
     chunks = [tokens.slice(w.begin, w.end + 1) for w in batch]  # inputs plus the next token
     ids = torch.stack(chunks).to(device)  # (B, L + 1)
     L = ids.size(1) - 1
@@ -162,8 +172,15 @@ def _score_batch(model, tokens: _Tokens, batch: list[_Window], device) -> float:
         start = w.first - 1 - w.begin  # the input position that predicts token `first`
         lstart = start - (L - keep)  # ... and its row in the kept logits
         # per row keeps the float32 copy and log-softmax temporaries to one window
-        nll = F.cross_entropy(logits[row, lstart:].float(), ids[row, start + 1:], reduction="sum")
-        total += float(nll)
+        if token_nll is None:
+            nll = F.cross_entropy(logits[row, lstart:].float(), ids[row, start + 1:],
+                                  reduction="sum")
+            total += float(nll)
+            continue
+        each = F.cross_entropy(logits[row, lstart:].float(), ids[row, start + 1:],
+                               reduction="none").double().cpu().numpy()
+        token_nll[w.first - 1: w.first - 1 + len(each)] = each
+        total += float(each.sum())
     return total
 
 

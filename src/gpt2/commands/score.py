@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help='print {"tokens", "nll", "ppl", "bits_per_byte"} as JSON')
+    parser.add_argument("--per-token", action="store_true",
+                        help="also each scored token's NLL: a line per token (position, id, "
+                        'NLL, text), or with --json a "per_token" list of {"id", "text", '
+                        '"nll"}')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,15 +68,26 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise GPT2Error(f"{args.file}: the text is empty; nothing to score")
     result = score(model, ids, stride=args.stride, max_length=args.max_length, bos=args.bos,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, per_token=args.per_token)
+    scored = ids if args.bos else ids[1:]  # the tokens result.token_nll is about
     scored_bytes = len(text.encode("utf-8")) if args.bos else len(
         tokenizer.decode_bytes(ids[1:]))
     bits_per_byte = result.total_nll / math.log(2) / scored_bytes
     if args.json:
-        print(json.dumps({"tokens": result.tokens, "nll": result.nll,  # (null: overflow)
-                          "ppl": result.ppl if math.isfinite(result.ppl) else None,
-                          "bits_per_byte": bits_per_byte}))
+        out = {"tokens": result.tokens, "nll": result.nll,  # (null: overflow)
+               "ppl": result.ppl if math.isfinite(result.ppl) else None,
+               "bits_per_byte": bits_per_byte}
+        if args.per_token:
+            out["per_token"] = [{"id": i, "text": tokenizer.decode([i]), "nll": float(n)}
+                                for i, n in zip(scored, result.token_nll, strict=True)]
+        print(json.dumps(out))
     else:
+        if args.per_token:
+            print(f"{'position':>8}  {'id':>6}  {'NLL':>8}  text")
+            first = 0 if args.bos else 1
+            for k, (i, n) in enumerate(zip(scored, result.token_nll, strict=True)):
+                print(f"{first + k:>8}  {i:>6}  {n:>8.4f}  {tokenizer.decode([i])!r}")
+            print()
         print(f"tokens scored   {result.tokens}")
         print(f"mean NLL        {result.nll:.4f} nats/token")
         print(f"perplexity      {result.ppl:.4f}" if math.isfinite(result.ppl)
