@@ -339,6 +339,23 @@ def test_complete_model_is_not_fetched_again_unless_forced(tmp_path, server):
     _assert_exact(tmp_path / SIZE)
 
 
+def test_force_never_replaces_the_folder_you_are_in(tmp_path, server, monkeypatch, capsys):
+    """download --force from inside the cached size (or a folder under it) would pull the
+    shell's working folder away, with what the user added there."""
+    hub.download(SIZE, progress=False)
+    notes = tmp_path / SIZE / "notes" / "mine.txt"
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    server.requests.clear()
+    for here in (tmp_path / SIZE, notes.parent):
+        monkeypatch.chdir(here)
+        assert main(["download", SIZE, "--force"]) == 1
+        assert "is the folder you are in, or holds it" in _error_line(capsys.readouterr().err)
+    assert notes.read_text() == "mine" and server.requests == []
+    monkeypatch.chdir(tmp_path)
+    assert main(["download", SIZE, "--force"]) == 0
+
+
 def test_dir_puts_the_model_elsewhere(tmp_path, server, capsys):
     target = tmp_path / "elsewhere"
 

@@ -160,18 +160,13 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     folder = Path(os.path.realpath(folder))
     if folder.exists() and not folder.is_dir():
         raise GPT2Error(f"{shown}: exists and is not a folder")
-    try:
-        here = Path(os.getcwd())
-    except OSError:  # (the working folder was deleted: nothing to protect)
-        here = None
-    if here is not None and folder.is_dir() and (folder == here or folder in here.parents):
-        raise GPT2Error(f"{shown}: is the folder you are in, or holds it; write to "
-                        "another folder")
+    refuse_the_folder_you_are_in(folder, shown)
     above = next((p for p in folder.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise GPT2Error(f"{folder}: {above} is a file, not a folder; choose another path")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another or --force")
+        raise GPT2Error(f"{folder}: folder exists and is not empty; choose another, or "
+                        "replace it (--force; overwrite=True in Python)")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -191,8 +186,8 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
                 raise GPT2Error(f"{folder}: folder exists and is not empty (written while "
-                                "this ran); nothing was changed: choose another or "
-                                "--force") from None
+                                "this ran); nothing was changed: choose another, or replace "
+                                "it (--force; overwrite=True in Python)") from None
         elif folder.exists():  # moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
             try:
@@ -216,6 +211,18 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_the_folder_you_are_in(folder: Path, shown: object) -> None:
+    """GPT2Error where replacing `folder` (a real path) would pull the working folder
+    away from under the shell: it is that folder, or holds it."""
+    try:
+        here = Path(os.getcwd())
+    except OSError:  # (the working folder was deleted: nothing to protect)
+        return
+    if folder.is_dir() and (folder == here or folder in here.parents):
+        raise GPT2Error(f"{shown}: is the folder you are in, or holds it; write to "
+                        "another folder")
 
 
 def decode_utf8(data: bytes, where: object, *, offset: int = 0) -> str:

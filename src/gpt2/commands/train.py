@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, action=_Chosen,
                    help="max gradient norm, 0 for none (default: %(default)s)")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d.dtype, action=_Chosen,
-                   help="autocast precision (default: %(default)s; bf16 on recent GPUs)")
+                   help="autocast precision (default: %(default)s on any device; choose bf16 "
+                   "on GPUs that have it, for speed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default=d.device,
                    help="auto (default: cuda when there is one), cpu, cuda, cuda:N, mps")

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from gpt2._io import exclusive, fsync_dir
+from gpt2._io import exclusive, fsync_dir, refuse_the_folder_you_are_in
 from gpt2.config import ALIASES, PRESETS, GPT2Config, check_size, resolve_size
 from gpt2.errors import GPT2Error
 
@@ -149,6 +149,8 @@ def download(
     source = _check_source(source)
     root = Path(dest).expanduser() if dest is not None else cache_dir()
     final = root / _folder_name(key, source)
+    if force:  # (it would be replaced)
+        refuse_the_folder_you_are_in(Path(os.path.realpath(final)), final)
     if not force and _is_complete(final, source):
         _say(f"{key} is already downloaded in {final} (use --force to fetch it again)")
         return final
