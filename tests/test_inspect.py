@@ -696,3 +696,91 @@ def test_an_unwritable_out_folder_says_why(tmp_path, monkeypatch, read_only, why
     monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=flag))
     with pytest.raises(GPT2Error, match=f"cannot write in {tmp_path} \\({why}\\)$"):
         _check_out(str(tmp_path / "r.html"), (".html",))
+
+
+def test_token_labels_show_invisible_characters_as_escapes():
+    """Tokens of GPT-2's vocabulary that print as nothing or as a plain blank: a
+    zero-width space (9525), a no-break space (1849), a soft hyphen (3907), a
+    left-to-right mark (24398), a lone combining fatha (24333)."""
+    from gpt2.inspect import token_labels
+    from gpt2.tokenizer import Tokenizer
+
+    labels = token_labels(Tokenizer.from_pretrained(), [9525, 1849, 3907, 24398, 24333])
+    assert labels == ["\\u200b", "\\u00a0", "\\u00ad", "␣\\u200e", "\\u064e"]
+    assert token_label("café 日本".encode()) == "café␣日本"  # what shows stays as it is
+    assert token_label("e\u0301".encode()) == "e\u0301"  # a mark on a letter shows
+
+
+def test_ablation_that_overflows_is_a_one_line_error(tmp_path):
+    """Two identical heads that c_proj subtracts, times 1e38: the model is finite, but
+    with either head zeroed the residual overflows. ablate gave NaN losses (not JSON,
+    and a blank report); now an error names the head."""
+    from gpt2.inspect import ablate_heads
+
+    model = GPT2(GPT2Config(n_layer=1, n_embd=4, n_head=2, n_vocab=16, n_ctx=8)).eval()
+    with torch.no_grad():
+        w = model.h[0].attn.c_attn.weight  # (3C, C): q, k, v rows, head h at 2h:2h+2
+        for part in range(3):
+            w[part * 4 + 2: part * 4 + 4] = w[part * 4: part * 4 + 2]  # head 1 = head 0
+        model.h[0].attn.c_attn.bias.zero_()
+        proj = torch.zeros(4, 4)
+        for j in range(4):
+            proj[j, j % 2], proj[j, 2 + j % 2] = 1e38, -1e38
+        model.h[0].attn.c_proj.weight.copy_(proj)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]]))).all()
+    with pytest.raises(GPT2Error, match="with head 0 of layer 0 zeroed, the loss is nan"):
+        ablate_heads(model, [1, 2, 3, 4])
+
+
+def test_report_of_text_with_control_characters_and_a_lone_surrogate(tiny, tmp_path):
+    """The page stays valid UTF-8 HTML: no raw control characters, noncharacters or
+    surrogates in the title or the data (a lone surrogate raised UnicodeEncodeError);
+    the data still holds the text exactly."""
+    import unicodedata
+
+    from gpt2.inspect.report import write_report
+    from gpt2.tokenizer import Tokenizer
+
+    model = GPT2(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_vocab=50257, n_ctx=64)).eval()
+    text = "a\x01b\x7fc\x85d\x00e\ufdd0 \x0c\u202e end \ud800 x"
+    data = write_report(model, Tokenizer.from_pretrained(), text, tmp_path / "r.html",
+                        ablate=False)
+    page = (tmp_path / "r.html").read_bytes().decode("utf-8")  # strict: valid UTF-8
+    odd = {c for c in page if unicodedata.category(c)[0] == "C" and c not in "\n\t\r"}
+    assert odd == set()
+    blob = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page,
+                     re.S).group(1)
+    assert json.loads(blob)["text"] == text == data["text"]
+
+
+def test_cli_output_is_utf8_whatever_the_locale(tmp_path):
+    """With an ASCII stdout (LANG=C pipes, PYTHONIOENCODING=ascii) the tables' ␣ and the
+    text's characters raised UnicodeEncodeError with a traceback; output is UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "GPT2_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "gpt2", "inspect", "tokens", "a é"],
+                       capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
+    assert r.stdout.decode("utf-8").splitlines()[-1].split() == ["1", "38251", "␣é"]
+
+
+def test_inspect_tokens_takes_only_the_model_option(capsys):
+    """tokens reads a vocabulary: --device, --dtype, --quantize were accepted and
+    ignored."""
+    from gpt2.cli import main
+
+    for extra in (["--device", "bogus"], ["--quantize", "int8"], ["--dtype", "fp16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", "tokens", "a b", *extra])
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {' '.join(extra)}" in capsys.readouterr().err
+
+
+def test_logit_lens_table_keeps_long_input_labels_whole(run_cli, vocab_ckpt):
+    word = "_" * 32
+    r = run_cli("inspect", "logit-lens", f"Hello {word} x", "--model", vocab_ckpt.folder)
+    assert r.code == 0, r.err
+    assert word in r.out.splitlines()[0]  # (it was cut to the guesses' width)

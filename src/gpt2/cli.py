@@ -137,6 +137,19 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _unicode_out() -> None:
+    """Output is UTF-8 whatever the locale says (a pipe under LANG=C, Windows' cp1252):
+    texts, tokens and JSON hold any character, and an ASCII stdout raised
+    UnicodeEncodeError half-way through a table. Messages on stderr keep the locale's
+    encoding, with what it cannot show escaped (\\u2423)."""
+    for stream, change in ((sys.stdout, {"encoding": "utf-8"}),
+                           (sys.stderr, {"errors": "backslashreplace"})):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):  # (a stream already written to)
+                stream.reconfigure(**change)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -164,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stderr is None or not _open_fd(sys.stderr):
         # closed (2>&-): progress, notes and errors have nowhere to go, which is no failure
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    _unicode_out()
     try:
         _check_utf8(args)
         _check_paths(args)

@@ -6,13 +6,18 @@ import argparse
 import sys
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, dtype: bool = True,
+                        model_only: bool = False) -> None:
+    """--model, --size, --device, and with dtype --dtype and --quantize; model_only: just
+    --model (a command that reads the model's vocabulary and nothing else)."""
     p.add_argument(
         "--model", "-m", default="124M",
         help="size name (124M, 355M, 774M, 1558M, gpt2, ...) fetched by `gpt2 download`, "
         "or a checkpoint folder/file (OpenAI/Kaggle, Hugging Face, or `gpt2 train` output); "
         "default: %(default)s",
     )
+    if model_only:
+        return
     p.add_argument("--size", help="size folder to use inside a Kaggle download (e.g. 355M)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     if dtype:

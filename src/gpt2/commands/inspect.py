@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = _add(sub, "report", "one self-contained HTML page with all of the above")
     p.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
-    p.add_argument("--top", type=int, default=10, help="rows of the next-token table")
+    p.add_argument("--top", type=int, default=10,
+                   help="rows of the next-token table (default: %(default)s)")
     p.add_argument("--no-ablation", action="store_true",
                    help="skip head ablation (n_layer extra forward passes)")
 
@@ -55,7 +56,7 @@ def _add(sub, name: str, help: str, *, text: str = "TEXT") -> argparse.ArgumentP
         p.add_argument("file", metavar="FILE", help="a UTF-8 text file ('-' for stdin)")
     else:
         p.add_argument("text", metavar="TEXT", help="the text to look at ('-' for stdin)")
-    add_model_arguments(p)
+    add_model_arguments(p, model_only=name == "tokens")  # (tokens: its vocabulary only)
     return p
 
 
@@ -114,7 +115,13 @@ def _load(args, text: str, *, min_tokens: int = 1):
 def _print_json(obj) -> None:
     import json
 
-    print(json.dumps(obj, ensure_ascii=False, indent=1))
+    from gpt2.errors import GPT2Error
+
+    try:  # NaN and Infinity are not JSON: a strict parser would refuse the output
+        print(json.dumps(obj, ensure_ascii=False, indent=1, allow_nan=False))
+    except ValueError:
+        raise GPT2Error("the result holds NaN or infinite values, which JSON cannot hold "
+                        "(the model overflows: try --dtype fp32)") from None
 
 
 def _wrote(path: str) -> None:
@@ -233,7 +240,7 @@ def _logit_lens(args) -> int:
             "next_token_probs": lens.target_probs.tolist(),
         })
     elif not args.out:
-        width = max(8, *(len(s) for row in tops for s in row[:12]))
+        width = max(8, *(len(s) for row in tops for s in row[:12]), *map(len, inputs))
         print(" " * 9 + "".join(f"{s[:width]:<{width + 1}}" for s in inputs))
         for name, row in zip(lens.names, tops, strict=True):
             print(f"{name:<9}" + "".join(f"{s[:width]:<{width + 1}}" for s in row))

@@ -101,6 +101,12 @@ def _ablate(model, idx: torch.Tensor, batch_size: int, progress) -> HeadAblation
             losses[layer, start:start + len(heads)] = next_token_loss(
                 logits, idx.expand(len(heads), T)).cpu()  # fmt: skip
             del logits
+            bad = (~torch.isfinite(losses[layer, start:start + len(heads)])).nonzero()
+            if len(bad):
+                head = start + int(bad[0])
+                raise GPT2Error(f"with head {head} of layer {layer} zeroed, the loss is "
+                                f"{float(losses[layer, head])}: the model overflows without "
+                                "that head (try fp32), so the ablation has no numbers")
             if progress is not None:
                 progress(layer * n_head + start + len(heads), n_layer * n_head)
     return HeadAblation(base_loss=base, losses=losses)

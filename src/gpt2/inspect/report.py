@@ -15,6 +15,7 @@ import html
 import importlib.resources
 import json
 import os
+import unicodedata
 
 import torch
 
@@ -95,12 +96,20 @@ def render_report(data: dict) -> str:
     template = (importlib.resources.files("gpt2.inspect") / "report.html").read_text("utf-8")
     # Inside <script> only "</script" or "<!--" can end the block early; escaping every
     # <, > and & as \u003c... keeps any token text (say "</script>") inert and valid JSON.
-    payload = (
-        json.dumps(data, ensure_ascii=False)
-        .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    )
-    title = html.escape(data["text"][:60].replace("\n", " "))
+    # ensure_ascii: every other character as an escape too, so control characters,
+    # noncharacters and lone surrogates (which UTF-8 cannot hold) never reach the page.
+    try:
+        payload = (
+            json.dumps(data, ensure_ascii=True, allow_nan=False)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\x7f", "\\u007f")
+        )
+    except ValueError:  # NaN or inf: JSON.parse would refuse the page's data
+        raise GPT2Error("the report holds NaN or infinite values (the model overflows: try "
+                        "fp32)") from None
+    title = html.escape("".join(
+        " " if c in "\n\t" else c if unicodedata.category(c)[0] != "C" else "\ufffd"
+        for c in data["text"][:60]))
     # split first, then join: a text containing a placeholder cannot be substituted twice
     before_title, _, rest = template.partition("{{TITLE}}")
     before_data, _, after_data = rest.partition(_PLACEHOLDER)

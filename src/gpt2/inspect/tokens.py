@@ -4,10 +4,14 @@ A token such as " the" starts with a space that a plot would hide, and a
 newline token would break a table row, so labels spell whitespace out:
 space as "␣", newline as "↵", tab as "⇥". A token holding part of a multi-byte
 character is not valid UTF-8 on its own; its stray bytes are shown as \\xNN.
+Characters that show as nothing or as a plain blank (a zero-width space, a no-break
+space, a bidi override, a combining mark with nothing to combine with) are
+written as \\uNNNN.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,8 +41,23 @@ def token_label(raw: bytes) -> str:
     ('␣the', '↵', '\\\\xe2\\\\x80')
     >>> token_label(b"\\x1b[2J")  # no escape sequence reaches the terminal
     '\\\\x1b[2J'
+    >>> token_label("\\u200b".encode()), token_label("a\\u00a0b".encode())  # invisible
+    ('\\\\u200b', 'a\\\\u00a0b')
     """
-    return raw.decode("utf-8", errors="backslashreplace").translate(_VISIBLE)
+    label = raw.decode("utf-8", errors="backslashreplace").translate(_VISIBLE)
+    if label.isascii():
+        return label
+    return "".join(f"\\u{ord(c):04x}" if _unseen(c, k) else c for k, c in enumerate(label))
+
+
+def _unseen(c: str, position: int) -> bool:
+    """A character a table or plot would show as nothing, or as a blank like a space:
+    format characters (zero-width, bidi controls, soft hyphen), spaces other than " ",
+    line and paragraph separators, private-use and unassigned code points, and a
+    combining mark at the start of a label (nothing to combine with)."""
+    category = unicodedata.category(c)
+    return category in ("Cf", "Zs", "Zl", "Zp", "Co", "Cn", "Cs") or (
+        position == 0 and category in ("Mn", "Me"))
 
 
 def token_labels(tok, ids: Sequence[int]) -> list[str]:
