@@ -22,8 +22,10 @@ import pytest
 
 from gpt2.train.trainer import TrainConfig, train
 
+# (with dropout: a micro-batch's masks are seeded by its index in the step, as its data)
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=2, max_steps=5,
-            lr=3e-3, warmup_steps=1, eval_interval=5, eval_steps=2, save_interval=0)
+            lr=3e-3, warmup_steps=1, eval_interval=5, eval_steps=2, save_interval=0,
+            dropout=0.1)
 
 
 def _free_port() -> int:
@@ -100,8 +102,53 @@ def test_resuming_on_a_process_count_that_cannot_share_the_step_is_refused(tmp_p
     from gpt2.errors import GPT2Error
     from gpt2.train.trainer import _same_batches
 
-    cfg = TrainConfig(data=None, out=str(tmp_path), grad_accum=3)
-    assert _same_batches(cfg, 2, 3, folder=tmp_path).grad_accum == 2  # 2 x 3 = 3 x 2
-    assert _same_batches(cfg, 2, 6, folder=tmp_path).grad_accum == 1
-    with pytest.raises(GPT2Error, match="took 6 micro-batches a step .* 4 processes cannot"):
-        _same_batches(cfg, 2, 4, folder=tmp_path)
+    saved = {"grad_accum": 3, "lr": 0.1}  # a run's settings as saved
+    assert _same_batches(saved, 2, 3, folder=tmp_path) == {"grad_accum": 2, "lr": 0.1}
+    assert _same_batches(saved, 2, 6, folder=tmp_path)["grad_accum"] == 1  # 2 x 3 = 6 x 1
+    assert _same_batches(saved, 2, 2, folder=tmp_path) is saved
+    with pytest.raises(GPT2Error, match="took 6 micro-batch\\(es\\) a step .* 4 processes"):
+        _same_batches(saved, 2, 4, folder=tmp_path)
+
+
+def test_a_runs_own_command_line_resumes_it_after_a_change_of_process_count(tmp_path):
+    """A run started with --grad-accum 2 in one process, resumed on 2 (which saved it
+    as 2 x 1), resumed again in one process with its own --grad-accum 2: the same
+    micro-batches a step, so not a changed setting (it was refused: "the run's: 1")."""
+    from gpt2.errors import GPT2Error
+    from gpt2.train.trainer import _merge_resumed, _same_batches
+
+    saved = {**vars(TrainConfig(data=None, out=str(tmp_path), grad_accum=1))}
+    cfg = TrainConfig(data=None, out=str(tmp_path), grad_accum=2, resume=True)
+    merged = _merge_resumed(cfg, _same_batches(saved, 2, 1, folder=tmp_path),
+                            explicit={"grad_accum", "resume", "out"}, folder=tmp_path)
+    assert merged.grad_accum == 2
+    with pytest.raises(GPT2Error, match="--grad-accum 3 \\(the run's: 2\\)"):
+        _merge_resumed(TrainConfig(data=None, out=str(tmp_path), grad_accum=3, resume=True),
+                       _same_batches(saved, 2, 1, folder=tmp_path),
+                       explicit={"grad_accum", "resume", "out"}, folder=tmp_path)
+
+
+@pytest.mark.parametrize("world, one_line", [("2", True), ("1", False)])
+def test_a_process_whose_peer_died_says_so_in_one_line(tmp_path, monkeypatch, capsys, world,
+                                                       one_line):
+    """Under torchrun, when one process of a run fails, the others' next collective
+    raises gloo's RuntimeError: that was a full traceback on every survivor. Outside a
+    multi-process run such an error is not ours to explain and is raised as it is."""
+    import gpt2.train.trainer
+    from gpt2.cli import main
+
+    def peer_gone(cfg, explicit=None):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                           "closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(gpt2.train.trainer, "train", peer_gone)
+    args = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "-q"]
+    if not one_line:
+        with pytest.raises(RuntimeError, match="closed by peer"):
+            main(args)
+        return
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another process of this run stopped" in err, err
+    assert "Connection closed by peer" in err

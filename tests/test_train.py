@@ -1191,3 +1191,21 @@ def test_a_second_run_on_the_same_out_stops_and_touches_nothing(tmp_path, run_cl
     assert r.code == 0, r.err
     assert [rec["step"] for rec in read_log(out) if "loss" in rec] == [1, 2]
     assert not (out / ".lock").exists()
+
+
+def test_resume_drops_the_samples_made_after_its_checkpoint(tmp_path, topics_data):
+    """A run killed after its last checkpoint had sampled later steps; resumed, it
+    samples them again. samples.txt kept the old ones too (steps 10 20 30 40 30 40 ...);
+    like log.jsonl it is cut back to the checkpoint's step."""
+    kw = dict(data=str(topics_data), out=str(tmp_path / "o"), n_layer=1, n_head=2, n_embd=16,
+              block_size=8, batch_size=2, max_steps=3, eval_interval=0, eval_steps=1,
+              sample_interval=1, sample_tokens=4, device="cpu", progress=False)
+    train(TrainConfig(stop_at=2, **kw))
+    samples = tmp_path / "o" / "samples.txt"
+    kept = samples.read_text()
+    assert kept.count("=== step") == 2
+    samples.write_text(kept + "=== step 3 ===\nlost\n=== step 4 ===\nlost too\n")
+    train(TrainConfig(resume=True, **{**kw, "data": None}))
+    text = samples.read_text()
+    assert text.startswith(kept) and "lost" not in text
+    assert re.findall(r"^=== step (\d+) ===$", text, re.M) == ["1", "2", "3"]

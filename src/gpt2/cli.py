@@ -137,6 +137,21 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def _peer_failed(e: RuntimeError) -> bool:
+    """A collective of a multi-process run (torchrun) failed because another process
+    went away: gloo's "Connection closed by peer", NCCL's errors."""
+    text = str(e)
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1 and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                            "gloo", "NCCL", "ProcessGroup"))
+
+
+def _first_line(e: BaseException) -> str:
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if len(line) <= 200 else line[:200] + "..."
+
+
 def _unicode_out() -> None:
     """Output is UTF-8 whatever the locale says (a pipe under LANG=C, Windows' cp1252):
     texts, tokens and JSON hold any character, and an ASCII stdout raised
@@ -193,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"{name}: error: {_OUT_OF_MEMORY}")
         return 1
     except RuntimeError as e:  # torch's allocators raise RuntimeErrors, not MemoryError
+        if _peer_failed(e):
+            _error(f"{name}: error: another process of this run stopped (its own message "
+                   f"says why); this one stopped too ({_first_line(e)})")
+            return 1
         if type(e).__name__ != "OutOfMemoryError" and "tried to allocate" not in str(e):
             raise
         _error(f"{name}: error: {_OUT_OF_MEMORY}")

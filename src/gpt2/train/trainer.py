@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -191,9 +192,12 @@ class ModelLoss(torch.nn.Module):
         return F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), y.flatten())
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of the dropout masks of one step on one process."""
-    return batch_seed(seed, step, 1_000_000 + rank)
+def dropout_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The seed of the dropout masks of one micro-batch, by its index in the step across
+    processes (m * world_size + rank, as its data's): the same masks however many
+    processes share the step, so a run resumed on another number of them goes on
+    exactly, with dropout too."""
+    return batch_seed(seed, step, 1_000_000 + micro_batch)
 
 
 def eval_seed(seed: int, index: int) -> int:
@@ -320,10 +324,12 @@ class _Run:
         self.state = load_training_state(resume_from) if resume_from else None
         data_given = cfg.data is not None
         if self.state is not None:
-            cfg = _merge_resumed(cfg, self.state.info.get("args", {}), explicit=explicit,
-                                 folder=resume_from)
-            cfg = _same_batches(cfg, self.state.info.get("world_size", 1), info.world_size,
-                                folder=resume_from)
+            # the run's settings as this number of processes takes them (grad_accum), then
+            # the flags given on this command line over them
+            saved = _same_batches(self.state.info.get("args", {}),
+                                  self.state.info.get("world_size", 1), info.world_size,
+                                  folder=resume_from)
+            cfg = _merge_resumed(cfg, saved, explicit=explicit, folder=resume_from)
         cfg = validated(cfg)
         if self.state is not None:
             last = _last_step(cfg)
@@ -466,6 +472,7 @@ class _Run:
         if self.info.is_main:
             self.records = _read_log(self.out / "log.jsonl", upto=self.step)
             _write_log(self.out / "log.jsonl", self.records)  # drop steps after the checkpoint
+            _cut_samples(self.out / "samples.txt", upto=self.step)  # (they come again)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -539,12 +546,12 @@ class _Run:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        torch.manual_seed(step_seed(cfg.seed, step, info.rank))  # this step's dropout masks
         self.model.train()
         total = torch.zeros((), device=self.device)
         for m in range(cfg.grad_accum):
-            x, y = self._batch(self.data.train, batch_seed(cfg.seed, step,
-                                                           m * info.world_size + info.rank))
+            index = m * info.world_size + info.rank  # the micro-batch's index in the step
+            x, y = self._batch(self.data.train, batch_seed(cfg.seed, step, index))
+            torch.manual_seed(dropout_seed(cfg.seed, step, index))  # its dropout masks
             with distributed.no_sync(self.net, last_micro_step=m == cfg.grad_accum - 1):
                 with self._autocast():
                     loss = self.net(x, y) / cfg.grad_accum
@@ -881,27 +888,34 @@ def _merge_resumed(cfg: TrainConfig, saved: dict, *, explicit: Collection[str] |
 _SHAPE = ("n_layer", "n_head", "n_embd")  # the network's shape: from scratch only
 
 
-def _same_batches(cfg: TrainConfig, saved_world: object, world: int, *,
-                  folder: Path) -> TrainConfig:
-    """A run resumed on another number of processes: the same micro-batches per step.
+def _same_batches(saved: dict, saved_world: object, world: int, *, folder: Path) -> dict:
+    """A run's saved settings for resuming on `world` processes: the same micro-batches
+    per step.
 
     A step is world_size x grad_accum micro-batches, and micro-batch m of rank r is
     seeded by its global index m * world_size + r, so N processes accumulating A draw
     exactly what M processes accumulating N * A / M draw: grad_accum is rescaled to
-    keep the product, and the run goes on with the same data (and, without dropout,
-    the same updates up to summation order). GPT2Error where M does not divide N * A.
+    keep the product, and the run goes on with the same data and dropout masks (the
+    same updates up to summation order). Done before the command line's flags are
+    compared with the run's, so the run's own command line plus --resume matches on
+    any number of processes. GPT2Error where M does not divide N * A.
     """
     if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
         raise damaged(folder, "train_state.json", f"world_size is {saved_world!r}")
+    if not isinstance(saved, dict):
+        raise damaged(folder, "train_state.json", f"its settings are {saved!r}")
+    accum = saved.get("grad_accum", 1)
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise damaged(folder, "train_state.json", f"setting grad_accum is {accum!r}")
     if saved_world == world:
-        return cfg
-    per_step = saved_world * cfg.grad_accum
+        return saved
+    per_step = saved_world * accum
     if per_step % world:
-        raise GPT2Error(f"--resume: the run took {per_step} micro-batches a step ({saved_world} "
-                        f"process(es) x --grad-accum {cfg.grad_accum}), which {world} processes "
+        raise GPT2Error(f"--resume: the run took {per_step} micro-batch(es) a step ({saved_world} "
+                        f"process(es) x --grad-accum {accum}), which {world} processes "
                         "cannot share evenly; resume on a number of processes that divides "
                         f"{per_step}")
-    return dataclasses.replace(cfg, grad_accum=per_step // world)
+    return {**saved, "grad_accum": per_step // world}
 
 
 def _is_kind(value: object, annotation: str) -> bool:
@@ -925,6 +939,20 @@ def _read_log(path: Path, *, upto: int) -> list[dict]:
         if isinstance(step, int) and not isinstance(step, bool) and step <= upto:
             records.append(r)  # (a line without a step number is not one of ours)
     return records
+
+
+def _cut_samples(path: Path, *, upto: int) -> None:
+    """Drop the samples after step `upto` from samples.txt (each begins with a line
+    "=== step N ===", as _sample writes it): the resumed run samples those steps again."""
+    from gpt2._io import atomic_write_bytes
+
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    for m in re.finditer(rb"^=== step (\d+) ===$", data, re.M):
+        if int(m.group(1)) > upto:
+            atomic_write_bytes(path, data[:m.start()])
+            return
 
 
 def _write_log(path: Path, records: list[dict]) -> None:
