@@ -1209,3 +1209,26 @@ def test_resume_drops_the_samples_made_after_its_checkpoint(tmp_path, topics_dat
     text = samples.read_text()
     assert text.startswith(kept) and "lost" not in text
     assert re.findall(r"^=== step (\d+) ===$", text, re.M) == ["1", "2", "3"]
+
+
+def test_sigterm_stops_a_single_process_run_like_ctrl_c(tmp_path, topics_data):
+    """`kill` of a `gpt2 train` that is not under torchrun: exit 143 with one line, and a
+    run that saved nothing takes its files (log, vocabulary, lock) away, as after Ctrl-C
+    (SIGTERM killed it outright, leaving them)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gpt2", "train", "--data", str(topics_data), "--out",
+           str(out), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size",
+           "8", "--batch-size", "2", "--max-steps", "100000", "--eval-interval", "0",
+           "--save-interval", "0", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "gpt2 train: terminated"
+    assert not out.exists()  # nothing saved: nothing left

@@ -178,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     # the command as typed, for messages: "gpt2 generate", "gpt2 inspect attention"
     name = " ".join(["gpt2", args.command, *([args.what] if hasattr(args, "what") else [])])
     previous = None
-    if args.command != "train" and threading.current_thread() is threading.main_thread():
-        # not for train: torchrun stops its workers with SIGTERM, and a worker unwinding
-        # in the middle of a collective could wait on the others (a killed run's
-        # half-written checkpoint is removed by its next save instead)
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if (args.command != "train" or not under_torchrun) \
+            and threading.current_thread() is threading.main_thread():
+        # not for train under torchrun: it stops its workers with SIGTERM, and a worker
+        # unwinding in the middle of a collective could wait on the others (a killed
+        # run's half-written checkpoint is removed by its next save instead)
         previous = signal.signal(signal.SIGTERM, _terminate)
     # a closed stdin reads as empty, a closed stdout takes the output away, as for print()
     # (Python sets both to None, and commands reading or writing them raised)
