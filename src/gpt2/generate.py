@@ -637,7 +637,7 @@ class _Decoding:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.training = model.training
-        self.inference = torch.inference_mode()
+        self.inference: torch.inference_mode | None = None  # (a new one for each step)
 
     def __enter__(self) -> None:
         if self.training:
