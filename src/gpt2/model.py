@@ -288,7 +288,8 @@ class GPT2(nn.Module):
             raise GPT2Error(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if idx.dtype not in (torch.int64, torch.int32):  # what the embedding takes
             idx = idx.long()
-        if self.training and torch.is_grad_enabled() and self._packed_for_inference():
+        if self.training and torch.is_grad_enabled() and self.lm_head is not None \
+                and self._packed_for_inference():  # (a tied fp32 head: no module walk)
             raise GPT2Error(
                 "this model's projections are packed for inference (int8, or bf16 CPU "
                 "kernels): their weights are buffers and gradients do not pass through "
